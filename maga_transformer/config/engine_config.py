@@ -1,0 +1,61 @@
+"""Engine (scheduler + KV cache) settings, read once at the edge."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+
+def _env_int(env: Mapping[str, str], name: str, default: Optional[int]) -> Optional[int]:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name}: expected an integer, got {raw!r}") from None
+
+
+def _env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    if raw.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name}: expected 0/1 or true/false, got {raw!r}")
+
+
+@dataclass
+class EngineConfig:
+    """How much work a step may carry and how much memory the KV cache gets."""
+
+    max_num_batched_tokens: int = 2048  # token budget of one step (prefill chunks + decodes)
+    max_num_seqs: int = 64  # cap on running sequences
+    kv_cache_mem_mb: Optional[int] = None  # None: a default share of free memory
+    num_kv_blocks: Optional[int] = None  # explicit block count (tests); overrides kv_cache_mem_mb
+    enable_prefix_cache: bool = True  # USE_BLOCK_CACHE
+    enable_chunked_prefill: bool = True
+    concurrency_limit: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_batched_tokens", "max_num_seqs", "concurrency_limit"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.kv_cache_mem_mb is not None and self.kv_cache_mem_mb <= 0:
+            raise ValueError(f"KV_CACHE_MEM_MB must be positive, got {self.kv_cache_mem_mb}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
+            raise ValueError(f"num_kv_blocks must be >= 2, got {self.num_kv_blocks}")
+
+    @classmethod
+    def from_env(cls, env: Optional[Mapping[str, str]] = None) -> "EngineConfig":
+        env = os.environ if env is None else env
+        return cls(
+            max_num_batched_tokens=_env_int(env, "MAX_NUM_BATCHED_TOKENS", 2048),
+            max_num_seqs=_env_int(env, "MAX_NUM_SEQS", 64),
+            kv_cache_mem_mb=_env_int(env, "KV_CACHE_MEM_MB", None),
+            enable_prefix_cache=_env_bool(env, "USE_BLOCK_CACHE", True),
+            enable_chunked_prefill=_env_bool(env, "ENABLE_CHUNKED_PREFILL", True),
+            concurrency_limit=_env_int(env, "CONCURRENCY_LIMIT", 32),
+        )

@@ -1,0 +1,82 @@
+"""User-facing model configuration (the seed's ModelConfig) and weight/activation types."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import torch
+
+
+class WEIGHT_TYPE(enum.Enum):
+    """Storage type of the linear weights. INT8 is weight-only, quantized at load time (later issue)."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+    INT8 = "int8"
+
+    @classmethod
+    def from_str(cls, value: str) -> "WEIGHT_TYPE":
+        key = value.strip().lower()
+        for member in cls:
+            if member.value == key or member.name.lower() == key:
+                return member
+        raise ValueError(f"weight_type: unknown value {value!r}; expected one of {[m.name for m in cls]}")
+
+
+class ACT_TYPE(enum.Enum):
+    """Activation (compute) dtype."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+    @classmethod
+    def from_str(cls, value: str) -> "ACT_TYPE":
+        key = value.strip().lower()
+        aliases = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
+        key = aliases.get(key, key)
+        for member in cls:
+            if member.value == key:
+                return member
+        raise ValueError(f"act_type: unknown value {value!r}; expected one of fp32, fp16, bf16")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.value]
+
+
+@dataclass
+class ModelConfig:
+    """What to load and how; the seed's fields. Empty paths mean the embedded default model."""
+
+    model_type: str = ""
+    ckpt_path: str = ""
+    tokenizer_path: str = ""
+    async_mode: bool = True  # accepted for compatibility: the engine is always asynchronous
+    weight_type: WEIGHT_TYPE = WEIGHT_TYPE.FP32
+    act_type: ACT_TYPE | str = ACT_TYPE.FP32
+    max_seq_len: int = 0  # 0: take it from the checkpoint's config
+    seq_size_per_block: int = 8
+    gen_num_per_circle: int = 1
+    ptuning_path: Optional[str] = None
+    lora_infos: Dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.act_type, str):
+            self.act_type = ACT_TYPE.from_str(self.act_type)
+        if isinstance(self.weight_type, str):
+            self.weight_type = WEIGHT_TYPE.from_str(self.weight_type)
+        if self.weight_type == WEIGHT_TYPE.INT8:
+            raise ValueError("weight_type: INT8 weight-only quantization is not supported yet")
+        if self.seq_size_per_block <= 0:
+            raise ValueError(f"seq_size_per_block must be positive, got {self.seq_size_per_block}")
+        if self.max_seq_len < 0:
+            raise ValueError(f"max_seq_len must be >= 0, got {self.max_seq_len}")
+        if self.gen_num_per_circle != 1:
+            raise ValueError("gen_num_per_circle > 1 needs speculative decoding, which is not supported yet")
+        if self.ptuning_path:
+            raise ValueError("ptuning_path: P-tuning is not supported yet")
+        if self.lora_infos:
+            raise ValueError("lora_infos: LoRA is not supported yet")

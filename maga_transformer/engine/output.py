@@ -1,0 +1,119 @@
+"""What the engine hands back per step: incremental text, stop strings, finish reasons."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+from maga_transformer.engine.request import FinishReason, Request, Sequence
+
+
+@dataclass
+class SequenceOutput:
+    text: str
+    token_ids: List[int]
+    finish_reason: Optional[FinishReason]
+    cum_logprob: float
+    logprobs: List[float] = field(default_factory=list)
+    logits: Optional[List[float]] = None
+    hidden_states: Optional[List[float]] = None
+
+
+@dataclass
+class AuxInfo:
+    cost_time: float  # ms since arrival
+    iter_count: int
+    input_len: int
+    prefix_len: int
+    reuse_len: int
+    output_len: int
+    cum_log_probs: List[float]
+    num_preemptions: int = 0
+    first_token_time: Optional[float] = None  # ms since arrival
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    outputs: List[SequenceOutput]
+    finished: bool
+    aux_info: AuxInfo
+    prompt_token_ids: Optional[List[int]] = None
+    loss: Optional[Any] = None  # float, or a list of per-token losses (calculate_loss=2)
+    beam_responses: Optional[List[str]] = None
+    error: Optional[str] = None
+
+
+@dataclass
+class _DetokState:
+    text: str = ""
+    prefix_offset: int = 0
+    read_offset: int = 0
+
+
+class Detokenizer:
+    """Incremental decoding: decode a short window and keep only complete characters."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._states: Dict[int, _DetokState] = {}
+
+    def _decode(self, ids: List[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def update(self, seq: Sequence) -> str:
+        ids = seq.output_ids
+        state = self._states.setdefault(seq.seq_id, _DetokState())
+        if seq.is_finished:
+            state.text = self._decode(ids)  # exact final text, whatever the window saw
+            return state.text
+        prefix = self._decode(ids[state.prefix_offset:state.read_offset])
+        window = self._decode(ids[state.prefix_offset:])
+        if len(window) > len(prefix) and not window.endswith("\ufffd"):
+            state.text += window[len(prefix):]
+            state.prefix_offset, state.read_offset = state.read_offset, len(ids)
+        return state.text
+
+    def adopt(self, child: Sequence, parent: Sequence) -> None:
+        parent_state = self._states.get(parent.seq_id)
+        if parent_state is not None:
+            self._states[child.seq_id] = _DetokState(parent_state.text, parent_state.prefix_offset,
+                                                     parent_state.read_offset)
+
+    def forget(self, seq: Sequence) -> None:
+        self._states.pop(seq.seq_id, None)
+
+
+def find_stop_string(text: str, stops: List[str]) -> Optional[Tuple[int, int]]:
+    """(start, end) of the earliest stop string in text."""
+    best: Optional[Tuple[int, int]] = None
+    for stop in stops:
+        pos = text.find(stop)
+        if pos >= 0 and (best is None or pos < best[0]):
+            best = (pos, pos + len(stop))
+    return best
+
+
+def hold_back_partial_stop(text: str, stops: List[str]) -> str:
+    """Hide a tail that could still grow into a stop string, so a stream never shows it."""
+    cut = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:n]):
+                cut = max(cut, n)
+                break
+    return text[:len(text) - cut] if cut else text
+
+
+def ends_with_token_stop(token_ids: List[int], stop_lists: List[List[int]]) -> bool:
+    return any(len(token_ids) >= len(s) and token_ids[-len(s):] == s for s in stop_lists)
+
+
+def build_aux_info(request: Request, now: float) -> AuxInfo:
+    seqs = request.seqs
+    first = None if request.first_token_time is None else (request.first_token_time - request.arrival_time) * 1e3
+    return AuxInfo(
+        cost_time=(now - request.arrival_time) * 1e3, iter_count=request.num_steps,
+        input_len=request.prompt_len, prefix_len=0, reuse_len=request.reuse_len,
+        output_len=max((s.num_output_tokens for s in seqs), default=0),
+        cum_log_probs=[s.cum_logprob for s in seqs], num_preemptions=request.num_preemptions,
+        first_token_time=first)

@@ -1,0 +1,185 @@
+"""After the model ran: advance sequences, sample or beam-search, stop, and build outputs."""
+from __future__ import annotations
+
+import time
+from typing import List, Optional
+
+import torch
+
+from maga_transformer.engine import beam_search
+from maga_transformer.engine.model_runner import StepResult
+from maga_transformer.engine.output import (Detokenizer, RequestOutput, SequenceOutput, build_aux_info,
+                                            ends_with_token_stop, find_stop_string, hold_back_partial_stop)
+from maga_transformer.engine.request import FinishReason, Request, Sequence
+from maga_transformer.engine.sampler import SamplingRow, sample
+from maga_transformer.engine.scheduler import Scheduler, SchedulerOutput
+
+_SEED_STRIDE = 1_000_003  # separates the random streams of a request's samples
+
+
+class StepProcessor:
+    def __init__(self, scheduler: Scheduler, detokenizer: Detokenizer) -> None:
+        self.scheduler = scheduler
+        self.detok = detokenizer
+
+    def process(self, plan: SchedulerOutput, result: StepResult) -> List[RequestOutput]:
+        outputs = []
+        for item in plan.scheduled:
+            request = item.request
+            request.num_steps += 1
+            seqs = request.live_seqs
+            for seq in seqs:
+                seq.num_computed_tokens += item.num_tokens
+                self.scheduler.kv.register_computed_blocks(seq)
+                if seq.seq_id in result.prompt_logprobs:
+                    self._add_prompt_logprobs(request, result.prompt_logprobs[seq.seq_id])
+            rows = [result.row_of_seq[s.seq_id] for s in seqs if s.seq_id in result.row_of_seq]
+            if not rows:
+                continue  # a prefill chunk that did not reach the end of the prompt
+            assert len(rows) == len(seqs)
+            logits = result.logits[rows]
+            hidden = result.hidden[rows] if result.hidden is not None else None
+            if request.first_token_time is None:
+                request.first_token_time = time.monotonic()
+            if request.is_beam_search:
+                self._beam_step(request, logits)
+            else:
+                self._sample_step(request, logits, hidden)
+            outputs.append(self._output(request))
+        return outputs
+
+    # ---- sampling ---------------------------------------------------------------------------
+    def _sample_step(self, request: Request, logits: torch.Tensor, hidden: Optional[torch.Tensor]) -> None:
+        if not request.forked:
+            request.forked = True
+            parent = request.seqs[0]
+            for index in range(1, request.config.num_return_sequences):
+                child = self.scheduler.kv.fork(parent)
+                child.sample_index = index
+                request.seqs.append(child)
+            logits = logits.expand(len(request.seqs), -1)
+            hidden = hidden.expand(len(request.seqs), -1) if hidden is not None else None
+        seqs = request.live_seqs
+        result = sample(logits, [self._sampling_row(request, seq) for seq in seqs])
+        for i, (seq, token, logprob) in enumerate(zip(seqs, result.token_ids.tolist(), result.logprobs.tolist())):
+            seq.token_ids.append(token)
+            seq.cum_logprob += logprob
+            seq.output_logprobs.append(logprob)
+            if request.config.return_logits:
+                request.extras.setdefault("logits", {})[seq.sample_index] = logits[i].tolist()
+            if hidden is not None and request.config.return_hidden_states:
+                request.extras.setdefault("hidden", {})[seq.sample_index] = hidden[i].tolist()
+            self._check_token_stop(request, seq)
+
+    def _sampling_row(self, request: Request, seq: Sequence) -> SamplingRow:
+        cfg = request.config
+        single_bad = [w[0] for w in cfg.bad_words_list if len(w) == 1]
+        return SamplingRow(
+            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+            repetition_penalty=cfg.repetition_penalty, seed=cfg.random_seed,
+            seed_offset=seq.sample_index * _SEED_STRIDE + seq.num_output_tokens,
+            history_token_ids=seq.token_ids, eos_token_ids=request.eos_token_ids,
+            suppress_eos=seq.num_output_tokens < cfg.min_new_tokens, bad_words_ids=single_bad)
+
+    def _check_token_stop(self, request: Request, seq: Sequence) -> None:
+        cfg = request.config
+        token = seq.token_ids[-1]
+        if token in request.eos_token_ids and not cfg.ignore_eos:
+            seq.finish_reason = FinishReason.STOP
+        elif cfg.stop_words_list and ends_with_token_stop(seq.output_ids, cfg.stop_words_list):
+            seq.finish_reason = FinishReason.STOP
+        elif seq.num_output_tokens >= request.max_new_tokens:
+            seq.finish_reason = FinishReason.LENGTH
+        if seq.is_finished:
+            self.scheduler.free_sequence(seq)
+
+    # ---- beam search ------------------------------------------------------------------------
+    def _beam_step(self, request: Request, logits: torch.Tensor) -> None:
+        beams = request.live_seqs
+        candidates = beam_search.beam_candidates(request, beams, logits)
+        beam_search.update_finished(request, candidates, beams)
+        running = beam_search.next_running(candidates, request.config.num_beams)
+        new_beams = []
+        for cand in running:
+            child = self.scheduler.kv.fork(beams[cand.parent])
+            self.detok.adopt(child, beams[cand.parent])
+            child.token_ids.append(cand.token)
+            child.cum_logprob = cand.score
+            new_beams.append(child)
+        for old in beams:
+            self.scheduler.free_sequence(old)
+            self.detok.forget(old)
+        request.seqs = new_beams
+        if beam_search.search_finished(request, candidates, running, new_beams[0].num_output_tokens):
+            request.beam_search_done = True
+            for seq in new_beams:
+                seq.finish_reason = FinishReason.STOP
+                self.scheduler.free_sequence(seq)
+
+    # ---- outputs ----------------------------------------------------------------------------
+    def _add_prompt_logprobs(self, request: Request, chunk) -> None:
+        start, logprobs = chunk  # placed by position: a recompute after preemption overwrites, never appends
+        if request.prompt_loss is None:
+            request.prompt_loss = [0.0] * max(request.prompt_len - 1, 0)
+        for offset, value in enumerate(logprobs.tolist()):
+            request.prompt_loss[start + offset] = value
+
+    def _seq_text(self, request: Request, seq: Sequence) -> str:
+        stops = request.config.stop_words_str
+        text = self.detok.update(seq)
+        if not stops:
+            return text
+        found = find_stop_string(text, stops)
+        if found is not None:
+            if not seq.is_finished:
+                seq.finish_reason = FinishReason.STOP
+                self.scheduler.free_sequence(seq)
+            return text[:found[1]] if request.config.print_stop_words else text[:found[0]]
+        return text if seq.is_finished else hold_back_partial_stop(text, stops)
+
+    def _output(self, request: Request) -> RequestOutput:
+        texts = [self._seq_text(request, seq) for seq in request.seqs]
+        if all(seq.is_finished for seq in request.seqs):
+            self.scheduler.finish_request(request)
+        return self._build(request, texts)
+
+    def finish(self, request: Request) -> RequestOutput:
+        """Finish a request now (abort, timeout, error): release everything, final output."""
+        self.scheduler.finish_request(request)
+        return self._build(request, [self.detok.update(seq) for seq in request.seqs])
+
+    def _build(self, request: Request, texts: List[str]) -> RequestOutput:
+        cfg = request.config
+        seq_outputs = [SequenceOutput(text=text, token_ids=list(seq.output_ids), finish_reason=seq.finish_reason,
+                                      cum_logprob=seq.cum_logprob, logprobs=list(seq.output_logprobs),
+                                      logits=request.extras.get("logits", {}).get(seq.sample_index),
+                                      hidden_states=request.extras.get("hidden", {}).get(seq.sample_index))
+                       for seq, text in zip(request.seqs, texts)]
+        finished = request.is_finished
+        beam_responses = None
+        if request.is_beam_search and finished and request.beam_finished:
+            seq_outputs = self._beam_outputs(request)
+            beam_responses = [o.text for o in seq_outputs]
+            seq_outputs = seq_outputs[:cfg.num_return_sequences]
+        if finished:
+            for seq in request.seqs:
+                self.detok.forget(seq)
+        return RequestOutput(
+            request_id=request.request_id, outputs=seq_outputs, finished=finished,
+            aux_info=build_aux_info(request, time.monotonic()),
+            prompt_token_ids=list(request.prompt_token_ids) if cfg.return_input_ids else None,
+            loss=self._loss(request) if finished else None, beam_responses=beam_responses, error=request.error)
+
+    def _beam_outputs(self, request: Request) -> List[SequenceOutput]:
+        decode = self.detok.tokenizer.decode
+        return [SequenceOutput(text=decode(h.token_ids, skip_special_tokens=True), token_ids=list(h.token_ids),
+                               finish_reason=FinishReason.STOP, cum_logprob=h.score)
+                for h in request.beam_finished]
+
+    def _loss(self, request: Request):
+        mode = request.config.calculate_loss
+        if not mode or not request.prompt_loss:
+            return None
+        nll = -torch.tensor(request.prompt_loss, dtype=torch.float64)
+        # rtp-llm's meaning: 1 = perplexity of the prompt, exp(mean NLL); 2 = per-token NLL
+        return float(nll.mean().exp()) if mode == 1 else nll.tolist()

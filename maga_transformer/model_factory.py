@@ -1,0 +1,131 @@
+"""ModelFactory: a Hugging Face checkpoint directory (or GGUF, or nothing: the embedded default
+model) to a ready model with its tokenizer and, on first use, its engine."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from dataclasses import replace
+from typing import List, Optional, Union
+
+import torch
+
+from maga_transformer.config.engine_config import EngineConfig
+from maga_transformer.config.model_config import ACT_TYPE, WEIGHT_TYPE, ModelConfig
+from maga_transformer.engine.engine import Engine
+from maga_transformer.model_loader import iter_checkpoint_tensors, load_tokenizer, resolve_model_dir
+from maga_transformer.models import resolve_model_class
+from maga_transformer.models.decoder import DecoderModel
+
+logger = logging.getLogger(__name__)
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {}
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+
+
+def _eos_token_ids(ckpt_dir: str, hf_config: dict, tokenizer) -> List[int]:
+    """generation_config.json first (what transformers' generate uses), then config.json, then tokenizer."""
+    for source in (_read_json(os.path.join(ckpt_dir, "generation_config.json")), hf_config):
+        value = source.get("eos_token_id")
+        if value is not None:
+            return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+
+class AsyncModel:
+    """A loaded model: weights, tokenizer, configs; builds its engine lazily and shares it."""
+
+    def __init__(self, model: DecoderModel, tokenizer, config: ModelConfig, hf_config: dict,
+                 eos_token_ids: List[int], engine_config: Optional[EngineConfig] = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.hf_config = hf_config
+        self.eos_token_ids = eos_token_ids
+        self.engine_config = engine_config or EngineConfig.from_env()
+        self._engine: Optional[Engine] = None
+        self._engine_lock = threading.Lock()
+
+    @property
+    def arch(self):
+        return self.model.arch
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.config.max_seq_len or self.model.arch.context_length
+
+    @property
+    def engine(self) -> Engine:
+        with self._engine_lock:
+            if self._engine is None:
+                self._engine = Engine(self.model, self.tokenizer, self.engine_config, self.max_seq_len,
+                                      self.config.seq_size_per_block, self.eos_token_ids)
+            return self._engine
+
+    def new_engine(self, engine_config: EngineConfig) -> Engine:
+        """A separate engine over the same weights (tests compare configurations side by side)."""
+        return Engine(self.model, self.tokenizer, engine_config, self.max_seq_len,
+                      self.config.seq_size_per_block, self.eos_token_ids)
+
+    def stop(self) -> None:
+        if self._engine is not None:
+            self._engine.stop()
+
+
+class ModelFactory:
+    @staticmethod
+    def from_huggingface(name_or_path: Union[str, ModelConfig, None] = None,
+                         model_config: Optional[ModelConfig] = None,
+                         engine_config: Optional[EngineConfig] = None,
+                         device: Union[str, torch.device, None] = None) -> AsyncModel:
+        """Load a checkpoint. `name_or_path` may be a directory, a .gguf file, a name mapped by
+        MAGA_MODEL_DIRS, a ModelConfig, or None for the embedded default model (SmolLM2-135M)."""
+        if isinstance(name_or_path, ModelConfig):
+            model_config, name_or_path = name_or_path, name_or_path.ckpt_path
+        config = model_config or ModelConfig()
+        ckpt_dir = resolve_model_dir(name_or_path or config.ckpt_path or None)
+        tokenizer_dir = resolve_model_dir(config.tokenizer_path) if config.tokenizer_path else ckpt_dir
+        config = replace(config, ckpt_path=ckpt_dir, tokenizer_path=tokenizer_dir)
+        return _load(config, engine_config, torch.device(device or "cpu"))
+
+    @staticmethod
+    def create_from_env(env: Optional[dict] = None) -> AsyncModel:
+        """The seed's environment variables: MODEL_TYPE, CHECKPOINT_PATH, TOKENIZER_PATH, MAX_SEQ_LEN, ..."""
+        env = dict(os.environ if env is None else env)
+        try:
+            max_seq_len = int(env.get("MAX_SEQ_LEN") or 0)
+            block = int(env.get("SEQ_SIZE_PER_BLOCK") or 8)
+        except ValueError as err:
+            raise ValueError(f"MAX_SEQ_LEN / SEQ_SIZE_PER_BLOCK: expected an integer ({err})") from None
+        config = ModelConfig(
+            model_type=env.get("MODEL_TYPE", ""), ckpt_path=env.get("CHECKPOINT_PATH", ""),
+            tokenizer_path=env.get("TOKENIZER_PATH", ""), max_seq_len=max_seq_len, seq_size_per_block=block,
+            weight_type=WEIGHT_TYPE.from_str(env.get("WEIGHT_TYPE") or "fp32"),
+            act_type=ACT_TYPE.from_str(env.get("ACT_TYPE") or "fp32"))
+        return ModelFactory.from_huggingface(config, engine_config=EngineConfig.from_env(env))
+
+
+def _load(config: ModelConfig, engine_config: Optional[EngineConfig], device: torch.device) -> AsyncModel:
+    hf_config = _read_json(os.path.join(config.ckpt_path, "config.json"))
+    if not hf_config:
+        raise ValueError(f"ckpt_path: {config.ckpt_path} has no config.json")
+    model_cls = resolve_model_class(config.model_type, hf_config)
+    arch = model_cls.arch_from_hf_config(hf_config)
+    dtype = config.act_type.torch_dtype
+    model = model_cls(arch, dtype, device)
+    logger.info("loading %s (%s) from %s as %s", model_cls.__name__, hf_config.get("model_type"),
+                config.ckpt_path, dtype)
+    model.load_weights(iter_checkpoint_tensors(config.ckpt_path))
+    tokenizer = load_tokenizer(config.tokenizer_path)
+    if config.max_seq_len == 0:
+        config = replace(config, max_seq_len=arch.context_length)
+    return AsyncModel(model, tokenizer, config, hf_config, _eos_token_ids(config.ckpt_path, hf_config, tokenizer),
+                      engine_config)

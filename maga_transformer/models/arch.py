@@ -1,0 +1,67 @@
+"""The architecture description a family derives from config.json, and the per-step forward batch."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+
+from maga_transformer.ops import AttentionMetadata
+
+
+@dataclass
+class RopeConfig:
+    theta: float = 10000.0
+    rope_type: str = "default"  # default | linear | dynamic | llama3
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 0
+    rotary_dim: int = 0  # channels of each head that rotate (partial rotary when < head_dim)
+
+
+@dataclass
+class ModelArch:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    max_position_embeddings: int
+    norm_eps: float = 1e-6
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    hidden_act: str = "silu"
+    sliding_window: Optional[int] = None
+    bos_token_id: Optional[int] = None
+    eos_token_ids: List[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_attention_heads ({self.num_heads}) must be a multiple of "
+                             f"num_key_value_heads ({self.num_kv_heads})")
+        if not self.rope.rotary_dim:
+            self.rope.rotary_dim = self.head_dim
+
+    @property
+    def context_length(self) -> int:
+        """Default max_seq_len: linear and dynamic rope scaling stretch the trained context by their factor."""
+        if self.rope.rope_type in ("linear", "dynamic"):
+            return int(self.max_position_embeddings * self.rope.factor)
+        return self.max_position_embeddings
+
+
+@dataclass
+class ForwardBatch:
+    """One step's flat, variable-length batch: the form the GPU kernels take."""
+
+    input_ids: torch.Tensor  # [tokens]
+    positions: torch.Tensor  # [tokens]
+    slot_mapping: torch.Tensor  # [tokens] KV slot each new token is written to
+    rope_seq_lens: torch.Tensor  # [tokens] its sequence's length after this step (dynamic NTK rope)
+    attn: AttentionMetadata

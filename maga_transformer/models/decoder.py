@@ -1,0 +1,158 @@
+"""Shared pre-norm decoder (LLaMA-style): weights assembled from canonical names, and its forward.
+
+A family file maps checkpoint names to canonical names ("embed", "final_norm", "lm_head", and per
+layer "input_norm", "q", "k", "v", "o", "q_bias", ..., "post_norm", "gate", "up", "down"). The decoder
+fuses q/k/v and gate/up into single matrices at load time: one GEMM instead of three.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from maga_transformer import ops
+from maga_transformer.models.arch import ForwardBatch, ModelArch
+from maga_transformer.models.rotary_embedding import RotaryEmbedding
+
+logger = logging.getLogger(__name__)
+
+KVCache = Tuple[torch.Tensor, torch.Tensor]
+WeightName = Tuple[Optional[int], str]  # (layer index or None for global weights, canonical name)
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: Optional[torch.Tensor]
+    o: torch.Tensor
+    o_bias: Optional[torch.Tensor]
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor
+    gate_up_bias: Optional[torch.Tensor]
+    down: torch.Tensor
+    down_bias: Optional[torch.Tensor]
+
+
+class DecoderModel:
+    """Base class of the LLaMA-shaped families. Subclasses set how config.json and names map."""
+
+    def __init__(self, arch: ModelArch, dtype: torch.dtype, device: torch.device) -> None:
+        self.arch = arch
+        self.dtype = dtype
+        self.device = device
+        self.rotary = RotaryEmbedding(arch.rope, arch.max_position_embeddings, device)
+        self.scale = arch.head_dim ** -0.5
+        self.embed: Optional[torch.Tensor] = None
+        self.final_norm: Optional[torch.Tensor] = None
+        self.lm_head: Optional[torch.Tensor] = None
+        self.layers: List[LayerWeights] = []
+
+    # ---- family hooks -------------------------------------------------------------------------
+    @classmethod
+    def arch_from_hf_config(cls, hf: dict) -> ModelArch:
+        raise NotImplementedError
+
+    @classmethod
+    def map_weight_name(cls, name: str) -> Optional[WeightName]:
+        """Canonical (layer, name) of a checkpoint tensor, or None for tensors the model ignores."""
+        raise NotImplementedError
+
+    # ---- loading --------------------------------------------------------------------------------
+    def load_weights(self, tensors: Iterable[Tuple[str, torch.Tensor]]) -> None:
+        globals_: Dict[str, torch.Tensor] = {}
+        per_layer: List[Dict[str, torch.Tensor]] = [dict() for _ in range(self.arch.num_layers)]
+        for name, tensor in tensors:
+            mapped = self.map_weight_name(name)
+            if mapped is None:
+                logger.debug("ignoring checkpoint tensor %s", name)
+                continue
+            layer, key = mapped
+            if layer is None:
+                globals_[key] = tensor
+            elif layer < self.arch.num_layers:
+                per_layer[layer][key] = tensor
+            else:
+                raise ValueError(f"checkpoint tensor {name} names layer {layer}, but the config has "
+                                 f"{self.arch.num_layers} layers")
+        self._assemble(globals_, per_layer)
+
+    def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(device=self.device, dtype=self.dtype).contiguous()
+
+    def _assemble(self, globals_: Dict[str, torch.Tensor], per_layer: List[Dict[str, torch.Tensor]]) -> None:
+        self.embed = self._cast(_require(globals_, "embed", None))
+        self.final_norm = self._cast(_require(globals_, "final_norm", None))
+        if "lm_head" in globals_ and not self.arch.tie_word_embeddings:
+            self.lm_head = self._cast(globals_["lm_head"])
+        else:
+            self.lm_head = self.embed
+        self.layers = [self._assemble_layer(i, w) for i, w in enumerate(per_layer)]
+
+    def _assemble_layer(self, index: int, w: Dict[str, torch.Tensor]) -> LayerWeights:
+        get = lambda key: _require(w, key, index)  # noqa: E731
+        opt = lambda key, flag: self._cast(get(key)) if flag else None  # noqa: E731
+        qkv_bias = None
+        if self.arch.qkv_bias:
+            qkv_bias = self._cast(torch.cat([get("q_bias"), get("k_bias"), get("v_bias")]))
+        gate_up_bias = None
+        if self.arch.mlp_bias:
+            gate_up_bias = self._cast(torch.cat([get("gate_bias"), get("up_bias")]))
+        return LayerWeights(
+            input_norm=self._cast(get("input_norm")),
+            qkv=self._cast(torch.cat([get("q"), get("k"), get("v")])), qkv_bias=qkv_bias,
+            o=self._cast(get("o")), o_bias=opt("o_bias", self.arch.o_bias),
+            post_norm=self._cast(get("post_norm")),
+            gate_up=self._cast(torch.cat([get("gate"), get("up")])), gate_up_bias=gate_up_bias,
+            down=self._cast(get("down")), down_bias=opt("down_bias", self.arch.mlp_bias))
+
+    # ---- forward --------------------------------------------------------------------------------
+    def forward(self, batch: ForwardBatch, kv_caches: List[KVCache]) -> torch.Tensor:
+        """Hidden states after the final norm, [tokens, hidden]."""
+        arch = self.arch
+        hidden = F.embedding(batch.input_ids, self.embed)
+        cos, sin = self.rotary.cos_sin(batch.positions, batch.rope_seq_lens)
+        residual = hidden
+        x = ops.rms_norm(hidden, self.layers[0].input_norm, arch.norm_eps)
+        for index, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):
+            attn_out = self._attention(layer, x, cos, sin, batch, k_cache, v_cache)
+            x, residual = ops.fused_add_rms_norm(attn_out, residual, layer.post_norm, arch.norm_eps)
+            mlp_out = self._mlp(layer, x)
+            next_norm = self.layers[index + 1].input_norm if index + 1 < len(self.layers) else self.final_norm
+            x, residual = ops.fused_add_rms_norm(mlp_out, residual, next_norm, arch.norm_eps)
+        return x
+
+    def _attention(self, layer: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   batch: ForwardBatch, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        arch = self.arch
+        qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+        q_size, kv_size = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(-1, arch.num_heads, arch.head_dim)
+        k = k.view(-1, arch.num_kv_heads, arch.head_dim)
+        v = v.view(-1, arch.num_kv_heads, arch.head_dim)
+        q, k = ops.apply_rotary(q, k, cos, sin, arch.rope.rotary_dim)
+        ops.write_kv_cache(k, v, k_cache, v_cache, batch.slot_mapping)
+        out = ops.paged_attention(q, k_cache, v_cache, batch.attn, self.scale)
+        return F.linear(out.reshape(out.shape[0], -1), layer.o, layer.o_bias)
+
+    def _mlp(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+        gate_up = F.linear(x, layer.gate_up, layer.gate_up_bias)
+        if self.arch.hidden_act == "silu":
+            act = ops.silu_and_mul(gate_up)
+        else:
+            act = ops.gelu_and_mul(gate_up, approximate="tanh" if "tanh" in self.arch.hidden_act else "none")
+        return F.linear(act, layer.down, layer.down_bias)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head).float()
+
+
+def _require(weights: Dict[str, torch.Tensor], key: str, layer: Optional[int]) -> torch.Tensor:
+    if key not in weights:
+        where = "global weights" if layer is None else f"layer {layer}"
+        raise ValueError(f"checkpoint is missing weight {key!r} of {where}")
+    return weights[key]

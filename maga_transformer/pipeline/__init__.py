@@ -1,0 +1,3 @@
+from maga_transformer.pipeline.pipeline import Pipeline, PipelineResponse
+
+__all__ = ["Pipeline", "PipelineResponse"]
