@@ -26,14 +26,14 @@ WeightName = Tuple[Optional[int], str]  # (layer index or None for global weight
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor
-    qkv: torch.Tensor
+    qkv: ops.LinearWeight
     qkv_bias: Optional[torch.Tensor]
-    o: torch.Tensor
+    o: ops.LinearWeight
     o_bias: Optional[torch.Tensor]
     post_norm: torch.Tensor
-    gate_up: torch.Tensor
+    gate_up: ops.LinearWeight
     gate_up_bias: Optional[torch.Tensor]
-    down: torch.Tensor
+    down: ops.LinearWeight
     down_bias: Optional[torch.Tensor]
 
 
@@ -48,7 +48,7 @@ class DecoderModel:
         self.scale = arch.head_dim ** -0.5
         self.embed: Optional[torch.Tensor] = None
         self.final_norm: Optional[torch.Tensor] = None
-        self.lm_head: Optional[torch.Tensor] = None
+        self.lm_head: Optional[ops.LinearWeight] = None
         self.layers: List[LayerWeights] = []
 
     # ---- family hooks -------------------------------------------------------------------------
@@ -83,13 +83,16 @@ class DecoderModel:
     def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(device=self.device, dtype=self.dtype).contiguous()
 
+    def _linear(self, tensor: torch.Tensor) -> ops.LinearWeight:
+        return ops.prepare_linear(self._cast(tensor))
+
     def _assemble(self, globals_: Dict[str, torch.Tensor], per_layer: List[Dict[str, torch.Tensor]]) -> None:
         self.embed = self._cast(_require(globals_, "embed", None))
         self.final_norm = self._cast(_require(globals_, "final_norm", None))
         if "lm_head" in globals_ and not self.arch.tie_word_embeddings:
-            self.lm_head = self._cast(globals_["lm_head"])
+            self.lm_head = self._linear(globals_["lm_head"])
         else:
-            self.lm_head = self.embed
+            self.lm_head = ops.prepare_linear(self.embed)
         self.layers = [self._assemble_layer(i, w) for i, w in enumerate(per_layer)]
 
     def _assemble_layer(self, index: int, w: Dict[str, torch.Tensor]) -> LayerWeights:
@@ -103,11 +106,11 @@ class DecoderModel:
             gate_up_bias = self._cast(torch.cat([get("gate_bias"), get("up_bias")]))
         return LayerWeights(
             input_norm=self._cast(get("input_norm")),
-            qkv=self._cast(torch.cat([get("q"), get("k"), get("v")])), qkv_bias=qkv_bias,
-            o=self._cast(get("o")), o_bias=opt("o_bias", self.arch.o_bias),
+            qkv=self._linear(torch.cat([get("q"), get("k"), get("v")])), qkv_bias=qkv_bias,
+            o=self._linear(get("o")), o_bias=opt("o_bias", self.arch.o_bias),
             post_norm=self._cast(get("post_norm")),
-            gate_up=self._cast(torch.cat([get("gate"), get("up")])), gate_up_bias=gate_up_bias,
-            down=self._cast(get("down")), down_bias=opt("down_bias", self.arch.mlp_bias))
+            gate_up=self._linear(torch.cat([get("gate"), get("up")])), gate_up_bias=gate_up_bias,
+            down=self._linear(get("down")), down_bias=opt("down_bias", self.arch.mlp_bias))
 
     # ---- forward --------------------------------------------------------------------------------
     def forward(self, batch: ForwardBatch, kv_caches: List[KVCache]) -> torch.Tensor:
@@ -128,27 +131,28 @@ class DecoderModel:
     def _attention(self, layer: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    batch: ForwardBatch, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         arch = self.arch
-        qkv = F.linear(x, layer.qkv, layer.qkv_bias)
-        q_size, kv_size = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(-1, arch.num_heads, arch.head_dim)
-        k = k.view(-1, arch.num_kv_heads, arch.head_dim)
-        v = v.view(-1, arch.num_kv_heads, arch.head_dim)
-        q, k = ops.apply_rotary(q, k, cos, sin, arch.rope.rotary_dim)
+        qkv = ops.linear(x, layer.qkv, layer.qkv_bias)
+        tokens = qkv.shape[0]
+        qk_heads = arch.num_heads + arch.num_kv_heads
+        # queries and keys rotate in one call: they sit side by side in the fused projection
+        qk = ops.apply_rotary(qkv[:, :qk_heads * arch.head_dim].view(tokens, qk_heads, arch.head_dim),
+                              cos, sin, arch.rope.rotary_dim)
+        q, k = qk[:, :arch.num_heads], qk[:, arch.num_heads:]
+        v = qkv[:, qk_heads * arch.head_dim:].view(tokens, arch.num_kv_heads, arch.head_dim)
         ops.write_kv_cache(k, v, k_cache, v_cache, batch.slot_mapping)
         out = ops.paged_attention(q, k_cache, v_cache, batch.attn, self.scale)
-        return F.linear(out.reshape(out.shape[0], -1), layer.o, layer.o_bias)
+        return ops.linear(out.reshape(tokens, -1), layer.o, layer.o_bias)
 
     def _mlp(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
-        gate_up = F.linear(x, layer.gate_up, layer.gate_up_bias)
+        gate_up = ops.linear(x, layer.gate_up, layer.gate_up_bias)
         if self.arch.hidden_act == "silu":
             act = ops.silu_and_mul(gate_up)
         else:
             act = ops.gelu_and_mul(gate_up, approximate="tanh" if "tanh" in self.arch.hidden_act else "none")
-        return F.linear(act, layer.down, layer.down_bias)
+        return ops.linear(act, layer.down, layer.down_bias)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head).float()
+        return ops.linear(hidden, self.lm_head).float()
 
 
 def _require(weights: Dict[str, torch.Tensor], key: str, layer: Optional[int]) -> torch.Tensor:

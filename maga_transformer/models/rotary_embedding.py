@@ -49,12 +49,12 @@ class RotaryEmbedding:
         return inv_freq.to(device)
 
     def cos_sin(self, positions: torch.Tensor, seq_lens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """positions, seq_lens: [tokens]. Returns fp32 cos, sin of shape [tokens, rotary_dim // 2]."""
+        """positions, seq_lens: [tokens]. Returns fp32 cos, sin of shape [tokens, 1, rotary_dim // 2]."""
         if self.cfg.rope_type == "dynamic" and int(seq_lens.max()) > self.max_position_embeddings:
             inv_freq = self._dynamic_inv_freq(seq_lens)
         else:
             inv_freq = self.inv_freq.unsqueeze(0)
-        freqs = positions.float().unsqueeze(-1) * inv_freq
+        freqs = (positions.float().unsqueeze(-1) * inv_freq).unsqueeze(1)
         return freqs.cos(), freqs.sin()
 
     def _dynamic_inv_freq(self, seq_lens: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ class _PaddedGroup:
     query_valid: torch.Tensor  # [G, Lq] bool
     key_slots: torch.Tensor  # [G, Lk] KV slot of each padded key (0 where padding)
     mask: torch.Tensor  # [G, 1, Lq, Lk] bool, True = attend
+    in_order: bool  # no padding and the batch's own token order: the output needs no scatter
 
 
 @dataclass
@@ -80,8 +81,10 @@ def _build_group(meta: AttentionMetadata, members: List[int], starts: List[int],
     mask &= query_valid.unsqueeze(-1)
     # A fully masked padding row would give NaN from softmax; let it see key 0 (result discarded).
     mask[..., 0] |= ~query_valid
+    in_order = bool(query_valid.all()) and len(members) * max_q == meta.num_tokens and bool(
+        (query_index.flatten() == torch.arange(meta.num_tokens)).all())
     return _PaddedGroup(query_index.to(device), query_valid.to(device), key_slots.to(device),
-                        mask.unsqueeze(1).to(device))
+                        mask.unsqueeze(1).to(device), in_order)
 
 
 def _slots(block_table: Sequence[int], block_size: int, length: int) -> torch.Tensor:
@@ -100,15 +103,19 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     num_kv_heads = k_cache.shape[2]
     flat_k = k_cache.view(-1, num_kv_heads, head_dim)
     flat_v = v_cache.view(-1, num_kv_heads, head_dim)
-    out = torch.empty_like(q)
+    out = None
     for group in meta.groups:
-        qg = q[group.query_index].transpose(1, 2)  # [G, H, Lq, D]
+        if group.in_order:  # row-major [G, Lq] already: a view, no gather
+            qg = q.view(*group.query_index.shape, num_heads, head_dim).transpose(1, 2)  # [G, H, Lq, D]
+        else:
+            qg = q[group.query_index].transpose(1, 2)
         kg = flat_k[group.key_slots].transpose(1, 2).to(q.dtype)  # [G, KVH, Lk, D]
         vg = flat_v[group.key_slots].transpose(1, 2).to(q.dtype)
-        if num_kv_heads != num_heads:
-            kg = kg.repeat_interleave(num_heads // num_kv_heads, dim=1)
-            vg = vg.repeat_interleave(num_heads // num_kv_heads, dim=1)
-        og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=group.mask, scale=scale)
-        og = og.transpose(1, 2)  # [G, Lq, H, D]
+        og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=group.mask, scale=scale,
+                                            enable_gqa=num_kv_heads != num_heads).transpose(1, 2)
+        if group.in_order:
+            return og.reshape(q.shape)  # the only group, already in the batch's layout
+        if out is None:
+            out = torch.empty_like(q)
         out[group.query_index[group.query_valid]] = og[group.query_valid]
     return out
