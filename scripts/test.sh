@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Sets up (scripts/setup.sh) and runs the whole test suite through Bazel, offline.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+# The embedded model is converted from GGUF once (about 25 s) and cached for every test target after it.
+python3 -c "from maga_transformer.model_loader import default_model_dir; print('default model:', default_model_dir())"
+bazel test //maga_transformer/... "$@"
