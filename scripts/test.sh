@@ -5,4 +5,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # The embedded model is converted from GGUF once (about 25 s) and cached for every test target after it.
 python3 -c "from maga_transformer.model_loader import default_model_dir; print('default model:', default_model_dir())"
-bazel test //maga_transformer/... "$@"
+status=0
+bazel test //maga_transformer/... "$@" || status=$?
+# one closing line with pytest's counts over all targets ("N passed, N failed, N skipped")
+python3 scripts/test_summary.py "$(bazel info bazel-testlogs 2>/dev/null || echo bazel-testlogs)" || status=1
+exit $status

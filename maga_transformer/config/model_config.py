@@ -8,6 +8,18 @@ from typing import Dict, Optional
 import torch
 
 
+_DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
+
+
+def _parse_enum(cls, field_name: str, value: str):
+    """Case-insensitive member by value or name, accepting torch-style dtype names."""
+    key = _DTYPE_ALIASES.get(str(value).strip().lower(), str(value).strip().lower())
+    for member in cls:
+        if key in (member.value, member.name.lower()):
+            return member
+    raise ValueError(f"{field_name}: unknown value {value!r}; expected one of {[m.value for m in cls]}")
+
+
 class WEIGHT_TYPE(enum.Enum):
     """Storage type of the linear weights. INT8 is weight-only, quantized at load time (later issue)."""
 
@@ -18,11 +30,7 @@ class WEIGHT_TYPE(enum.Enum):
 
     @classmethod
     def from_str(cls, value: str) -> "WEIGHT_TYPE":
-        key = value.strip().lower()
-        for member in cls:
-            if member.value == key or member.name.lower() == key:
-                return member
-        raise ValueError(f"weight_type: unknown value {value!r}; expected one of {[m.name for m in cls]}")
+        return _parse_enum(cls, "weight_type", value)
 
 
 class ACT_TYPE(enum.Enum):
@@ -34,13 +42,7 @@ class ACT_TYPE(enum.Enum):
 
     @classmethod
     def from_str(cls, value: str) -> "ACT_TYPE":
-        key = value.strip().lower()
-        aliases = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
-        key = aliases.get(key, key)
-        for member in cls:
-            if member.value == key:
-                return member
-        raise ValueError(f"act_type: unknown value {value!r}; expected one of fp32, fp16, bf16")
+        return _parse_enum(cls, "act_type", value)
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -18,9 +18,9 @@ import torch
 from maga_transformer.config.engine_config import EngineConfig
 from maga_transformer.config.generate_config import GenerateConfig
 from maga_transformer.engine.block_pool import BlockPool
-from maga_transformer.engine.model_runner import ModelRunner, StepResult, plan_num_blocks
+from maga_transformer.engine.model_runner import ModelRunner, plan_num_blocks
 from maga_transformer.engine.output import Detokenizer, RequestOutput
-from maga_transformer.engine.request import FinishReason, Request, RequestStatus, Sequence
+from maga_transformer.engine.request import FinishReason, Request, Sequence
 from maga_transformer.engine.scheduler import Scheduler, SchedulerOutput
 from maga_transformer.engine.step_processor import StepProcessor
 from maga_transformer.models.decoder import DecoderModel
@@ -110,6 +110,10 @@ class Engine:
         return len(self.scheduler.waiting) + len(self._pending_adds)
 
     # ---- admission ----------------------------------------------------------------------------
+    def validate(self, prompt_token_ids: List[int], config: GenerateConfig) -> None:
+        """Raise ValueError naming the field if add_request would refuse this request."""
+        self._make_request(prompt_token_ids, config, None)
+
     def _make_request(self, prompt_token_ids: List[int], config: GenerateConfig,
                       request_id: Optional[str]) -> Request:
         if not isinstance(config, GenerateConfig):
@@ -228,7 +232,16 @@ class Engine:
                     self._wakeup.wait()
                 if self._stopping:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as err:  # a bug outside the model step: fail what is live, keep serving
+                logger.exception("engine step failed")
+                self._fail_all(err)
+
+    def _fail_all(self, err: Exception) -> None:
+        for request in list(self.scheduler.requests.values()):
+            request.error = f"internal error: {type(err).__name__}: {err}"
+            self._finish(request, FinishReason.ERROR)
 
     def stop(self) -> None:
         """Abort everything still running and stop the loop thread."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Deque, Dict, List, Optional
+from typing import Deque, Dict, List
 
 from maga_transformer.engine.block_pool import BlockPool
 from maga_transformer.engine.kv_cache_manager import BlockCopy, KVCacheManager

@@ -60,7 +60,7 @@ class Pipeline:
         config = GenerateConfig.from_dict(merged)
         token_ids = [self.encode(p) for p in prompts]
         for ids in token_ids:
-            self.engine._make_request(ids, config, None)  # raises on bad input before submitting any
+            self.engine.validate(ids, config)  # all checked before any is submitted
         return self._stream(token_ids, config)
 
     def _stream(self, token_ids: List[List[int]], config: GenerateConfig) -> Iterator[PipelineResponse]:

@@ -14,6 +14,17 @@ from maga_transformer.model_factory import AsyncModel, ModelFactory
 GREEDY = dict(top_k=1)
 
 
+def tiny_llama(directory: str, seed: int, vocab_size: int, max_position_embeddings: int):
+    """A 2-layer random LLaMA (GQA 4/2 heads) saved with its tokenizer: (transformers model, its dir)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=vocab_size,
+                      max_position_embeddings=max_position_embeddings, eos_token_id=2)
+    hf_model = LlamaForCausalLM(cfg).eval()
+    return hf_model, save_tiny_checkpoint(hf_model, directory)
+
+
 def save_tiny_checkpoint(hf_model, directory: str) -> str:
     """Save weights + config with transformers, plus a byte-level tokenizer so the dir loads alone."""
     hf_model.save_pretrained(directory)

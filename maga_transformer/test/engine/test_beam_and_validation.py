@@ -3,19 +3,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from maga_transformer.config import GenerateConfig
-from maga_transformer.test.fixtures import load_engine_model, run_greedy, save_tiny_checkpoint
+from maga_transformer.test.fixtures import load_engine_model, run_greedy, tiny_llama
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    torch.manual_seed(3)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=64, max_position_embeddings=64, eos_token_id=2)
-    hf_model = LlamaForCausalLM(cfg).eval()
-    directory = save_tiny_checkpoint(hf_model, str(tmp_path_factory.mktemp("beam")))
+    hf_model, directory = tiny_llama(str(tmp_path_factory.mktemp("beam")), seed=3, vocab_size=64,
+                                     max_position_embeddings=64)
     return hf_model, load_engine_model(directory, num_kv_blocks=256)
 
 
@@ -78,3 +74,24 @@ def test_max_new_tokens_clipped_to_max_seq_len(tiny):
     _, model = tiny
     out = run_greedy(model.engine, [list(range(3, 60))], 1000, ignore_eos=True)
     assert len(out[0]) == 64 - 57
+
+
+def test_failed_step_fails_its_requests_and_engine_keeps_serving(tiny, monkeypatch):
+    _, model = tiny
+    engine = model.engine
+    real_forward = model.model.forward
+    calls = {"n": 0}
+
+    def broken_once(batch, kv_caches):  # fault injection: the first step blows up
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected fault")
+        return real_forward(batch, kv_caches)
+
+    monkeypatch.setattr(model.model, "forward", broken_once)
+    victim = engine.add_request([1, 5, 6], GenerateConfig(max_new_tokens=4, top_k=1))
+    engine.step()
+    out = victim.result()
+    assert out.finished and "injected fault" in out.error
+    engine.pool.check_idle()
+    assert run_greedy(engine, [[1, 5, 6]], 4)[0]  # the next request is served normally

@@ -6,23 +6,16 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from maga_transformer.config import EngineConfig, GenerateConfig
-from maga_transformer.test.fixtures import hf_greedy, load_engine_model, run_greedy, save_tiny_checkpoint
+from maga_transformer.config import GenerateConfig
+from maga_transformer.test.fixtures import hf_greedy, load_engine_model, run_greedy, tiny_llama
 
 NEW = 24
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    torch.manual_seed(7)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, eos_token_id=2)
-    hf_model = LlamaForCausalLM(cfg).eval()
-    directory = save_tiny_checkpoint(hf_model, str(tmp_path_factory.mktemp("tiny")))
-    return hf_model, directory
+    return tiny_llama(str(tmp_path_factory.mktemp("tiny")), seed=7, vocab_size=128, max_position_embeddings=256)
 
 
 def _prompts(n: int, seed: int = 0, shared_prefix: int = 0):

@@ -37,7 +37,7 @@ def test_paged_attention_matches_naive(heads, kv_heads, window):
     free = list(range(num_blocks))
     rng.shuffle(free)  # block tables with holes and out-of-order blocks
     cases = [(0, 7), (5, 1), (13, 1), (9, 6), (30, 1), (0, 1)]  # (context, new tokens): prefill, decode, prefix hit
-    tables, q_parts, keys = [], [], []
+    tables, q_parts = [], []
     for context, new in cases:
         length = context + new
         table = [free.pop() for _ in range(math.ceil(length / block_size))]

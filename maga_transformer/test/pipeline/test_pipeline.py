@@ -8,21 +8,16 @@ import time
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from maga_transformer.config import EngineConfig, GenerateConfig, ModelConfig
 from maga_transformer.model_factory import ModelFactory
 from maga_transformer.pipeline import Pipeline
-from maga_transformer.test.fixtures import hf_greedy, save_tiny_checkpoint
+from maga_transformer.test.fixtures import hf_greedy, tiny_llama
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    torch.manual_seed(11)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=96, max_position_embeddings=128, eos_token_id=2)
-    hf_model = LlamaForCausalLM(cfg).eval()
-    return hf_model, save_tiny_checkpoint(hf_model, str(tmp_path_factory.mktemp("pipe")))
+    return tiny_llama(str(tmp_path_factory.mktemp("pipe")), seed=11, vocab_size=96, max_position_embeddings=128)
 
 
 @pytest.fixture(scope="module")
