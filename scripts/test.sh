@@ -9,4 +9,6 @@ status=0
 bazel test //maga_transformer/... "$@" || status=$?
 # one closing line with pytest's counts over all targets ("N passed, N failed, N skipped")
 python3 scripts/test_summary.py "$(bazel info bazel-testlogs 2>/dev/null || echo bazel-testlogs)" || status=1
+# do not leave a Bazel server running after CI
+bazel shutdown >/dev/null 2>&1 || true
 exit $status

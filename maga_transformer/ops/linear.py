@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-_PACK_BATCH_HINT = 64  # oneDNN picks its blocking for this many rows; measured best for 1..64 rows
+_PACK_BATCH_HINT = 16  # oneDNN picks its blocking for this many rows; measured best for 1..64 rows
 
 
 def _onednn_linear_available() -> bool:
