@@ -87,14 +87,15 @@ class ModelFactory:
                          engine_config: Optional[EngineConfig] = None,
                          device: Union[str, torch.device, None] = None) -> AsyncModel:
         """Load a checkpoint. `name_or_path` may be a directory, a .gguf file, a name mapped by
-        MAGA_MODEL_DIRS, a ModelConfig, or None for the embedded default model (SmolLM2-135M)."""
+        MAGA_MODEL_DIRS, a ModelConfig, or None for the embedded default model (SmolLM2-135M).
+        `device` defaults to $MAGA_DEVICE, else "cpu" (the CUDA kernels come with the GPU issue)."""
         if isinstance(name_or_path, ModelConfig):
             model_config, name_or_path = name_or_path, name_or_path.ckpt_path
         config = model_config or ModelConfig()
         ckpt_dir = resolve_model_dir(name_or_path or config.ckpt_path or None)
         tokenizer_dir = resolve_model_dir(config.tokenizer_path) if config.tokenizer_path else ckpt_dir
         config = replace(config, ckpt_path=ckpt_dir, tokenizer_path=tokenizer_dir)
-        return _load(config, engine_config, torch.device(device or "cpu"))
+        return _load(config, engine_config, torch.device(device or os.environ.get("MAGA_DEVICE") or "cpu"))
 
     @staticmethod
     def create_from_env(env: Optional[dict] = None) -> AsyncModel:
