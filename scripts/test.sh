@@ -5,6 +5,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # The embedded model is converted from GGUF once (about 25 s) and cached for every test target after it.
 python3 -c "from maga_transformer.model_loader import default_model_dir; print('default model:', default_model_dir())"
+# The C++ runtime is compiled once (about 30 s) into torch's extension cache, shared by the targets.
+python3 -c "from maga_transformer.ops._compiled import cpu_kernels; print('C++ runtime:', cpu_kernels())"
 status=0
 bazel test //maga_transformer/... "$@" || status=$?
 # one closing line with pytest's counts over all targets ("N passed, N failed, N skipped")

@@ -1,9 +1,12 @@
 """Linear layers with weights prepared once for the device.
 
-On CPU, fp32/bf16 weights are re-laid out once into oneDNN's blocked format: decode GEMMs are thin
-(a few rows against a large weight) and bandwidth-bound, and the packed layout streams weights at
-roughly twice the rate of torch's default path on our 2-core machine (see docs/benchmarks.md).
-Elsewhere, or if oneDNN is unavailable, the plain [out, in] weight and F.linear are used.
+Decode GEMMs on CPU are thin (a few rows against a large weight) and bandwidth-bound. Up to 3
+fp32 rows go to our GEMV kernel (src/kernels/cpu/gemv.cc), which streams the weight at close to the
+machine's memory bandwidth (about 2x oneDNN at one row). From 4 rows on, oneDNN's GEMM on weights
+re-laid out once into its blocked format wins (it reuses each weight load across rows); it also
+streams about twice as fast as torch's default path. So on CPU fp32 both layouts are kept: twice
+the weight memory, the price of fast batch-1 and fast batched decode (docs/benchmarks.md).
+Other dtypes and devices use oneDNN or F.linear.
 """
 from __future__ import annotations
 
@@ -15,9 +18,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from maga_transformer.ops._compiled import cpu_kernels
+
 logger = logging.getLogger(__name__)
 
-_PACK_BATCH_HINT = 16  # oneDNN picks its blocking for this many rows; measured best for 1..64 rows
+_PACK_BATCH_HINT = 16  # oneDNN picks its blocking for this many rows; measured on 1..64 rows
+_GEMV_MAX_ROWS = 3  # measured crossover with oneDNN on the 2-core build machine (SmolLM2 shapes)
 
 
 def _onednn_linear_available() -> bool:
@@ -40,8 +46,9 @@ class LinearWeight:
 
     out_features: int
     in_features: int
-    weight: Optional[torch.Tensor] = None  # plain layout (kept when not packed)
+    weight: Optional[torch.Tensor] = None  # plain [out, in] layout (released when only oneDNN needs it)
     packed: Optional[torch.Tensor] = None  # oneDNN blocked layout (CPU)
+    gemv: bool = False  # our CPU GEMV serves batches of up to _GEMV_MAX_ROWS rows
 
     def plain(self) -> torch.Tensor:
         if self.weight is None:
@@ -49,18 +56,28 @@ class LinearWeight:
         return self.weight
 
 
+def _pack_onednn(weight: torch.Tensor) -> Optional[torch.Tensor]:
+    if not (_ONEDNN and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)):
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight, _PACK_BATCH_HINT)
+    except RuntimeError as err:  # an unusual build: fall back to torch's default path
+        logger.warning("oneDNN weight packing failed (%s); using torch's default linear", err)
+        return None
+
+
 def prepare_linear(weight: torch.Tensor) -> LinearWeight:
     out_features, in_features = weight.shape
-    if _ONEDNN and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16):
-        try:
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _PACK_BATCH_HINT)
-            return LinearWeight(out_features, in_features, packed=packed)
-        except RuntimeError as err:  # an unusual build: fall back, loudly once
-            logger.warning("oneDNN weight packing failed (%s); using torch's default linear", err)
-    return LinearWeight(out_features, in_features, weight=weight.contiguous())
+    weight = weight.contiguous()
+    gemv = weight.device.type == "cpu" and weight.dtype == torch.float32 and cpu_kernels() is not None
+    packed = _pack_onednn(weight)
+    keep_plain = gemv or packed is None
+    return LinearWeight(out_features, in_features, weight=weight if keep_plain else None, packed=packed, gemv=gemv)
 
 
 def linear(x: torch.Tensor, w: LinearWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    if w.gemv and x.dim() == 2 and x.shape[0] <= _GEMV_MAX_ROWS and x.dtype == torch.float32:
+        return cpu_kernels().gemv_f32(x, w.weight, bias)
     if w.packed is not None:
         return torch.ops.mkldnn._linear_pointwise(x, w.packed, bias, "none", [], "")
     return F.linear(x, w.weight, bias)
