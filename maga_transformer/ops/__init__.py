@@ -3,12 +3,12 @@ each op has a pure-torch reference that is the CPU path and the test oracle."""
 from maga_transformer.ops.activation import gelu_and_mul, silu_and_mul
 from maga_transformer.ops.attention import AttentionMetadata, build_attention_metadata, paged_attention
 from maga_transformer.ops.kv_cache import copy_kv_blocks, write_kv_cache
-from maga_transformer.ops.linear import LinearWeight, linear, prepare_linear
+from maga_transformer.ops.linear import LinearWeight, gemv_f32, linear, prepare_linear
 from maga_transformer.ops.norm import fused_add_rms_norm, rms_norm
 from maga_transformer.ops.rotary import apply_rotary
 
 __all__ = [
     "AttentionMetadata", "apply_rotary", "build_attention_metadata", "copy_kv_blocks", "fused_add_rms_norm",
-    "gelu_and_mul", "linear", "LinearWeight", "paged_attention", "prepare_linear", "rms_norm", "silu_and_mul",
+    "gelu_and_mul", "gemv_f32", "linear", "LinearWeight", "paged_attention", "prepare_linear", "rms_norm", "silu_and_mul",
     "write_kv_cache",
 ]

@@ -75,6 +75,27 @@ def prepare_linear(weight: torch.Tensor) -> LinearWeight:
     return LinearWeight(out_features, in_features, weight=weight if keep_plain else None, packed=packed, gemv=gemv)
 
 
+def gemv_f32(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x @ w.T (+ bias) on our CPU kernel, inputs checked here.
+
+    The checks live in Python because a C++ exception thrown out of an extension built against one
+    pybind11 and caught by another can crash the process (seen on the GPU machine's torch 2.11).
+    """
+    kernels = cpu_kernels()
+    if kernels is None:
+        raise RuntimeError("the C++ runtime is not available")
+    tensors = [x, w] + ([bias] if bias is not None else [])
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        raise ValueError("gemv_f32: CPU fp32 tensors only")
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"gemv_f32: shapes [rows, in] x [out, in], got {tuple(x.shape)} and {tuple(w.shape)}")
+    if x.shape[0] > kernels.max_gemv_rows:
+        raise ValueError(f"gemv_f32: at most {kernels.max_gemv_rows} rows, got {x.shape[0]}")
+    if bias is not None and bias.shape != (w.shape[0],):
+        raise ValueError(f"gemv_f32: bias must have shape ({w.shape[0]},)")
+    return kernels.gemv_f32(x, w, bias)
+
+
 def linear(x: torch.Tensor, w: LinearWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     if w.gemv and x.dim() == 2 and x.shape[0] <= _GEMV_MAX_ROWS and x.dtype == torch.float32:
         return cpu_kernels().gemv_f32(x, w.weight, bias)
