@@ -1,10 +1,11 @@
-"""Adds up pytest's counts from every Bazel test log and prints one closing line.
+"""Adds up pytest's counts from the Bazel test logs and prints one closing line.
 
-Bazel reports test targets; the per-test counts live in each target's pytest log.
+Bazel reports test targets; the per-test counts live in each target's pytest log. Only the targets
+that exist now are read: a reused output base still holds logs of deleted targets.
 """
-import glob
 import os
 import re
+import subprocess
 import sys
 
 COUNT = re.compile(r"(\d+) (passed|failed|skipped|errors?)\b")
@@ -13,8 +14,13 @@ COUNT = re.compile(r"(\d+) (passed|failed|skipped|errors?)\b")
 def main() -> int:
     root = sys.argv[1] if len(sys.argv) > 1 else "bazel-testlogs"
     totals = {"passed": 0, "failed": 0, "skipped": 0, "error": 0}
-    logs = glob.glob(os.path.join(root, "**", "test.log"), recursive=True)
+    labels = subprocess.check_output(["bazel", "query", "tests(//maga_transformer/...)"], text=True).split()
+    logs = [os.path.join(root, *label.lstrip("/").replace(":", "/").split("/"), "test.log") for label in labels]
     for path in logs:
+        if not os.path.exists(path):
+            print(f"missing test log: {path}", file=sys.stderr)
+            totals["error"] += 1
+            continue
         with open(path, errors="replace") as f:
             lines = [line for line in f if COUNT.search(line) and " in " in line]
         if lines:  # pytest's final summary line of that target
