@@ -1,0 +1,1 @@
+"""HTTP server: rtp-llm's native API and an OpenAI-compatible API over the engine."""

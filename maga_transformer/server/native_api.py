@@ -1,0 +1,106 @@
+"""rtp-llm's native API: POST / with prompt / prompt_batch and generate_config."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+from maga_transformer.config.generate_config import GenerateConfig
+from maga_transformer.engine.output import RequestOutput
+
+# rtp-llm's error codes
+BAD_INPUT_FORMAT = 507
+NO_PROMPT = 509
+EMPTY_PROMPT = 510
+PROMPT_TOO_LONG = 511
+BAD_STOP_LIST = 512
+CONCURRENCY_LIMIT = 513
+UNKNOWN_ERROR = 514
+UNSUPPORTED = 515
+BAD_GENERATE_CONFIG = 516
+
+_TOP_LEVEL = {"prompt", "prompt_batch", "text", "generate_config", "generation_config", "using_hf_sampling",
+              "yield_generator", "images", "request_id", "urls"}
+
+
+class NativeError(Exception):
+    def __init__(self, code: int, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.code, self.message, self.status = code, message, status
+
+    def body(self) -> Dict[str, Any]:
+        return {"error_code": self.code, "message": self.message}
+
+
+@dataclass
+class NativeRequest:
+    prompts: List[str]
+    batch: bool
+    config: GenerateConfig
+    stream: bool
+
+
+def parse_native(body: Any) -> NativeRequest:
+    if not isinstance(body, dict):
+        raise NativeError(BAD_INPUT_FORMAT, "request body must be a JSON object")
+    unknown = set(body) - _TOP_LEVEL
+    if unknown:
+        raise NativeError(BAD_INPUT_FORMAT, f"unknown field(s): {', '.join(sorted(unknown))}")
+    if body.get("images"):
+        raise NativeError(UNSUPPORTED, "images: this model is not multimodal", status=400)
+    batch = "prompt_batch" in body
+    prompts = body.get("prompt_batch") if batch else body.get("prompt", body.get("text"))
+    if prompts is None:
+        raise NativeError(NO_PROMPT, "prompt: missing (give prompt or prompt_batch)")
+    prompts = prompts if batch else [prompts]
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise NativeError(BAD_INPUT_FORMAT, "prompt / prompt_batch: expected a string / a list of strings")
+    if any(not p for p in prompts):
+        raise NativeError(EMPTY_PROMPT, "prompt: must not be empty")
+    raw_config = body.get("generate_config", body.get("generation_config")) or {}
+    if not isinstance(raw_config, dict):
+        raise NativeError(BAD_GENERATE_CONFIG, "generate_config: expected an object")
+    raw_config = dict(raw_config)
+    stream = bool(body.get("yield_generator") or raw_config.pop("yield_generator", False))
+    try:
+        config = GenerateConfig.from_dict(raw_config)
+    except (ValueError, TypeError) as err:
+        code = BAD_STOP_LIST if "stop_words" in str(err) else BAD_GENERATE_CONFIG
+        raise NativeError(code, str(err)) from None
+    return NativeRequest(prompts, batch, config, stream)
+
+
+def native_response(output: RequestOutput, config: GenerateConfig, previous_text: Optional[List[str]] = None) -> Dict:
+    texts = [o.text for o in output.outputs]
+    if config.return_incremental and previous_text is not None:
+        texts = [t[len(p):] if t.startswith(p) else t for t, p in zip(texts, previous_text)]
+    multi = config.num_return_sequences > 1
+    aux = output.aux_info
+    result: Dict[str, Any] = {
+        "response": texts if multi else texts[0],
+        "finished": output.finished,
+        "aux_info": {
+            "cost_time": aux.cost_time, "iter_count": aux.iter_count, "input_len": aux.input_len,
+            "prefix_len": aux.prefix_len, "reuse_len": aux.reuse_len, "output_len": aux.output_len,
+            "cum_log_probs": aux.cum_log_probs,
+        },
+    }
+    if output.beam_responses is not None:
+        result["aux_info"]["beam_responses"] = output.beam_responses
+    if output.loss is not None:
+        result["loss"] = output.loss
+    if config.return_logits:
+        result["logits"] = [o.logits for o in output.outputs] if multi else output.outputs[0].logits
+    if config.return_hidden_states:
+        hidden = [o.hidden_states for o in output.outputs]
+        result["hidden_states"] = hidden if multi else hidden[0]
+    if config.return_output_ids:
+        ids = [o.token_ids for o in output.outputs]
+        result["output_ids"] = ids if multi else ids[0]
+    if config.return_input_ids and output.prompt_token_ids is not None:
+        result["input_ids"] = output.prompt_token_ids
+    return result
+
+
+def sse(data: Any) -> str:
+    return "data:" + (data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)) + "\n\n"

@@ -1,0 +1,183 @@
+"""A real uvicorn server on loopback over the embedded SmolLM2, driven by the official openai client
+and by plain HTTP for rtp-llm's native API."""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from maga_transformer.config import EngineConfig, GenerateConfig
+from maga_transformer.config.server_config import ServerConfig
+from maga_transformer.model_factory import ModelFactory
+from maga_transformer.server.app import create_app
+
+QUESTION = "What is the capital of France? Answer briefly."
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Server:
+    def __init__(self, model, concurrency_limit: int) -> None:
+        port = _free_port()
+        app = create_app(model, ServerConfig(host="127.0.0.1", port=port, concurrency_limit=concurrency_limit,
+                                             model_name="smollm2"))
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def model(smollm2_dir):
+    m = ModelFactory.from_huggingface(smollm2_dir, engine_config=EngineConfig(kv_cache_mem_mb=256))
+    yield m
+    m.stop()
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    s = _Server(model, concurrency_limit=32)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+
+
+def test_chat_plain_and_streaming_agree(client):
+    messages = [{"role": "user", "content": QUESTION}]
+    plain = client.chat.completions.create(model="smollm2", messages=messages, temperature=0, max_tokens=20)
+    text = plain.choices[0].message.content
+    assert "Paris" in text and plain.choices[0].finish_reason in ("stop", "length")
+    assert plain.usage.completion_tokens > 0 and plain.usage.total_tokens == (
+        plain.usage.prompt_tokens + plain.usage.completion_tokens)
+    chunks = list(client.chat.completions.create(model="smollm2", messages=messages, temperature=0, max_tokens=20,
+                                                 stream=True, stream_options={"include_usage": True}))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+
+
+def test_n_seed_stop_and_logprobs(client):
+    messages = [{"role": "user", "content": "Write one sentence about the sea."}]
+    first = client.chat.completions.create(model="smollm2", messages=messages, n=2, seed=7, max_tokens=16)
+    again = client.chat.completions.create(model="smollm2", messages=messages, n=2, seed=7, max_tokens=16)
+    assert len(first.choices) == 2
+    assert [c.message.content for c in first.choices] == [c.message.content for c in again.choices]
+    greedy = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": QUESTION}],
+                                            temperature=0, max_tokens=20, logprobs=True)
+    content = greedy.choices[0].message.content
+    stop_word = "Paris"
+    stopped = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": QUESTION}],
+                                             temperature=0, max_tokens=20, stop=[stop_word])
+    assert stopped.choices[0].message.content == content[:content.index(stop_word)]
+    assert stopped.choices[0].finish_reason == "stop"
+    logprobs = greedy.choices[0].logprobs.content
+    assert len(logprobs) == greedy.usage.completion_tokens and all(lp.logprob <= 0 for lp in logprobs)
+
+
+def test_completions_list_prompt_and_echo(client):
+    out = client.completions.create(model="smollm2", prompt=["The capital of France is", "One, two,"],
+                                    max_tokens=5, temperature=0, echo=True)
+    assert len(out.choices) == 2
+    assert out.choices[0].text.startswith("The capital of France is")
+    assert out.choices[1].text.startswith("One, two,")
+
+
+def test_models_and_errors(client, server):
+    assert [m.id for m in client.models.list().data] == ["smollm2"]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "hi"}], top_p=3)
+    assert "top_p" in str(err.value)
+    resp = httpx.post(server.url + "/v1/chat/completions", content=b"{not json", timeout=10)
+    assert resp.status_code == 400 and "error" in resp.json()
+
+
+def test_native_api_matches_engine_greedy(model, server):
+    config = {"max_new_tokens": 12, "top_k": 1}
+    prompt = "hello, what is your name"
+    ids = model.tokenizer.encode(prompt)
+    handle = model.engine.add_request(ids, GenerateConfig(**config))
+    expected = handle.result().outputs[0].text
+    single = httpx.post(server.url, json={"prompt": prompt, "generate_config": config}, timeout=60).json()
+    assert single["response"] == expected and single["finished"]
+    assert single["aux_info"]["input_len"] == len(ids) and single["aux_info"]["output_len"] == 12
+    batch = httpx.post(server.url, json={"prompt_batch": [prompt, "1 2 3"], "generate_config": config},
+                       timeout=60).json()
+    assert batch["response_batch"][0]["response"] == expected
+    with httpx.stream("POST", server.url, json={"prompt": prompt, "generate_config": config,
+                                                "yield_generator": True}, timeout=60) as resp:
+        events = [line[len("data:"):] for line in resp.iter_lines() if line.startswith("data:")]
+    assert events[-1] == "[done]"
+    assert json.loads(events[-2])["response"] == expected
+
+
+@pytest.mark.parametrize("body,code", [
+    ({}, 509), ({"prompt": ""}, 510), ({"prompt": "hi", "generate_config": {"top_p": 2}}, 516),
+    ({"prompt": "hi", "generate_config": {"bogus": 1}}, 516), ({"prompt": "hi", "surprise": 1}, 507),
+    ({"prompt": "hi " * 9000}, 511),
+])
+def test_native_errors(server, body, code):
+    resp = httpx.post(server.url, json=body, timeout=30)
+    assert resp.status_code == 400 and resp.json()["error_code"] == code
+
+
+def test_disconnect_mid_stream_frees_everything(model, server):
+    engine = model.engine
+    with httpx.stream("POST", server.url, json={"prompt": "Tell me a long story.", "yield_generator": True,
+                                                "generate_config": {"max_new_tokens": 500, "ignore_eos": True}},
+                      timeout=60) as resp:
+        for i, _ in enumerate(resp.iter_lines()):
+            if i > 6:
+                break  # the client walks away half-way
+    deadline = time.monotonic() + 1.0
+    while (engine.num_running or engine.num_waiting) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.num_running == 0 and engine.num_waiting == 0
+    assert engine.pool.usage == 0.0
+
+
+def test_overload_rejects_exactly_the_surplus(model):
+    server = _Server(model, concurrency_limit=2)
+    try:
+        def native(_):
+            return httpx.post(server.url, json={"prompt": "Count to fifty.", "generate_config": {
+                "max_new_tokens": 48, "ignore_eos": True, "top_k": 1}}, timeout=120).status_code
+
+        def chat(_):
+            try:
+                openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0).chat.completions.create(
+                    model="smollm2", messages=[{"role": "user", "content": "Count to fifty."}], max_tokens=48)
+                return 200
+            except openai.RateLimitError:
+                return 429
+
+        with concurrent.futures.ThreadPoolExecutor(10) as pool:
+            codes = list(pool.map(native, range(10)))
+        assert sorted(codes) == [200] * 2 + [409] * 8
+        with concurrent.futures.ThreadPoolExecutor(10) as pool:
+            codes = list(pool.map(chat, range(10)))
+        assert sorted(codes) == [200] * 2 + [429] * 8
+    finally:
+        server.stop()
