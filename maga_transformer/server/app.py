@@ -8,12 +8,13 @@ from typing import Any, AsyncIterator, Dict, List, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from maga_transformer.config.server_config import ServerConfig
 from maga_transformer.engine.output import RequestOutput
 from maga_transformer.server import native_api, openai_api
 from maga_transformer.server.async_engine import AsyncEngine
+from maga_transformer.server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,8 @@ async def _last_output(stream: AsyncIterator[RequestOutput], request: Request) -
 
 def create_app(model, server_config: ServerConfig) -> FastAPI:
     app = FastAPI(title="maga_transformer")
-    engine = AsyncEngine(model.engine)
+    metrics = ServerMetrics(model.engine)
+    engine = AsyncEngine(model.engine, metrics)
     tokenizer = model.tokenizer
     slots = _Slots(server_config.concurrency_limit)
     app.state.engine = engine
@@ -79,7 +81,7 @@ def create_app(model, server_config: ServerConfig) -> FastAPI:
 
     @app.middleware("http")
     async def check_api_key(request: Request, call_next):
-        if server_config.api_key and request.url.path not in ("/health", "/health_check", "/status"):
+        if server_config.api_key and request.url.path not in ("/health", "/health_check", "/status", "/metrics"):
             if request.headers.get("authorization") != f"Bearer {server_config.api_key}":
                 return JSONResponse(openai_api.OpenAIError("invalid API key", 401, err_type="authentication_error")
                                     .body(), status_code=401)
@@ -93,6 +95,10 @@ def create_app(model, server_config: ServerConfig) -> FastAPI:
     @app.post("/health_check")
     async def health_check():
         return PlainTextResponse("ok")
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models():

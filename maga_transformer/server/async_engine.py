@@ -12,6 +12,7 @@ from typing import AsyncIterator, List
 from maga_transformer.config.generate_config import GenerateConfig
 from maga_transformer.engine.engine import Engine
 from maga_transformer.engine.output import RequestOutput
+from maga_transformer.server.metrics import RequestTimer
 
 _ids = itertools.count()
 
@@ -28,8 +29,9 @@ class _LoopSink:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, metrics=None) -> None:
         self.engine = engine
+        self.metrics = metrics  # ServerMetrics, or None
         engine.start()
 
     def validate(self, prompt_ids: List[int], config: GenerateConfig) -> None:
@@ -39,11 +41,14 @@ class AsyncEngine:
         """Streams outputs until the request finishes; if the consumer goes away, aborts it."""
         sink = _LoopSink(asyncio.get_running_loop())
         handle = self.engine.add_request(prompt_ids, config, request_id=f"http-{next(_ids)}", sink=sink)
+        timer = RequestTimer(self.metrics) if self.metrics is not None else None
         finished = False
         try:
             while not finished:
                 output = await sink.queue.get()
                 finished = output.finished
+                if timer is not None:
+                    timer.observe(output)
                 yield output
         finally:
             if not finished:
