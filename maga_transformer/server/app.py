@@ -67,6 +67,13 @@ def create_app(model, server_config: ServerConfig) -> FastAPI:
             raise ValueError(f"{field}: encodes to no tokens")
         return ids
 
+    def _chat_text(messages: List[Dict[str, Any]]) -> str:
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as err:  # template errors are the request's fault: jinja raises its own types
+            raise openai_api.OpenAIError(f"messages: the chat template cannot render them ({err})",
+                                         param="messages") from None
+
     def default_max(prompt_ids: List[int]) -> int:
         return max(1, model.max_seq_len - len(prompt_ids))
 
@@ -165,7 +172,7 @@ def create_app(model, server_config: ServerConfig) -> FastAPI:
     async def chat(body: openai_api.ChatCompletionRequest, request: Request):
         try:
             messages = [m.model_dump(exclude_none=True) for m in body.messages]
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = _chat_text(messages)
             ids = encode(text, "messages")
             config = body.generate_config(body.max_completion_tokens or body.max_tokens, default_max(ids))
             engine.validate(ids, config)

@@ -4,46 +4,17 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import socket
-import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from maga_transformer.config import EngineConfig, GenerateConfig
-from maga_transformer.config.server_config import ServerConfig
 from maga_transformer.model_factory import ModelFactory
-from maga_transformer.server.app import create_app
+from maga_transformer.test.server.live_server import LiveServer
 
 QUESTION = "What is the capital of France? Answer briefly."
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Server:
-    def __init__(self, model, concurrency_limit: int) -> None:
-        port = _free_port()
-        app = create_app(model, ServerConfig(host="127.0.0.1", port=port, concurrency_limit=concurrency_limit,
-                                             model_name="smollm2"))
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +26,7 @@ def model(smollm2_dir):
 
 @pytest.fixture(scope="module")
 def server(model):
-    s = _Server(model, concurrency_limit=32)
+    s = LiveServer(model, concurrency_limit=32)
     yield s
     s.stop()
 
@@ -185,7 +156,7 @@ def test_metrics_count_requests_and_tokens(server):
 
 
 def test_overload_rejects_exactly_the_surplus(model):
-    server = _Server(model, concurrency_limit=2)
+    server = LiveServer(model, concurrency_limit=2)
     try:
         def native(_):
             return httpx.post(server.url, json={"prompt": "Count to fifty.", "generate_config": {

@@ -1,0 +1,36 @@
+"""A real uvicorn server on a free loopback port, in a background thread, for the server tests."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import uvicorn
+
+from maga_transformer.config.server_config import ServerConfig
+from maga_transformer.server.app import create_app
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    def __init__(self, model, concurrency_limit: int) -> None:
+        port = _free_port()
+        app = create_app(model, ServerConfig(host="127.0.0.1", port=port, concurrency_limit=concurrency_limit,
+                                             model_name="smollm2"))
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
