@@ -8,6 +8,7 @@ from typing import Any, AsyncIterator, Dict, List, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.background import BackgroundTask
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from maga_transformer.config.server_config import ServerConfig
@@ -129,11 +130,17 @@ def create_app(model, server_config: ServerConfig) -> FastAPI:
         except ValueError as err:
             code = native_api.PROMPT_TOO_LONG if "max_seq_len" in str(err) else native_api.BAD_GENERATE_CONFIG
             return JSONResponse({"error_code": code, "message": str(err)}, status_code=400)
+        if parsed.stream and parsed.batch:
+            return JSONResponse({"error_code": native_api.UNSUPPORTED,
+                                 "message": "yield_generator: streaming a prompt_batch is not supported"},
+                                status_code=400)
         if not slots.try_acquire():
             return JSONResponse({"error_code": native_api.CONCURRENCY_LIMIT,
                                  "message": f"over CONCURRENCY_LIMIT={slots.limit}"}, status_code=409)
         if parsed.stream:
-            return StreamingResponse(_native_stream(parsed, prompt_ids), media_type="text/event-stream")
+            # the slot is released after the response, streamed or dropped, even if the stream never started
+            return StreamingResponse(_native_stream(parsed, prompt_ids), media_type="text/event-stream",
+                                     background=BackgroundTask(slots.release))
         try:
             outputs = await asyncio.gather(*[_last_output(engine.generate(ids, parsed.config), request)
                                              for ids in prompt_ids])
@@ -154,19 +161,11 @@ def create_app(model, server_config: ServerConfig) -> FastAPI:
         return bodies[0]
 
     async def _native_stream(parsed: native_api.NativeRequest, prompt_ids: List[List[int]]):
-        try:
-            if parsed.batch:
-                raise_batch = {"error_code": native_api.UNSUPPORTED,
-                               "message": "yield_generator with prompt_batch is not supported"}
-                yield native_api.sse(raise_batch)
-                return
-            previous: Optional[List[str]] = None
-            async for output in engine.generate(prompt_ids[0], parsed.config):
-                yield native_api.sse(native_api.native_response(output, parsed.config, previous))
-                previous = [o.text for o in output.outputs]
-            yield native_api.sse("[done]")
-        finally:
-            slots.release()
+        previous: Optional[List[str]] = None
+        async for output in engine.generate(prompt_ids[0], parsed.config):
+            yield native_api.sse(native_api.native_response(output, parsed.config, previous))
+            previous = [o.text for o in output.outputs]
+        yield native_api.sse("[done]")
 
     @app.post("/v1/chat/completions")
     async def chat(body: openai_api.ChatCompletionRequest, request: Request):
@@ -188,7 +187,7 @@ def create_app(model, server_config: ServerConfig) -> FastAPI:
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(_chat_stream(ids, config, request_id, model_name, include_usage),
-                                     media_type="text/event-stream")
+                                     media_type="text/event-stream", background=BackgroundTask(slots.release))
         try:
             output = await _last_output(engine.generate(ids, config), request)
         finally:
@@ -209,29 +208,26 @@ def create_app(model, server_config: ServerConfig) -> FastAPI:
             payload.update(extra or {})
             return native_api.sse(payload).replace("data:", "data: ", 1)
 
-        try:
-            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-                         for i in range(config.num_return_sequences)])
-            last = None
-            async for last in engine.generate(ids, config):
-                choices = []
-                for i, seq in enumerate(last.outputs):
-                    if done[i]:
-                        continue
-                    delta = seq.text[len(sent[i]):] if seq.text.startswith(sent[i]) else ""
-                    sent[i] = seq.text if seq.text.startswith(sent[i]) else sent[i]
-                    reason = openai_api.finish_reason(seq.finish_reason)
-                    if delta or reason:
-                        choices.append({"index": i, "delta": {"content": delta} if delta else {},
-                                        "finish_reason": reason})
-                    done[i] = reason is not None
-                if choices:
-                    yield chunk(choices)
-            if include_usage and last is not None:
-                yield chunk([], {"usage": openai_api.usage(last.aux_info.input_len, [last])})
-            yield "data: [DONE]\n\n"
-        finally:
-            slots.release()
+        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                     for i in range(config.num_return_sequences)])
+        last = None
+        async for last in engine.generate(ids, config):
+            choices = []
+            for i, seq in enumerate(last.outputs):
+                if done[i]:
+                    continue
+                delta = seq.text[len(sent[i]):] if seq.text.startswith(sent[i]) else ""
+                sent[i] = seq.text if seq.text.startswith(sent[i]) else sent[i]
+                reason = openai_api.finish_reason(seq.finish_reason)
+                if delta or reason:
+                    choices.append({"index": i, "delta": {"content": delta} if delta else {},
+                                    "finish_reason": reason})
+                done[i] = reason is not None
+            if choices:
+                yield chunk(choices)
+        if include_usage and last is not None:
+            yield chunk([], {"usage": openai_api.usage(last.aux_info.input_len, [last])})
+        yield "data: [DONE]\n\n"
 
     @app.post("/v1/completions")
     async def completions(body: openai_api.CompletionRequest, request: Request):

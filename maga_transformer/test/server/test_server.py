@@ -108,6 +108,7 @@ def test_native_api_matches_engine_greedy(model, server):
     ({}, 509), ({"prompt": ""}, 510), ({"prompt": "hi", "generate_config": {"top_p": 2}}, 516),
     ({"prompt": "hi", "generate_config": {"bogus": 1}}, 516), ({"prompt": "hi", "surprise": 1}, 507),
     ({"prompt": "hi " * 9000}, 511),
+    ({"prompt_batch": ["a", "b"], "yield_generator": True}, 515),
 ])
 def test_native_errors(server, body, code):
     resp = httpx.post(server.url, json=body, timeout=30)
