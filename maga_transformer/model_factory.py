@@ -60,7 +60,7 @@ class AsyncModel:
 
     @property
     def max_seq_len(self) -> int:
-        return self.config.max_seq_len or self.model.arch.context_length
+        return self.config.max_seq_len  # set at load: the user's, else the model's context length
 
     @property
     def engine(self) -> Engine:
@@ -69,11 +69,6 @@ class AsyncModel:
                 self._engine = Engine(self.model, self.tokenizer, self.engine_config, self.max_seq_len,
                                       self.config.seq_size_per_block, self.eos_token_ids)
             return self._engine
-
-    def new_engine(self, engine_config: EngineConfig) -> Engine:
-        """A separate engine over the same weights (tests compare configurations side by side)."""
-        return Engine(self.model, self.tokenizer, engine_config, self.max_seq_len,
-                      self.config.seq_size_per_block, self.eos_token_ids)
 
     def stop(self) -> None:
         if self._engine is not None:

@@ -68,13 +68,6 @@ class GenerateConfig:
             kwargs[name] = value
         return cls(**kwargs)
 
-    @property
-    def is_greedy(self) -> bool:
-        return self.num_beams == 1 and (self.top_k == 1 or self.temperature == 0.0)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
     def validate(self) -> None:
         _check_int(self, "max_new_tokens", 1, MAX_NEW_TOKENS_LIMIT)
         _check_int(self, "min_new_tokens", 0, MAX_NEW_TOKENS_LIMIT)

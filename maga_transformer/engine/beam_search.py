@@ -52,8 +52,6 @@ def beam_candidates(request: Request, beams: Seq[Sequence], logits: torch.Tensor
 def update_finished(request: Request, candidates: List[BeamCandidate], beams: Seq[Sequence]) -> None:
     """Merge stopping candidates among the first num_beams into the finished set (best num_beams kept)."""
     cfg = request.config
-    if request.beam_search_done:
-        return
     gen_len = beams[0].num_output_tokens + 1
     pool = list(request.beam_finished)
     for cand in candidates[:cfg.num_beams]:

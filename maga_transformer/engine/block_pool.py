@@ -28,10 +28,6 @@ class PrefixCacheStats:
     queries: int = 0  # prompt blocks looked up
     hits: int = 0  # of which found in the cache
 
-    @property
-    def hit_rate(self) -> float:
-        return self.hits / self.queries if self.queries else 0.0
-
 
 class BlockPool:
     def __init__(self, num_blocks: int, enable_prefix_cache: bool = True) -> None:

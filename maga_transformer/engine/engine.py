@@ -76,7 +76,6 @@ class Engine:
         self._wakeup = threading.Condition(self._lock)
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
-        self.num_steps = 0
 
     # ---- public API (thread-safe) -------------------------------------------------------------
     def add_request(self, prompt_token_ids: List[int], config: GenerateConfig,
@@ -186,7 +185,6 @@ class Engine:
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return []
-        self.num_steps += 1
         try:
             result = self.runner.execute(plan)
         except Exception as err:  # a broken step fails its requests, not the engine

@@ -91,7 +91,6 @@ class Request:
     num_preemptions: int = 0
     forked: bool = False  # samples/beams created from the prompt sequence
     beam_finished: List[BeamHypothesis] = field(default_factory=list)
-    beam_search_done: bool = False
     prompt_loss: Optional[Any] = None  # accumulated prompt log-probs when calculate_loss
     extras: Dict[str, Any] = field(default_factory=dict)  # logits / hidden states asked for
     error: Optional[str] = None
@@ -107,11 +106,6 @@ class Request:
     @property
     def is_beam_search(self) -> bool:
         return self.config.num_beams > 1
-
-    @property
-    def num_final_seqs(self) -> int:
-        """How many sequences the request has after its prompt is processed."""
-        return self.config.num_beams if self.is_beam_search else self.config.num_return_sequences
 
     @property
     def is_finished(self) -> bool:

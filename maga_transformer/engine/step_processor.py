@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from typing import List, Optional
+from typing import List, Tuple
 
 import torch
 
@@ -23,7 +23,7 @@ class StepProcessor:
         self.detok = detokenizer
 
     def process(self, plan: SchedulerOutput, result: StepResult) -> List[RequestOutput]:
-        outputs = []
+        ready: List[Tuple[Request, List[int]]] = []  # requests whose sequences reached their end
         for item in plan.scheduled:
             request = item.request
             request.num_steps += 1
@@ -37,31 +37,42 @@ class StepProcessor:
             if not rows:
                 continue  # a prefill chunk that did not reach the end of the prompt
             assert len(rows) == len(seqs)
-            logits = result.logits[rows]
-            hidden = result.hidden[rows] if result.hidden is not None else None
             if request.first_token_time is None:
                 request.first_token_time = time.monotonic()
+            ready.append((request, rows))
+        sampling = [(r, rows) for r, rows in ready if not r.is_beam_search]
+        if sampling:
+            self._sample_all(sampling, result)
+        for request, rows in ready:
             if request.is_beam_search:
-                self._beam_step(request, logits)
-            else:
-                self._sample_step(request, logits, hidden)
-            outputs.append(self._output(request))
-        return outputs
+                self._beam_step(request, result.logits[rows])
+        return [self._output(request) for request, _ in ready]
 
     # ---- sampling ---------------------------------------------------------------------------
-    def _sample_step(self, request: Request, logits: torch.Tensor, hidden: Optional[torch.Tensor]) -> None:
-        if not request.forked:
-            request.forked = True
-            parent = request.seqs[0]
-            for index in range(1, request.config.num_return_sequences):
-                child = self.scheduler.kv.fork(parent)
-                child.sample_index = index
-                request.seqs.append(child)
-            logits = logits.expand(len(request.seqs), -1)
-            hidden = hidden.expand(len(request.seqs), -1) if hidden is not None else None
-        seqs = request.live_seqs
-        result = sample(logits, [self._sampling_row(request, seq) for seq in seqs])
-        for i, (seq, token, logprob) in enumerate(zip(seqs, result.token_ids.tolist(), result.logprobs.tolist())):
+    def _fork_samples(self, request: Request, rows: List[int]) -> List[int]:
+        """After the prompt: n samples share its blocks and start from its logits row."""
+        if request.forked:
+            return rows
+        request.forked = True
+        parent = request.seqs[0]
+        for index in range(1, request.config.num_return_sequences):
+            child = self.scheduler.kv.fork(parent)
+            child.sample_index = index
+            request.seqs.append(child)
+        return rows * len(request.seqs)
+
+    def _sample_all(self, batch: List[Tuple[Request, List[int]]], result: StepResult) -> None:
+        """One batched draw for every sampling sequence of the step, whatever request it belongs to."""
+        pairs = []
+        for request, rows in batch:
+            rows = self._fork_samples(request, rows)  # before listing the sequences: it adds them
+            pairs.extend((request, seq, row) for seq, row in zip(request.live_seqs, rows))
+        index = torch.tensor([row for _, _, row in pairs], dtype=torch.long, device=result.logits.device)
+        logits = result.logits[index]
+        hidden = result.hidden[index] if result.hidden is not None else None
+        drawn = sample(logits, [self._sampling_row(request, seq) for request, seq, _ in pairs])
+        for i, ((request, seq, _), token, logprob) in enumerate(
+                zip(pairs, drawn.token_ids.tolist(), drawn.logprobs.tolist())):
             seq.token_ids.append(token)
             seq.cum_logprob += logprob
             seq.output_logprobs.append(logprob)
@@ -111,7 +122,6 @@ class StepProcessor:
             self.detok.forget(old)
         request.seqs = new_beams
         if beam_search.search_finished(request, candidates, running, new_beams[0].num_output_tokens):
-            request.beam_search_done = True
             for seq in new_beams:
                 seq.finish_reason = FinishReason.STOP
                 self.scheduler.free_sequence(seq)

@@ -37,10 +37,6 @@ class AttentionMetadata:
     num_tokens: int
     groups: List[_PaddedGroup] = field(default_factory=list)
 
-    @property
-    def seq_lens(self) -> List[int]:
-        return [c + q for c, q in zip(self.context_lens, self.query_lens)]
-
 
 def build_attention_metadata(query_lens: Sequence[int], context_lens: Sequence[int],
                              block_tables: Sequence[Sequence[int]], block_size: int,

@@ -50,11 +50,6 @@ class LinearWeight:
     packed: Optional[torch.Tensor] = None  # oneDNN blocked layout (CPU)
     gemv: bool = False  # our CPU GEMV serves batches of up to _GEMV_MAX_ROWS rows
 
-    def plain(self) -> torch.Tensor:
-        if self.weight is None:
-            raise RuntimeError("this weight was packed for oneDNN; the plain copy was released")
-        return self.weight
-
 
 def _pack_onednn(weight: torch.Tensor) -> Optional[torch.Tensor]:
     if not (_ONEDNN and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)):
