@@ -11,7 +11,7 @@ from typing import List, Optional, Union
 
 import torch
 
-from maga_transformer.config.engine_config import EngineConfig
+from maga_transformer.config.engine_config import EngineConfig, env_bool
 from maga_transformer.config.model_config import ACT_TYPE, WEIGHT_TYPE, ModelConfig
 from maga_transformer.engine.engine import Engine
 from maga_transformer.model_loader import iter_checkpoint_tensors, load_tokenizer, resolve_model_dir
@@ -96,6 +96,7 @@ class ModelFactory:
     def create_from_env(env: Optional[dict] = None) -> AsyncModel:
         """The seed's environment variables: MODEL_TYPE, CHECKPOINT_PATH, TOKENIZER_PATH, MAX_SEQ_LEN, ..."""
         env = dict(os.environ if env is None else env)
+        env_bool(env, "ASYNC_MODE", True)  # accepted for rtp-llm's scripts: we always batch dynamically
         try:
             max_seq_len = int(env.get("MAX_SEQ_LEN") or 0)
             block = int(env.get("SEQ_SIZE_PER_BLOCK") or 8)

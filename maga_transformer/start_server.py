@@ -1,27 +1,71 @@
-"""python3 -m maga_transformer.start_server: the HTTP server, configured by environment variables."""
+"""python3 -m maga_transformer.start_server: the HTTP server, configured by environment variables.
+
+Logs go to files under LOG_PATH (default ./logs: main.log and access.log, as rtp-llm keeps them)
+unless FT_SERVER_TEST=1 sends them to the terminal. SIGTERM or Ctrl-C stop accepting connections,
+let in-flight requests finish for up to GRACEFUL_SHUTDOWN_TIMEOUT seconds, then stop the engine.
+"""
 from __future__ import annotations
 
 import logging
 import os
 import sys
 
+from maga_transformer.config.server_config import ServerConfig
+
+logger = logging.getLogger("maga_transformer.start_server")
+_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging(config: ServerConfig) -> None:
+    root = logging.getLogger()
+    root.setLevel(config.log_level)
+    access = logging.getLogger("maga_transformer.access")
+    access.setLevel(logging.INFO)  # access lines are kept at any PY_LOG_LEVEL
+    if config.log_to_terminal:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(_FORMAT))
+        root.addHandler(handler)
+        return
+    os.makedirs(config.log_dir, exist_ok=True)
+    main_log = logging.FileHandler(os.path.join(config.log_dir, "main.log"))
+    main_log.setFormatter(logging.Formatter(_FORMAT))
+    root.addHandler(main_log)
+    access_log = logging.FileHandler(os.path.join(config.log_dir, "access.log"))
+    access_log.setFormatter(logging.Formatter("%(message)s"))
+    access.addHandler(access_log)
+    access.propagate = False  # keep main.log for the server's own messages
+    errors = logging.StreamHandler(sys.stderr)  # problems still reach the terminal
+    errors.setLevel(logging.ERROR)
+    errors.setFormatter(logging.Formatter(_FORMAT))
+    root.addHandler(errors)
+
 
 def main() -> int:
-    level = os.environ.get("PY_LOG_LEVEL", "WARNING").upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        server_config = ServerConfig.from_env()
+    except ValueError as err:
+        sys.stderr.write(f"cannot start: {err}\n")
+        return 2
+    configure_logging(server_config)
     try:
         import uvicorn
 
-        from maga_transformer.config.server_config import ServerConfig
         from maga_transformer.model_factory import ModelFactory
         from maga_transformer.server.app import create_app
-        server_config = ServerConfig.from_env()
         model = ModelFactory.create_from_env()
     except ValueError as err:  # a bad environment variable: say which, do not start
-        logging.getLogger("maga_transformer").error("cannot start: %s", err)
+        logger.error("cannot start: %s", err)
+        sys.stderr.write(f"cannot start: {err}\n")
         return 2
-    app = create_app(model, server_config)
-    uvicorn.run(app, host=server_config.host, port=server_config.port, log_level=level.lower())
+    app = create_app(model, server_config, stop_model_on_shutdown=True)
+    where = "the terminal" if server_config.log_to_terminal else os.path.abspath(server_config.log_dir)
+    # the one line a user starting the server by hand needs, whatever the log settings
+    sys.stderr.write(f"maga_transformer: serving {server_config.model_name} on "
+                     f"http://{server_config.host}:{server_config.port} (logs: {where})\n")
+    uvicorn.run(app, host=server_config.host, port=server_config.port, log_config=None, access_log=False,
+                log_level=server_config.log_level.lower(),
+                timeout_graceful_shutdown=server_config.graceful_shutdown_s)
+    logger.info("server stopped")
     return 0
 
 

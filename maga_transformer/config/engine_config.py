@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Mapping, Optional
 
 
-def _env_int(env: Mapping[str, str], name: str, default: Optional[int]) -> Optional[int]:
+def env_int(env: Mapping[str, str], name: str, default: Optional[int]) -> Optional[int]:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -16,7 +16,7 @@ def _env_int(env: Mapping[str, str], name: str, default: Optional[int]) -> Optio
         raise ValueError(f"{name}: expected an integer, got {raw!r}") from None
 
 
-def _env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+def env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -52,10 +52,10 @@ class EngineConfig:
     def from_env(cls, env: Optional[Mapping[str, str]] = None) -> "EngineConfig":
         env = os.environ if env is None else env
         return cls(
-            max_num_batched_tokens=_env_int(env, "MAX_NUM_BATCHED_TOKENS", 2048),
-            max_num_seqs=_env_int(env, "MAX_NUM_SEQS", 64),
-            kv_cache_mem_mb=_env_int(env, "KV_CACHE_MEM_MB", None),
-            enable_prefix_cache=_env_bool(env, "USE_BLOCK_CACHE", True),
-            enable_chunked_prefill=_env_bool(env, "ENABLE_CHUNKED_PREFILL", True),
-            concurrency_limit=_env_int(env, "CONCURRENCY_LIMIT", 32),
+            max_num_batched_tokens=env_int(env, "MAX_NUM_BATCHED_TOKENS", 2048),
+            max_num_seqs=env_int(env, "MAX_NUM_SEQS", 64),
+            kv_cache_mem_mb=env_int(env, "KV_CACHE_MEM_MB", None),
+            enable_prefix_cache=env_bool(env, "USE_BLOCK_CACHE", True),
+            enable_chunked_prefill=env_bool(env, "ENABLE_CHUNKED_PREFILL", True),
+            concurrency_limit=env_int(env, "CONCURRENCY_LIMIT", 32),
         )

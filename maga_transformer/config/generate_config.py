@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, List, Mapping, Optional
 
 MAX_NEW_TOKENS_LIMIT = 1 << 22  # above this a request is a mistake, not a long answer
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 _ALIASES = {
     "gen_length": "max_new_tokens",
     "output_logits": "return_logits",
@@ -28,6 +29,9 @@ class GenerateConfig:
     top_p: float = 0.95
     temperature: float = 1.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0  # OpenAI's, in [-2, 2]
+    frequency_penalty: float = 0.0  # OpenAI's, in [-2, 2]
+    top_logprobs: int = 0  # report the log-probs of this many most likely tokens at each step
     length_penalty: float = 1.0
     random_seed: Optional[int] = None
     stop_words_str: List[str] = field(default_factory=list)
@@ -75,10 +79,13 @@ class GenerateConfig:
         _check_int(self, "num_return_sequences", 1, 64)
         _check_int(self, "top_k", 0, None)
         _check_int(self, "calculate_loss", 0, 2)
+        _check_int(self, "top_logprobs", 0, MAX_TOP_LOGPROBS)
         _check_float(self, "temperature", 0.0, None, low_open=False)
         _check_float(self, "top_p", 0.0, 1.0, low_open=True)
         _check_float(self, "repetition_penalty", 0.0, None, low_open=True)
         _check_float(self, "length_penalty", None, None, low_open=False)
+        for name in ("presence_penalty", "frequency_penalty"):
+            _check_float(self, name, -2.0, 2.0, low_open=False)
         for name in ("random_seed", "eos_token_id", "pad_token_id", "bos_token_id", "timeout_ms"):
             if getattr(self, name) is not None:
                 _check_int(self, name, 0, None)

@@ -14,6 +14,7 @@ class SequenceOutput:
     finish_reason: Optional[FinishReason]
     cum_logprob: float
     logprobs: List[float] = field(default_factory=list)
+    top_logprobs: Optional[List[List[Tuple[int, float]]]] = None  # per token: (id, log-prob), most likely first
     logits: Optional[List[float]] = None
     hidden_states: Optional[List[float]] = None
 

@@ -5,7 +5,7 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from maga_transformer.config.generate_config import GenerateConfig
 
@@ -39,6 +39,8 @@ class Sequence:
     num_registered_blocks: int = 0  # leading blocks already offered to the prefix cache
     cum_logprob: float = 0.0
     output_logprobs: List[float] = field(default_factory=list)
+    # per generated token, (token id, log-prob) of the most likely tokens, when top_logprobs asked for
+    output_top_logprobs: List[List[Tuple[int, float]]] = field(default_factory=list)
     finish_reason: Optional[FinishReason] = None
 
     @property
@@ -63,7 +65,8 @@ class Sequence:
                         sample_index=self.sample_index, num_computed_tokens=self.num_computed_tokens,
                         block_table=list(self.block_table), block_hashes=list(self.block_hashes),
                         num_registered_blocks=self.num_registered_blocks, cum_logprob=self.cum_logprob,
-                        output_logprobs=list(self.output_logprobs))
+                        output_logprobs=list(self.output_logprobs),
+                        output_top_logprobs=list(self.output_top_logprobs))
 
 
 @dataclass

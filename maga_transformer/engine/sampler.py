@@ -2,7 +2,9 @@
 
 Logit processing follows transformers' ``generate`` order exactly (repetition penalty, bad-words /
 min-length eos masking, then the temperature, top-k and top-p warpers), so a request served here
-sees the same distribution as the HF reference. Sampling uses the exponential race
+sees the same distribution as the HF reference. OpenAI's presence / frequency penalties (which
+transformers lacks) come right after the repetition penalty, over the generated tokens only, as
+vLLM applies them. Sampling uses the exponential race
 (argmax p_i / E_i with E_i ~ Exp(1)), which lets seeded rows draw from their own generator while the
 rest of the batch shares one vectorised draw.
 """
@@ -25,12 +27,16 @@ class SamplingRow:
     top_k: int = 0                 # 0 = off
     top_p: float = 1.0             # in (0, 1]
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0   # OpenAI: subtracted once from every generated token's logit
+    frequency_penalty: float = 0.0  # OpenAI: subtracted per occurrence in the generated tokens
     seed: Optional[int] = None     # per-request seed
     seed_offset: int = 0           # stable per (sequence, output position) int chosen by the caller
     history_token_ids: Sequence[int] = ()   # prompt + generated ids, for repetition penalty
+    output_token_ids: Sequence[int] = ()    # generated ids only, for presence / frequency penalties
     eos_token_ids: Sequence[int] = ()       # masked to -inf when suppress_eos
     suppress_eos: bool = False              # True while min_new_tokens not reached
     bad_words_ids: Sequence[int] = ()       # single-token bad words masked to -inf
+    top_logprobs: int = 0                   # how many most likely tokens to report (raw log-probs)
 
     @property
     def is_greedy(self) -> bool:
@@ -43,6 +49,7 @@ class SampleResult:
     token_ids: torch.Tensor           # [B] int64
     logprobs: torch.Tensor            # [B] float32, log_softmax(raw logits)[token]
     processed_logprobs: torch.Tensor  # [B] float32, log_softmax(processed logits)[token]
+    top_logprobs: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # ([B, K] log-probs, [B, K] ids)
 
 
 # ---- logits processing ------------------------------------------------------------------------
@@ -75,6 +82,23 @@ def _apply_repetition_penalty(logits: torch.Tensor, rows: Sequence[SamplingRow])
     # Repeated ids write the same value (computed from the unpenalised logit), so each id is
     # penalised once however often it occurs, exactly like HF's gather/scatter.
     logits[row_idx, token_idx] = torch.where(picked < 0, picked * penalty, picked / penalty)
+    return logits
+
+
+def _apply_openai_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    def generated(row: SamplingRow) -> Sequence[int]:
+        return row.output_token_ids if (row.presence_penalty or row.frequency_penalty) else ()
+
+    if not any(len(generated(row)) > 0 for row in rows):
+        return logits
+    row_idx, token_idx = _flat_row_ids(rows, generated, logits.shape[-1], logits.device)
+    frequency = torch.tensor([r.frequency_penalty for r in rows], dtype=torch.float32, device=logits.device)
+    presence = torch.tensor([r.presence_penalty for r in rows], dtype=torch.float32, device=logits.device)
+    # accumulate: an id generated c times loses c * frequency_penalty
+    logits.index_put_((row_idx, token_idx), -frequency[row_idx], accumulate=True)
+    present = torch.unique(row_idx * logits.shape[-1] + token_idx)
+    present_rows = present // logits.shape[-1]
+    logits.index_put_((present_rows, present % logits.shape[-1]), -presence[present_rows], accumulate=True)
     return logits
 
 
@@ -139,6 +163,7 @@ def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.T
     # expanded (stride-0) views that must never be written through
     out = logits.to(dtype=torch.float32, memory_format=torch.contiguous_format, copy=True)
     out = _apply_repetition_penalty(out, rows)
+    out = _apply_openai_penalties(out, rows)
     out = _apply_bans(out, rows)
     return _apply_warpers(out, rows)
 
@@ -196,8 +221,8 @@ def _draw(processed: torch.Tensor, rows: Sequence[SamplingRow],
     return tokens.index_copy(0, idx, (probs / noise).argmax(dim=-1))
 
 
-def _gather_logprob(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax(logits.float(), dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1)
+def _gather_logprob(logprobs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
 
 
 def sample(logits: torch.Tensor, rows: Sequence[SamplingRow],
@@ -205,5 +230,10 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow],
     """Pick one next token per row: argmax for greedy rows, a draw from softmax(processed) else."""
     processed = process_logits(logits, rows)
     tokens = _draw(processed, rows, default_generator)
-    return SampleResult(token_ids=tokens, logprobs=_gather_logprob(logits, tokens),
-                        processed_logprobs=_gather_logprob(processed, tokens))
+    raw_logprobs = torch.log_softmax(logits.float(), dim=-1)
+    top_k = max(row.top_logprobs for row in rows)
+    # one top-k for the whole batch (the widest request's k); each row keeps its own k later
+    top = torch.topk(raw_logprobs, min(top_k, logits.shape[-1]), dim=-1) if top_k > 0 else None
+    return SampleResult(token_ids=tokens, logprobs=_gather_logprob(raw_logprobs, tokens),
+                        processed_logprobs=_gather_logprob(torch.log_softmax(processed, dim=-1), tokens),
+                        top_logprobs=(top.values, top.indices) if top is not None else None)

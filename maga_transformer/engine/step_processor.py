@@ -71,11 +71,15 @@ class StepProcessor:
         logits = result.logits[index]
         hidden = result.hidden[index] if result.hidden is not None else None
         drawn = sample(logits, [self._sampling_row(request, seq) for request, seq, _ in pairs])
+        top = (drawn.top_logprobs[0].tolist(), drawn.top_logprobs[1].tolist()) if drawn.top_logprobs else None
         for i, ((request, seq, _), token, logprob) in enumerate(
                 zip(pairs, drawn.token_ids.tolist(), drawn.logprobs.tolist())):
             seq.token_ids.append(token)
             seq.cum_logprob += logprob
             seq.output_logprobs.append(logprob)
+            if request.config.top_logprobs:
+                k = request.config.top_logprobs
+                seq.output_top_logprobs.append(list(zip(top[1][i][:k], top[0][i][:k])))
             if request.config.return_logits:
                 request.extras.setdefault("logits", {})[seq.sample_index] = logits[i].tolist()
             if hidden is not None and request.config.return_hidden_states:
@@ -85,12 +89,15 @@ class StepProcessor:
     def _sampling_row(self, request: Request, seq: Sequence) -> SamplingRow:
         cfg = request.config
         single_bad = [w[0] for w in cfg.bad_words_list if len(w) == 1]
+        penalised_outputs = seq.output_ids if (cfg.presence_penalty or cfg.frequency_penalty) else ()
         return SamplingRow(
             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-            repetition_penalty=cfg.repetition_penalty, seed=cfg.random_seed,
+            repetition_penalty=cfg.repetition_penalty, presence_penalty=cfg.presence_penalty,
+            frequency_penalty=cfg.frequency_penalty, seed=cfg.random_seed,
             seed_offset=seq.sample_index * _SEED_STRIDE + seq.num_output_tokens,
-            history_token_ids=seq.token_ids, eos_token_ids=request.eos_token_ids,
-            suppress_eos=seq.num_output_tokens < cfg.min_new_tokens, bad_words_ids=single_bad)
+            history_token_ids=seq.token_ids, output_token_ids=penalised_outputs, eos_token_ids=request.eos_token_ids,
+            suppress_eos=seq.num_output_tokens < cfg.min_new_tokens, bad_words_ids=single_bad,
+            top_logprobs=cfg.top_logprobs)
 
     def _check_token_stop(self, request: Request, seq: Sequence) -> None:
         cfg = request.config
@@ -162,6 +169,7 @@ class StepProcessor:
         cfg = request.config
         seq_outputs = [SequenceOutput(text=text, token_ids=list(seq.output_ids), finish_reason=seq.finish_reason,
                                       cum_logprob=seq.cum_logprob, logprobs=list(seq.output_logprobs),
+                                      top_logprobs=list(seq.output_top_logprobs) if cfg.top_logprobs else None,
                                       logits=request.extras.get("logits", {}).get(seq.sample_index),
                                       hidden_states=request.extras.get("hidden", {}).get(seq.sample_index))
                        for seq, text in zip(request.seqs, texts)]

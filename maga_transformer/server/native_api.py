@@ -3,10 +3,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, AsyncIterator, Dict, List, Optional, Tuple
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 
 from maga_transformer.config.generate_config import GenerateConfig
 from maga_transformer.engine.output import RequestOutput
+from maga_transformer.server.context import ServerContext, last_outputs
 
 # rtp-llm's error codes
 BAD_INPUT_FORMAT = 507
@@ -104,3 +109,61 @@ def native_response(output: RequestOutput, config: GenerateConfig, previous_text
 
 def sse(data: Any) -> str:
     return "data:" + (data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)) + "\n\n"
+
+
+# ---- the route ------------------------------------------------------------------------------------
+
+def _error(code: int, message: str, status: int = 400) -> JSONResponse:
+    return JSONResponse({"error_code": code, "message": message}, status_code=status)
+
+
+def _parse_and_validate(ctx: ServerContext, body: Any) -> Tuple[NativeRequest, List[List[int]]]:
+    parsed = parse_native(body)
+    if parsed.stream and parsed.batch:
+        raise NativeError(UNSUPPORTED, "yield_generator: streaming a prompt_batch is not supported")
+    try:
+        prompt_ids = [ctx.encode(p, "prompt") for p in parsed.prompts]
+        for ids in prompt_ids:
+            ctx.engine.validate(ids, parsed.config)
+    except ValueError as err:
+        code = PROMPT_TOO_LONG if "max_seq_len" in str(err) else BAD_GENERATE_CONFIG
+        raise NativeError(code, str(err)) from None
+    return parsed, prompt_ids
+
+
+def register(app: FastAPI, ctx: ServerContext) -> None:
+    @app.post("/")
+    async def native(request: Request):
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(BAD_INPUT_FORMAT, "body is not valid JSON")
+        try:
+            parsed, prompt_ids = _parse_and_validate(ctx, body)
+        except NativeError as err:
+            return JSONResponse(err.body(), status_code=err.status)
+        if not ctx.slots.try_acquire():
+            return _error(CONCURRENCY_LIMIT, f"over CONCURRENCY_LIMIT={ctx.slots.limit}", status=409)
+        if parsed.stream:
+            # the slot is released after the response, streamed or dropped, even if the stream never started
+            return StreamingResponse(_stream(ctx, parsed, prompt_ids[0]), media_type="text/event-stream",
+                                     background=BackgroundTask(ctx.slots.release))
+        try:
+            outputs = await last_outputs([ctx.engine.generate(ids, parsed.config) for ids in prompt_ids], request)
+        finally:
+            ctx.slots.release()
+        if outputs is None:
+            return _error(UNKNOWN_ERROR, "client disconnected", status=499)
+        errors = [o.error for o in outputs if o.error]
+        if errors:
+            return _error(UNKNOWN_ERROR, errors[0], status=500)
+        bodies = [native_response(o, parsed.config) for o in outputs]
+        return {"response_batch": bodies} if parsed.batch else bodies[0]
+
+
+async def _stream(ctx: ServerContext, parsed: NativeRequest, prompt_ids: List[int]) -> AsyncIterator[str]:
+    previous: Optional[List[str]] = None
+    async for output in ctx.engine.generate(prompt_ids, parsed.config):
+        yield sse(native_response(output, parsed.config, previous))
+        previous = [o.text for o in output.outputs]
+    yield sse("[done]")

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Dict, List, Literal, Optional, Union
+from typing import Any, Callable, Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from maga_transformer.config.generate_config import GenerateConfig
-from maga_transformer.engine.output import RequestOutput
+from maga_transformer.engine.output import RequestOutput, SequenceOutput
+
+TokenText = Callable[[int], str]  # decodes one token id
 
 
 class OpenAIError(Exception):
@@ -45,20 +47,22 @@ class _Sampling(BaseModel):
     stream_options: Optional[StreamOptions] = None
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    logprobs: Optional[Union[bool, int]] = None
     user: Optional[str] = None
 
-    def generate_config(self, max_tokens: Optional[int], default_max: int) -> GenerateConfig:
-        if self.presence_penalty or self.frequency_penalty:
-            raise OpenAIError("presence_penalty / frequency_penalty other than 0 are not supported yet",
-                              param="presence_penalty")
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def _config(self, max_new_tokens: int, top_logprobs: int) -> GenerateConfig:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if any(not s for s in stops):
             raise OpenAIError("stop: stop sequences must be non-empty strings", param="stop")
         try:
-            return GenerateConfig(max_new_tokens=max_tokens or default_max, temperature=self.temperature,
+            return GenerateConfig(max_new_tokens=max_new_tokens, temperature=self.temperature,
                                   top_p=self.top_p, top_k=0, num_return_sequences=self.n,
-                                  stop_words_str=stops, random_seed=self.seed)
+                                  stop_words_str=stops, random_seed=self.seed,
+                                  presence_penalty=self.presence_penalty,
+                                  frequency_penalty=self.frequency_penalty, top_logprobs=top_logprobs)
         except ValueError as err:
             raise OpenAIError(str(err)) from None
 
@@ -66,13 +70,26 @@ class _Sampling(BaseModel):
 class ChatCompletionRequest(_Sampling):
     messages: List[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+    logprobs: bool = False
     top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
+
+    def generate_config(self, default_max: int) -> GenerateConfig:
+        if self.top_logprobs and not self.logprobs:
+            raise OpenAIError("top_logprobs: needs logprobs to be true", param="top_logprobs")
+        return self._config(self.max_completion_tokens or self.max_tokens or default_max, self.top_logprobs or 0)
 
 
 class CompletionRequest(_Sampling):
     prompt: Union[str, List[str]]
     echo: bool = False
     max_tokens: Optional[int] = Field(default=16, ge=1)
+    logprobs: Optional[int] = Field(default=None, ge=0, le=20)
+
+    def generate_config(self, default_max: int) -> GenerateConfig:
+        if self.echo and self.logprobs is not None:
+            raise OpenAIError("echo: returning the prompt's log-probs is not supported; drop echo or logprobs",
+                              param="echo")
+        return self._config(self.max_tokens or default_max, self.logprobs or 0)
 
 
 def usage(prompt_tokens: int, outputs: List[RequestOutput]) -> Dict[str, int]:
@@ -89,15 +106,59 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def chat_response(request_id: str, model: str, output: RequestOutput, token_text=None) -> Dict[str, Any]:
+# ---- log-probs ----------------------------------------------------------------------------------
+
+def chat_logprobs(seq: SequenceOutput, start: int, end: int, token_text: TokenText) -> Dict[str, Any]:
+    """OpenAI chat format for the sequence's tokens [start, end)."""
+    def entry(token: int, logprob: float) -> Dict[str, Any]:
+        text = token_text(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    tops = seq.top_logprobs or []
+    content = []
+    for i in range(start, end):
+        item = entry(seq.token_ids[i], seq.logprobs[i])
+        item["top_logprobs"] = [entry(t, lp) for t, lp in tops[i]] if i < len(tops) else []
+        content.append(item)
+    return {"content": content}
+
+
+def completion_logprobs(seq: SequenceOutput, start: int, end: int, token_text: TokenText,
+                        text_offset: int) -> Dict[str, Any]:
+    """The legacy completions format for tokens [start, end); offsets count from `text_offset`."""
+    tokens, offsets = [], []
+    for token in seq.token_ids[start:end]:
+        offsets.append(text_offset)
+        tokens.append(token_text(token))
+        text_offset += len(tokens[-1])
+    tops = seq.top_logprobs[start:end] if seq.top_logprobs else [[] for _ in tokens]
+    return {"tokens": tokens, "token_logprobs": list(seq.logprobs[start:end]),
+            "top_logprobs": [{token_text(t): lp for t, lp in top} for top in tops], "text_offset": offsets}
+
+
+# ---- whole responses ----------------------------------------------------------------------------
+
+def chat_response(request_id: str, model: str, output: RequestOutput,
+                  token_text: Optional[TokenText]) -> Dict[str, Any]:
     """token_text: decodes one token id for logprobs, or None when logprobs were not asked for."""
     choices = []
     for index, seq in enumerate(output.outputs):
-        choice: Dict[str, Any] = {"index": index, "message": {"role": "assistant", "content": seq.text},
-                                  "finish_reason": finish_reason(seq.finish_reason), "logprobs": None}
-        if token_text is not None:
-            choice["logprobs"] = {"content": [{"token": token_text(t), "logprob": lp, "top_logprobs": []}
-                                              for t, lp in zip(seq.token_ids, seq.logprobs)]}
-        choices.append(choice)
+        choices.append({"index": index, "message": {"role": "assistant", "content": seq.text},
+                        "finish_reason": finish_reason(seq.finish_reason),
+                        "logprobs": chat_logprobs(seq, 0, len(seq.token_ids), token_text) if token_text else None})
     return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": choices, "usage": usage(output.aux_info.input_len, [output])}
+
+
+def completion_response(model: str, body: CompletionRequest, prompts: List[str], outputs: List[RequestOutput],
+                        token_text: Optional[TokenText]) -> Dict[str, Any]:
+    choices = []
+    for p_index, (prompt, output) in enumerate(zip(prompts, outputs)):
+        echoed = prompt if body.echo else ""
+        for s_index, seq in enumerate(output.outputs):
+            logprobs = completion_logprobs(seq, 0, len(seq.token_ids), token_text, 0) if token_text else None
+            choices.append({"index": p_index * body.n + s_index, "text": echoed + seq.text,
+                            "finish_reason": finish_reason(seq.finish_reason), "logprobs": logprobs})
+    prompt_tokens = sum(o.aux_info.input_len for o in outputs)
+    return {"id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": choices, "usage": usage(prompt_tokens, outputs)}

@@ -248,3 +248,63 @@ def test_different_seeds_give_different_streams() -> None:
         for b in range(a + 1, 3):
             matches = sum(x == y for x, y in zip(streams[a], streams[b]))
             assert matches < 40, (a, b, matches)
+
+
+# ---- OpenAI penalties and top log-probs ------------------------------------------------------------
+
+def _naive_openai_penalties(logits_row: torch.Tensor, row: SamplingRow) -> torch.Tensor:
+    """OpenAI's documented formula, one token id at a time: mu[j] -= c[j] * freq + (c[j] > 0) * presence."""
+    out = logits_row.float().clone()
+    for token in set(t for t in row.output_token_ids if t < out.numel()):  # out-of-vocab ids are ignored
+        count = list(row.output_token_ids).count(token)
+        out[token] -= count * row.frequency_penalty + row.presence_penalty
+    return out
+
+
+def test_presence_and_frequency_penalties_follow_openai_formula() -> None:
+    gen = torch.Generator().manual_seed(12)
+
+    def outputs(n: int) -> List[int]:
+        return torch.randint(0, 12, (n,), generator=gen).tolist()  # a small range: many repeats
+
+    rows = [SamplingRow(temperature=0.0, presence_penalty=0.7, output_token_ids=outputs(20)),
+            SamplingRow(temperature=0.0, frequency_penalty=0.4, output_token_ids=outputs(30)),
+            SamplingRow(temperature=0.0, presence_penalty=-1.5, frequency_penalty=2.0, output_token_ids=outputs(9)),
+            SamplingRow(temperature=0.0),  # no penalty: untouched even with outputs listed
+            SamplingRow(temperature=0.0, frequency_penalty=1.0, output_token_ids=outputs(5) + [VOCAB + 4])]
+    rows[3].output_token_ids = outputs(10)
+    logits = torch.randn(len(rows), VOCAB, generator=gen)
+    ours = process_logits(logits, rows)
+    for i, row in enumerate(rows):
+        expected = _naive_openai_penalties(logits[i], row) if i != 3 else logits[i]
+        torch.testing.assert_close(ours[i], expected, rtol=0, atol=1e-5)
+    assert not torch.equal(ours[1], logits[1])
+
+
+def test_openai_penalties_come_after_repetition_penalty() -> None:
+    gen = torch.Generator().manual_seed(13)
+    logits = torch.randn(1, VOCAB, generator=gen)
+    row = SamplingRow(temperature=0.0, repetition_penalty=1.4, history_token_ids=[1, 2, 3, 3],
+                      frequency_penalty=0.5, output_token_ids=[3, 3])
+    expected = _naive_openai_penalties(_hf_process(logits[0], SamplingRow(
+        temperature=0.0, repetition_penalty=1.4, history_token_ids=[1, 2, 3, 3])), row)
+    torch.testing.assert_close(process_logits(logits, [row])[0], expected, rtol=0, atol=1e-5)
+
+
+def test_top_logprobs_per_row() -> None:
+    gen = torch.Generator().manual_seed(14)
+    rows = [SamplingRow(temperature=0.0, top_logprobs=5), SamplingRow(top_logprobs=0),
+            SamplingRow(temperature=0.7, top_p=0.5, top_logprobs=2)]
+    logits = torch.randn(len(rows), VOCAB, generator=gen) * 2
+    res = sample(logits, rows, default_generator=torch.Generator().manual_seed(0))
+    values, ids = res.top_logprobs
+    assert values.shape == (3, 5)
+    raw = torch.log_softmax(logits, dim=-1)
+    for i in (0, 2):
+        k = rows[i].top_logprobs
+        expected = raw[i].sort(descending=True)
+        assert ids[i, :k].tolist() == expected.indices[:k].tolist()
+        torch.testing.assert_close(values[i, :k], expected.values[:k], rtol=0, atol=0)
+    # the greedy row's chosen token is its most likely one, with the same (raw) log-prob
+    assert int(res.token_ids[0]) == int(ids[0, 0]) and float(res.logprobs[0]) == float(values[0, 0])
+    assert sample(logits, [SamplingRow()] * 3).top_logprobs is None

@@ -1,0 +1,208 @@
+"""Routes of the OpenAI-compatible API: /v1/models, /v1/chat/completions, /v1/completions."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Tuple
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
+
+from maga_transformer.config.generate_config import GenerateConfig
+from maga_transformer.engine.output import RequestOutput, SequenceOutput
+from maga_transformer.server import openai_api
+from maga_transformer.server.context import ServerContext, last_outputs, merge_streams
+from maga_transformer.server.openai_api import OpenAIError
+
+_DONE = "data: [DONE]\n\n"
+
+
+def _sse(payload: Dict[str, Any]) -> str:
+    return "data: " + json.dumps(payload, ensure_ascii=False) + "\n\n"
+
+
+def _error(err: OpenAIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+@dataclass
+class _ChoiceCursor:
+    """How much of one choice's text and tokens the client has been sent."""
+    text: str = ""
+    tokens: int = 0
+    done: bool = False
+
+
+@dataclass
+class _Delta:
+    text: str
+    start: int  # token range sent with this delta
+    end: int
+    finish_reason: Optional[str]
+
+
+@dataclass
+class _StreamState:
+    cursors: Dict[int, _ChoiceCursor] = field(default_factory=dict)
+
+    def deltas(self, first_index: int, output: RequestOutput) -> List[Tuple[int, SequenceOutput, _Delta]]:
+        """New text / tokens per unfinished choice since the last call; choice index = first_index + i."""
+        found = []
+        for i, seq in enumerate(output.outputs):
+            cursor = self.cursors.setdefault(first_index + i, _ChoiceCursor())
+            if cursor.done:
+                continue
+            # text only grows, except when a stop string is cut: then nothing new is sent
+            text = seq.text[len(cursor.text):] if seq.text.startswith(cursor.text) else ""
+            reason = openai_api.finish_reason(seq.finish_reason)
+            if text or reason or len(seq.token_ids) > cursor.tokens:
+                found.append((first_index + i, seq, _Delta(text, cursor.tokens, len(seq.token_ids), reason)))
+            cursor.text += text
+            cursor.tokens = len(seq.token_ids)
+            cursor.done = reason is not None
+        return found
+
+
+def register(app: FastAPI, ctx: ServerContext) -> None:
+    def token_text(token: int) -> str:
+        return ctx.tokenizer.decode([token])
+
+    def over_limit() -> JSONResponse:
+        return _error(OpenAIError(f"over the concurrency limit ({ctx.slots.limit})", 429,
+                                  err_type="rate_limit_error"))
+
+    def chat_prompt(body: openai_api.ChatCompletionRequest) -> List[int]:
+        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        try:
+            text = ctx.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as err:  # template errors are the request's fault: jinja raises its own types
+            raise OpenAIError(f"messages: the chat template cannot render them ({err})", param="messages") from None
+        return ctx.encode(text, "messages")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": ctx.config.model_name, "object": "model",
+                                             "created": int(time.time()), "owned_by": "maga_transformer"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: openai_api.ChatCompletionRequest, request: Request):
+        try:
+            ids = chat_prompt(body)
+            config = body.generate_config(ctx.default_max_new_tokens(ids))
+            ctx.engine.validate(ids, config)
+        except OpenAIError as err:
+            return _error(err)
+        except ValueError as err:
+            return _error(OpenAIError(str(err)))
+        if not ctx.slots.try_acquire():
+            return over_limit()
+        request_id = openai_api.new_id("chatcmpl")
+        model_name = body.model or ctx.config.model_name
+        logprobs = token_text if body.logprobs else None
+        if body.stream:
+            stream = _chat_stream(ctx, ids, config, request_id, model_name, body.include_usage, logprobs)
+            return StreamingResponse(stream, media_type="text/event-stream",
+                                     background=BackgroundTask(ctx.slots.release))
+        try:
+            outputs = await last_outputs([ctx.engine.generate(ids, config)], request)
+        finally:
+            ctx.slots.release()
+        if outputs is None:
+            return _error(OpenAIError("client disconnected", 499))
+        return openai_api.chat_response(request_id, model_name, outputs[0], logprobs)
+
+    @app.post("/v1/completions")
+    async def completions(body: openai_api.CompletionRequest, request: Request):
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        try:
+            if not prompts or any(not p for p in prompts):
+                raise OpenAIError("prompt: must not be empty", param="prompt")
+            prompt_ids = [ctx.encode(p, "prompt") for p in prompts]
+            config = body.generate_config(ctx.default_max_new_tokens(max(prompt_ids, key=len)))
+            for ids in prompt_ids:
+                ctx.engine.validate(ids, config)
+        except OpenAIError as err:
+            return _error(err)
+        except ValueError as err:
+            return _error(OpenAIError(str(err), param="prompt"))
+        if not ctx.slots.try_acquire():
+            return over_limit()
+        model_name = body.model or ctx.config.model_name
+        logprobs = token_text if body.logprobs is not None else None
+        if body.stream:
+            stream = _completion_stream(ctx, body, prompts, prompt_ids, config, model_name, logprobs)
+            return StreamingResponse(stream, media_type="text/event-stream",
+                                     background=BackgroundTask(ctx.slots.release))
+        try:
+            outputs = await last_outputs([ctx.engine.generate(ids, config) for ids in prompt_ids], request)
+        finally:
+            ctx.slots.release()
+        if outputs is None:
+            return _error(OpenAIError("client disconnected", 499))
+        return openai_api.completion_response(model_name, body, prompts, outputs, logprobs)
+
+
+async def _chat_stream(ctx: ServerContext, ids: List[int], config: GenerateConfig, request_id: str,
+                       model_name: str, include_usage: bool,
+                       token_text: Optional[Callable[[int], str]]) -> AsyncIterator[str]:
+    created = int(time.time())
+
+    def chunk(choices: List[Dict[str, Any]], extra: Optional[Dict[str, Any]] = None) -> str:
+        payload = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
+                   "choices": choices}
+        payload.update(extra or {})
+        return _sse(payload)
+
+    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                 for i in range(config.num_return_sequences)])
+    state, last = _StreamState(), None
+    async for last in ctx.engine.generate(ids, config):
+        choices = []
+        for index, seq, delta in state.deltas(0, last):
+            logprobs = openai_api.chat_logprobs(seq, delta.start, delta.end, token_text) if token_text else None
+            choices.append({"index": index, "delta": {"content": delta.text} if delta.text else {},
+                            "logprobs": logprobs, "finish_reason": delta.finish_reason})
+        if choices:
+            yield chunk(choices)
+    if include_usage and last is not None:
+        yield chunk([], {"usage": openai_api.usage(last.aux_info.input_len, [last])})
+    yield _DONE
+
+
+async def _completion_stream(ctx: ServerContext, body: openai_api.CompletionRequest, prompts: List[str],
+                             prompt_ids: List[List[int]], config: GenerateConfig, model_name: str,
+                             token_text: Optional[Callable[[int], str]]) -> AsyncIterator[str]:
+    request_id, created = openai_api.new_id("cmpl"), int(time.time())
+
+    def chunk(choices: List[Dict[str, Any]], extra: Optional[Dict[str, Any]] = None) -> str:
+        payload = {"id": request_id, "object": "text_completion", "created": created, "model": model_name,
+                   "choices": choices}
+        payload.update(extra or {})
+        return _sse(payload)
+
+    state = _StreamState()
+    text_offsets: Dict[int, int] = {}
+    if body.echo:
+        yield chunk([{"index": p * body.n + s, "text": prompt, "logprobs": None, "finish_reason": None}
+                     for p, prompt in enumerate(prompts) for s in range(body.n)])
+    finals: Dict[int, RequestOutput] = {}
+    async for p_index, output in merge_streams([ctx.engine.generate(ids, config) for ids in prompt_ids]):
+        choices = []
+        for index, seq, delta in state.deltas(p_index * body.n, output):
+            logprobs = None
+            if token_text is not None:
+                logprobs = openai_api.completion_logprobs(seq, delta.start, delta.end, token_text,
+                                                          text_offsets.get(index, 0))
+                text_offsets[index] = text_offsets.get(index, 0) + sum(len(t) for t in logprobs["tokens"])
+            choices.append({"index": index, "text": delta.text, "logprobs": logprobs,
+                            "finish_reason": delta.finish_reason})
+        if output.finished:
+            finals[p_index] = output
+        if choices:
+            yield chunk(choices)
+    if body.include_usage:
+        outputs = list(finals.values())
+        yield chunk([], {"usage": openai_api.usage(sum(o.aux_info.input_len for o in outputs), outputs)})
+    yield _DONE
