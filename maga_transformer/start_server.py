@@ -2,7 +2,8 @@
 
 Logs go to files under LOG_PATH (default ./logs: main.log and access.log, as rtp-llm keeps them)
 unless FT_SERVER_TEST=1 sends them to the terminal. SIGTERM or Ctrl-C stop accepting connections,
-let in-flight requests finish for up to GRACEFUL_SHUTDOWN_TIMEOUT seconds, then stop the engine.
+let in-flight requests finish for up to GRACEFUL_SHUTDOWN_TIMEOUT seconds, then stop the engine;
+after that uvicorn re-raises the signal, so the exit status says the process ended on SIGTERM.
 """
 from __future__ import annotations
 
@@ -65,7 +66,6 @@ def main() -> int:
     uvicorn.run(app, host=server_config.host, port=server_config.port, log_config=None, access_log=False,
                 log_level=server_config.log_level.lower(),
                 timeout_graceful_shutdown=server_config.graceful_shutdown_s)
-    logger.info("server stopped")
     return 0
 
 

@@ -39,6 +39,7 @@ def create_app(model, server_config: ServerConfig, stop_model_on_shutdown: bool 
         logger.info("server shutting down")
         if stop_model_on_shutdown:
             model.stop()
+            logger.info("engine stopped")
 
     app = FastAPI(title="maga_transformer", lifespan=lifespan)
     app.state.context = ctx

@@ -5,13 +5,14 @@ import socket
 import threading
 import time
 
+import httpx
 import uvicorn
 
 from maga_transformer.config.server_config import ServerConfig
 from maga_transformer.server.app import create_app
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -19,7 +20,7 @@ def _free_port() -> int:
 
 class LiveServer:
     def __init__(self, model, concurrency_limit: int) -> None:
-        port = _free_port()
+        port = free_port()
         app = create_app(model, ServerConfig(host="127.0.0.1", port=port, concurrency_limit=concurrency_limit,
                                              model_name="smollm2"))
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -34,3 +35,14 @@ class LiveServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+def metrics(server: LiveServer) -> dict:
+    """/metrics as an operator reads it: {sample name: value} (labelled samples keep their labels)."""
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values

@@ -12,7 +12,7 @@ import pytest
 
 from maga_transformer.config import EngineConfig, GenerateConfig
 from maga_transformer.model_factory import ModelFactory
-from maga_transformer.test.server.live_server import LiveServer
+from maga_transformer.test.server.live_server import LiveServer, metrics
 
 QUESTION = "What is the capital of France? Answer briefly."
 
@@ -125,31 +125,21 @@ def test_disconnect_mid_stream_frees_everything(model, server):
                 break  # the client walks away half-way
     deadline = time.monotonic() + 1.0
     while time.monotonic() < deadline:
-        state = _metrics(server)
+        state = metrics(server)
         if state["vllm:num_requests_running"] == 0 and state["vllm:kv_cache_usage_perc"] == 0:
             break
         time.sleep(0.05)
-    state = _metrics(server)  # as an operator sees it, within one second
+    state = metrics(server)  # as an operator sees it, within one second
     assert state["vllm:num_requests_running"] == 0 and state["vllm:num_requests_waiting"] == 0
     assert state["vllm:kv_cache_usage_perc"] == 0.0
     assert engine.num_running == 0 and engine.pool.usage == 0.0
 
 
-def _metrics(server) -> dict:
-    text = httpx.get(server.url + "/metrics", timeout=10).text
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
-    return values
-
-
 def test_metrics_count_requests_and_tokens(server):
-    before = _metrics(server)
+    before = metrics(server)
     body = httpx.post(server.url, json={"prompt": "hi", "generate_config": {"max_new_tokens": 5, "top_k": 1,
                                                                            "ignore_eos": True}}, timeout=60).json()
-    after = _metrics(server)
+    after = metrics(server)
     assert after["vllm:generation_tokens_total"] - before.get("vllm:generation_tokens_total", 0) == 5
     assert after["vllm:prompt_tokens_total"] - before.get("vllm:prompt_tokens_total", 0) == body["aux_info"]["input_len"]
     assert after["vllm:time_to_first_token_seconds_count"] > before.get("vllm:time_to_first_token_seconds_count", 0)
