@@ -4,9 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v bazel >/dev/null 2>&1 || [ ! -d /usr/share/bazel/platforms ]; then
+# curl: scripts/serve.sh shows the server with it
+if ! command -v bazel >/dev/null 2>&1 || [ ! -d /usr/share/bazel/platforms ] || ! command -v curl >/dev/null 2>&1; then
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bazel-bootstrap bazel-platforms
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bazel-bootstrap bazel-platforms curl
 fi
 
 PYTHON=${PYTHON:-python3}

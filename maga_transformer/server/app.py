@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel
 
 from maga_transformer.config.server_config import ServerConfig
 from maga_transformer.server import native_api, openai_api, openai_routes
@@ -21,7 +22,27 @@ from maga_transformer.server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
 
+class TokenizeRequest(BaseModel):
+    prompt: str
+
+
 _OPEN_ROUTES = ("/health", "/health_check", "/status", "/metrics")  # reachable without the API key
+
+
+class ApiKeyMiddleware:
+    """Bearer-token check as a pure ASGI middleware: FastAPI's `http` middleware (BaseHTTPMiddleware)
+    would hide the client's disconnect from `request.is_disconnected()` in the routes."""
+
+    def __init__(self, app, api_key: str) -> None:
+        self.app, self.expected = app, f"Bearer {api_key}".encode("latin-1")
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] not in _OPEN_ROUTES:
+            if dict(scope.get("headers") or []).get(b"authorization") != self.expected:
+                error = openai_api.OpenAIError("invalid API key", 401, err_type="authentication_error")
+                await JSONResponse(error.body(), status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def create_app(model, server_config: ServerConfig, stop_model_on_shutdown: bool = False) -> FastAPI:
@@ -54,13 +75,8 @@ def create_app(model, server_config: ServerConfig, stop_model_on_shutdown: bool 
             return JSONResponse(openai_api.OpenAIError(message, param=field).body(), status_code=400)
         return JSONResponse({"error_code": native_api.BAD_INPUT_FORMAT, "message": message}, status_code=400)
 
-    @app.middleware("http")
-    async def check_api_key(request: Request, call_next):
-        if server_config.api_key and request.url.path not in _OPEN_ROUTES:
-            if request.headers.get("authorization") != f"Bearer {server_config.api_key}":
-                return JSONResponse(openai_api.OpenAIError("invalid API key", 401, err_type="authentication_error")
-                                    .body(), status_code=401)
-        return await call_next(request)
+    if server_config.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=server_config.api_key)
 
     @app.get("/health")
     @app.get("/status")
@@ -74,6 +90,24 @@ def create_app(model, server_config: ServerConfig, stop_model_on_shutdown: bool 
     @app.get("/metrics")
     async def prometheus_metrics():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/worker_status")
+    async def worker_status():
+        engine = model.engine
+        return {"alive": True, "model": server_config.model_name, "running_requests": engine.num_running,
+                "waiting_requests": engine.num_waiting, "kv_cache_usage": engine.pool.usage,
+                "concurrency": {"in_use": ctx.slots.in_use, "limit": ctx.slots.limit},
+                "max_seq_len": ctx.max_seq_len}
+
+    @app.post("/tokenizer/encode")
+    async def tokenizer_encode(body: TokenizeRequest):
+        ids = ctx.tokenizer.encode(body.prompt)
+        return {"token_ids": ids, "tokens": ctx.tokenizer.convert_ids_to_tokens(ids)}
+
+    @app.post("/update")
+    async def update():
+        return JSONResponse({"error_code": native_api.UNSUPPORTED,
+                             "message": "update: LoRA hot update is not supported yet"}, status_code=400)
 
     native_api.register(app, ctx)
     openai_routes.register(app, ctx)

@@ -131,8 +131,36 @@ def _parse_and_validate(ctx: ServerContext, body: Any) -> Tuple[NativeRequest, L
     return parsed, prompt_ids
 
 
+# The request as documented in the OpenAPI schema (parsing stays hand-written for rtp-llm's aliases and
+# error codes); it lets schema-driven clients and fuzzers generate native requests too.
+_GENERATE_CONFIG_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "max_new_tokens": {"type": "integer"}, "min_new_tokens": {"type": "integer"},
+        "top_k": {"type": "integer"}, "top_p": {"type": "number"}, "temperature": {"type": "number"},
+        "repetition_penalty": {"type": "number"}, "num_beams": {"type": "integer"},
+        "num_return_sequences": {"type": "integer"}, "random_seed": {"type": "integer"},
+        "stop_words_str": {"type": "array", "items": {"type": "string"}},
+        "stop_words_list": {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}},
+        "calculate_loss": {"type": "integer"}, "return_logits": {"type": "boolean"},
+        "return_hidden_states": {"type": "boolean"}, "return_incremental": {"type": "boolean"},
+        "ignore_eos": {"type": "boolean"}, "timeout_ms": {"type": "integer"},
+    },
+}
+_REQUEST_SCHEMA = {
+    "requestBody": {"required": True, "content": {"application/json": {"schema": {
+        "type": "object",
+        "properties": {
+            "prompt": {"type": "string"}, "prompt_batch": {"type": "array", "items": {"type": "string"}},
+            "generate_config": _GENERATE_CONFIG_SCHEMA, "yield_generator": {"type": "boolean"},
+            "using_hf_sampling": {"type": "boolean"},
+        },
+    }}}},
+}
+
+
 def register(app: FastAPI, ctx: ServerContext) -> None:
-    @app.post("/")
+    @app.post("/", openapi_extra=_REQUEST_SCHEMA)
     async def native(request: Request):
         try:
             body = await request.json()

@@ -48,6 +48,9 @@ class _Sampling(BaseModel):
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     user: Optional[str] = None
+    # vLLM's extensions, used by benchmark clients: generate exactly max_tokens / at least min_tokens
+    ignore_eos: bool = False
+    min_tokens: int = Field(default=0, ge=0)
 
     @property
     def include_usage(self) -> bool:
@@ -62,7 +65,8 @@ class _Sampling(BaseModel):
                                   top_p=self.top_p, top_k=0, num_return_sequences=self.n,
                                   stop_words_str=stops, random_seed=self.seed,
                                   presence_penalty=self.presence_penalty,
-                                  frequency_penalty=self.frequency_penalty, top_logprobs=top_logprobs)
+                                  frequency_penalty=self.frequency_penalty, top_logprobs=top_logprobs,
+                                  ignore_eos=self.ignore_eos, min_new_tokens=self.min_tokens)
         except ValueError as err:
             raise OpenAIError(str(err)) from None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from typing import Optional
 
 import httpx
 import uvicorn
@@ -19,10 +20,10 @@ def free_port() -> int:
 
 
 class LiveServer:
-    def __init__(self, model, concurrency_limit: int) -> None:
+    def __init__(self, model, concurrency_limit: int, api_key: Optional[str] = None) -> None:
         port = free_port()
         app = create_app(model, ServerConfig(host="127.0.0.1", port=port, concurrency_limit=concurrency_limit,
-                                             model_name="smollm2"))
+                                             model_name="smollm2", api_key=api_key))
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -46,3 +47,14 @@ def metrics(server: LiveServer) -> dict:
             name, value = line.rsplit(" ", 1)
             values[name] = float(value)
     return values
+
+
+def wait_idle(server: LiveServer, within_s: float = 1.0) -> dict:
+    """/metrics once nothing runs and no KV block is held, or after `within_s`, whichever comes first."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        state = metrics(server)
+        if state["vllm:num_requests_running"] == 0 and state["vllm:kv_cache_usage_perc"] == 0:
+            break
+        time.sleep(0.05)
+    return metrics(server)

@@ -13,31 +13,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from maga_transformer.config import EngineConfig
-from maga_transformer.model_factory import ModelFactory
 from maga_transformer.test.fixtures import hf_greedy
-from maga_transformer.test.server.live_server import LiveServer, metrics
+from maga_transformer.test.server.live_server import metrics
 
 QUESTION = "What is the capital of France? Answer briefly."
-
-
-@pytest.fixture(scope="module")
-def model(smollm2_dir):
-    m = ModelFactory.from_huggingface(smollm2_dir, engine_config=EngineConfig(kv_cache_mem_mb=256))
-    yield m
-    m.stop()
-
-
-@pytest.fixture(scope="module")
-def server(model):
-    s = LiveServer(model, concurrency_limit=32)
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
 
 
 def test_chat_top_logprobs_match_transformers(client, model, smollm2_dir):

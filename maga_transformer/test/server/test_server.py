@@ -10,30 +10,10 @@ import httpx
 import openai
 import pytest
 
-from maga_transformer.config import EngineConfig, GenerateConfig
-from maga_transformer.model_factory import ModelFactory
-from maga_transformer.test.server.live_server import LiveServer, metrics
+from maga_transformer.config import GenerateConfig
+from maga_transformer.test.server.live_server import LiveServer, metrics, wait_idle
 
 QUESTION = "What is the capital of France? Answer briefly."
-
-
-@pytest.fixture(scope="module")
-def model(smollm2_dir):
-    m = ModelFactory.from_huggingface(smollm2_dir, engine_config=EngineConfig(kv_cache_mem_mb=256))
-    yield m
-    m.stop()
-
-
-@pytest.fixture(scope="module")
-def server(model):
-    s = LiveServer(model, concurrency_limit=32)
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
 
 
 def test_chat_plain_and_streaming_agree(client):
@@ -123,16 +103,34 @@ def test_disconnect_mid_stream_frees_everything(model, server):
         for i, _ in enumerate(resp.iter_lines()):
             if i > 6:
                 break  # the client walks away half-way
-    deadline = time.monotonic() + 1.0
-    while time.monotonic() < deadline:
-        state = metrics(server)
-        if state["vllm:num_requests_running"] == 0 and state["vllm:kv_cache_usage_perc"] == 0:
-            break
-        time.sleep(0.05)
-    state = metrics(server)  # as an operator sees it, within one second
+    state = wait_idle(server)  # as an operator sees it, within one second
     assert state["vllm:num_requests_running"] == 0 and state["vllm:num_requests_waiting"] == 0
     assert state["vllm:kv_cache_usage_perc"] == 0.0
     assert engine.num_running == 0 and engine.pool.usage == 0.0
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/", {"prompt": "Tell me a long story.", "generate_config": {"max_new_tokens": 500, "ignore_eos": True}}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Tell me a long story."}],
+                              "max_tokens": 500, "ignore_eos": True, "n": 2}),
+    ("/v1/completions", {"prompt": ["Once upon a time", "Long ago"], "max_tokens": 500, "ignore_eos": True}),
+])
+def test_disconnect_without_streaming_frees_everything_behind_api_key(model, path, body):
+    """A client that gives up on a plain request (a timeout) aborts it too; the API-key check in front
+    of the routes must not hide the disconnect from them."""
+    server = LiveServer(model, concurrency_limit=4, api_key="sekret")
+    try:
+        assert httpx.post(server.url + path, json=body, timeout=10).status_code == 401
+        headers = {"Authorization": "Bearer sekret"}
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(server.url + path, json=body, headers=headers, timeout=0.5)
+        state = wait_idle(server)
+        assert state["vllm:num_requests_running"] == 0 and state["vllm:kv_cache_usage_perc"] == 0.0
+        assert httpx.get(server.url + "/worker_status", headers=headers, timeout=10).json()["concurrency"][
+            "in_use"] == 0
+        assert httpx.get(server.url + "/health", timeout=10).text == "ok"  # open without the key
+    finally:
+        server.stop()
 
 
 def test_metrics_count_requests_and_tokens(server):
@@ -169,3 +167,15 @@ def test_overload_rejects_exactly_the_surplus(model):
         assert sorted(codes) == [200] * 2 + [429] * 8
     finally:
         server.stop()
+
+
+def test_worker_status_tokenizer_and_update_routes(model, server):
+    status = httpx.get(server.url + "/worker_status", timeout=10).json()
+    assert status["alive"] and status["concurrency"]["limit"] == 32 and status["max_seq_len"] == model.max_seq_len
+    encoded = httpx.post(server.url + "/tokenizer/encode", json={"prompt": "hello world"}, timeout=10).json()
+    assert encoded["token_ids"] == model.tokenizer.encode("hello world")
+    assert len(encoded["tokens"]) == len(encoded["token_ids"])
+    bad = httpx.post(server.url + "/tokenizer/encode", json={"prompt": 3}, timeout=10)
+    assert bad.status_code == 400 and "prompt" in bad.json()["message"]
+    update = httpx.post(server.url + "/update", json={}, timeout=10)
+    assert update.status_code == 400 and update.json()["error_code"] == 515
