@@ -2,12 +2,43 @@
 import torch
 import torch.nn.functional as F
 
+from maga_transformer.ops._cuda import KERNEL_DTYPES, check_status, kernels_for
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+_GELU_KINDS = {"none": 1, "tanh": 2}  # the kernel's GateActivation values (src/kernels/cuda/activation.h)
+_SILU = 0
+
+
+def silu_and_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 
 
-def gelu_and_mul(gate_up: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+def gelu_and_mul_reference(gate_up: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     return F.gelu(gate, approximate=approximate) * up
+
+
+def _gated_kernel(gate_up: torch.Tensor, activation: int):
+    """The CUDA kernel's output, or None when it does not apply to this input."""
+    kernels = kernels_for(gate_up)
+    if kernels is None or gate_up.dtype not in KERNEL_DTYPES or gate_up.dim() < 1 or gate_up.shape[-1] % 2:
+        return None
+    if gate_up.stride(-1) != 1 or gate_up.numel() == 0:
+        return None
+    width = gate_up.shape[-1] // 2
+    rows = gate_up.reshape(-1, 2 * width)  # a view for the usual [tokens, 2 * width] input
+    if rows.shape[0] >= 2 ** 31 or width > 65535 * 256:
+        return None
+    out = torch.empty(rows.shape[0], width, dtype=gate_up.dtype, device=gate_up.device)
+    check_status(kernels, kernels.gated_activation(out, rows, activation), "gated_activation")
+    return out.view(*gate_up.shape[:-1], width)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    out = _gated_kernel(gate_up, _SILU)
+    return out if out is not None else silu_and_mul_reference(gate_up)
+
+
+def gelu_and_mul(gate_up: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    out = _gated_kernel(gate_up, _GELU_KINDS[approximate]) if approximate in _GELU_KINDS else None
+    return out if out is not None else gelu_and_mul_reference(gate_up, approximate)

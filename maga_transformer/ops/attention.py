@@ -5,14 +5,21 @@ head_dim]), each sequence's keys/values living in KV blocks named by its block t
 reference gathers each sequence's keys into a padded tensor and runs SDPA with a causal + length
 mask. Decode rows (one query) and prefill rows are padded separately so that one long prompt does
 not inflate the work of every decode in the same step.
+
+On CUDA, a step whose every sequence decodes (one query each) runs the paged decode kernel
+(src/kernels/cuda/paged_decode_attention.cu, flash-decoding over 512-token partitions). Steps with
+a prefill row keep the torch reference for now; a varlen prefill kernel comes later (issue 4).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+import math
 from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from maga_transformer.ops._cuda import KERNEL_DTYPES, aligned, check_status, kernels_for, same_device
 
 
 @dataclass
@@ -35,23 +42,39 @@ class AttentionMetadata:
     block_tables: List[List[int]]
     block_size: int
     num_tokens: int
-    groups: List[_PaddedGroup] = field(default_factory=list)
+    device: torch.device = torch.device("cpu")
+    sliding_window: Optional[int] = None
+    # Built on first use: the padded groups for the reference, the block tables for the kernel.
+    groups: Optional[List[_PaddedGroup]] = None
+    decode: Optional["DecodeTensors"] = None
+
+
+@dataclass
+class DecodeTensors:
+    """An all-decode step in the decode kernel's form, built once per step and shared by layers."""
+
+    block_tables: torch.Tensor  # [seqs, max_blocks] int32 on the device, zero padded
+    seq_lens: torch.Tensor  # [seqs] int32: cached tokens + this step's token
+    max_partitions: int
 
 
 def build_attention_metadata(query_lens: Sequence[int], context_lens: Sequence[int],
                              block_tables: Sequence[Sequence[int]], block_size: int,
                              device: torch.device, sliding_window: Optional[int] = None) -> AttentionMetadata:
-    meta = AttentionMetadata(list(query_lens), list(context_lens), [list(b) for b in block_tables],
-                             block_size, int(sum(query_lens)))
-    starts = [0]
-    for q in query_lens:
-        starts.append(starts[-1] + q)
-    decode = [i for i, q in enumerate(query_lens) if q == 1]
-    prefill = [i for i, q in enumerate(query_lens) if q > 1]
-    for members in (decode, prefill):
-        if members:
-            meta.groups.append(_build_group(meta, members, starts, device, sliding_window))
-    return meta
+    return AttentionMetadata(list(query_lens), list(context_lens), [list(b) for b in block_tables], block_size,
+                             int(sum(query_lens)), torch.device(device), sliding_window)
+
+
+def _padded_groups(meta: AttentionMetadata) -> List[_PaddedGroup]:
+    if meta.groups is None:
+        starts = [0]
+        for q in meta.query_lens:
+            starts.append(starts[-1] + q)
+        decode = [i for i, q in enumerate(meta.query_lens) if q == 1]
+        prefill = [i for i, q in enumerate(meta.query_lens) if q > 1]
+        meta.groups = [_build_group(meta, members, starts, meta.device, meta.sliding_window)
+                       for members in (decode, prefill) if members]
+    return meta.groups
 
 
 def _build_group(meta: AttentionMetadata, members: List[int], starts: List[int], device: torch.device,
@@ -89,18 +112,14 @@ def _slots(block_table: Sequence[int], block_size: int, length: int) -> torch.Te
     return slots[:length]
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                    scale: float) -> torch.Tensor:
-    """q: [tokens, heads, head_dim] (the step's keys/values are already written to the cache).
-
-    Returns [tokens, heads, head_dim]. Causal within each sequence, over all its cached tokens.
-    """
+def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              meta: AttentionMetadata, scale: float) -> torch.Tensor:
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[2]
     flat_k = k_cache.view(-1, num_kv_heads, head_dim)
     flat_v = v_cache.view(-1, num_kv_heads, head_dim)
     out = None
-    for group in meta.groups:
+    for group in _padded_groups(meta):
         if group.in_order:  # row-major [G, Lq] already: a view, no gather
             qg = q.view(*group.query_index.shape, num_heads, head_dim).transpose(1, 2)  # [G, H, Lq, D]
         else:
@@ -114,4 +133,101 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         if out is None:
             out = torch.empty_like(q)
         out[group.query_index[group.query_valid]] = og[group.query_valid]
+    return out
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                    scale: float) -> torch.Tensor:
+    """q: [tokens, heads, head_dim] (the step's keys/values are already written to the cache).
+
+    Returns [tokens, heads, head_dim]. Causal within each sequence, over all its cached tokens.
+    """
+    kernels = kernels_for(q, k_cache, v_cache)
+    if kernels is not None and _decode_kernel_applies(kernels, q, k_cache, v_cache, meta):
+        decode = _decode_tensors(kernels, meta, q.device)
+        return paged_decode_attention(q, k_cache, v_cache, decode.block_tables, decode.seq_lens, scale,
+                                      decode.max_partitions, meta.sliding_window)
+    return paged_attention_reference(q, k_cache, v_cache, meta, scale)
+
+
+def _decode_kernel_applies(kernels, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           meta: AttentionMetadata) -> bool:
+    """All-decode steps whose block tables cover every key; prefill rows keep the reference."""
+    all_decode = bool(meta.query_lens) and all(n == 1 for n in meta.query_lens)
+    if not all_decode or q.dim() != 3 or q.shape[0] != len(meta.query_lens):
+        return False
+    covered = all(len(table) * meta.block_size >= ctx + 1 for table, ctx in zip(meta.block_tables, meta.context_lens))
+    return covered and _kernel_inputs_ok(kernels, q, k_cache, v_cache)
+
+
+def _kernel_inputs_ok(kernels, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    if not same_device(q, k_cache, v_cache) or q.dtype not in KERNEL_DTYPES:
+        return False
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        return False
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous() and aligned(k_cache) and aligned(v_cache)):
+        return False
+    head_dim, kv_heads = k_cache.shape[3], k_cache.shape[2]
+    return (q.dim() == 3 and q.shape[2] == head_dim and q.stride(-1) == 1 and q.shape[1] % kv_heads == 0
+            and kernels.paged_decode_supports_head_dim(head_dim))
+
+
+def decode_partitions(seq_len: int, partition_size: int, sliding_window: Optional[int]) -> int:
+    """Partitions the decode kernel gives a sequence of seq_len keys (mirrors decode_partitions in
+    src/kernels/cuda/paged_decode_attention.h)."""
+    start = seq_len - sliding_window if sliding_window and seq_len > sliding_window else 0
+    return math.ceil(seq_len / partition_size) - start // partition_size
+
+
+def _decode_tensors(kernels, meta: AttentionMetadata, device: torch.device) -> DecodeTensors:
+    if meta.decode is None or meta.decode.block_tables.device != device:
+        width = max(1, max(len(t) for t in meta.block_tables))
+        tables = torch.tensor([t + [0] * (width - len(t)) for t in meta.block_tables], dtype=torch.int32)
+        seq_lens = [ctx + 1 for ctx in meta.context_lens]
+        parts = max(decode_partitions(n, kernels.decode_partition_size, meta.sliding_window) for n in seq_lens)
+        meta.decode = DecodeTensors(tables.to(device), torch.tensor(seq_lens, dtype=torch.int32).to(device), parts)
+    return meta.decode
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                           seq_lens: torch.Tensor, scale: float, max_partitions: int,
+                           sliding_window: Optional[int] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The CUDA decode kernel alone (no fallback): q [seqs, heads, head_dim], one query per sequence.
+
+    block_tables: [seqs, max_blocks] int32, seq_lens: [seqs] int32 (keys per sequence), both on q's
+    device; max_partitions: at least decode_partitions() of every sequence (a fixed upper bound
+    keeps the launch shape stable for CUDA graphs). Block ids and lengths are not checked here
+    (that would need a host sync): the caller guarantees they are in range.
+    """
+    kernels = kernels_for(q, k_cache, v_cache, block_tables, seq_lens)
+    if kernels is None:
+        raise RuntimeError("paged_decode_attention: the CUDA kernels are not available for these tensors")
+    if not _kernel_inputs_ok(kernels, q, k_cache, v_cache) or not same_device(q, block_tables, seq_lens):
+        raise ValueError("paged_decode_attention: q [seqs, heads, head_dim] and contiguous caches [blocks, "
+                         "block_size, kv_heads, head_dim] of q's dtype (fp32/fp16/bf16), a supported head_dim, "
+                         "heads % kv_heads == 0")
+    seqs = q.shape[0]
+    if (block_tables.dtype != torch.int32 or block_tables.dim() != 2 or block_tables.shape[0] != seqs
+            or block_tables.shape[1] == 0 or not block_tables.is_contiguous()):
+        raise ValueError("paged_decode_attention: block_tables must be contiguous int32 [seqs, max_blocks >= 1]")
+    if seq_lens.dtype != torch.int32 or seq_lens.shape != (seqs,) or not seq_lens.is_contiguous():
+        raise ValueError("paged_decode_attention: seq_lens must be contiguous int32 [seqs]")
+    if not 1 <= max_partitions <= 12288 or (sliding_window is not None and sliding_window < 1):
+        raise ValueError(f"paged_decode_attention: max_partitions in [1, 12288] and sliding_window >= 1, got "
+                         f"{max_partitions} and {sliding_window}")
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or not out.is_contiguous():
+        raise ValueError("paged_decode_attention: out must be contiguous, with q's shape, dtype and device")
+    if seqs == 0:
+        return out
+    partials = [None, None, None]
+    if max_partitions > 1:  # flash-decoding workspace (the caching allocator makes this cheap)
+        heads, head_dim = q.shape[1], q.shape[2]
+        f32 = dict(dtype=torch.float32, device=q.device)
+        partials = [torch.empty(seqs, heads, max_partitions, head_dim, **f32),
+                    torch.empty(seqs, heads, max_partitions, **f32), torch.empty(seqs, heads, max_partitions, **f32)]
+    status = kernels.paged_decode_attention(out, q, k_cache, v_cache, block_tables, seq_lens, *partials,
+                                            max_partitions, float(scale), int(sliding_window or 0))
+    check_status(kernels, status, "paged_decode_attention")
     return out

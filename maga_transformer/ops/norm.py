@@ -1,18 +1,57 @@
-"""RMSNorm (LLaMA family) with transformers' numerics: normalize in fp32, cast back, then scale."""
-from typing import Tuple
+"""RMSNorm (LLaMA family) with transformers' numerics: normalize in fp32, cast back, then scale.
+
+On CUDA a fused kernel (src/kernels/cuda/rms_norm.cu) with the same rounding steps serves inputs
+whose weight has x's dtype; anything else runs the torch reference.
+"""
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from maga_transformer.ops._cuda import KERNEL_DTYPES, check_status, kernels_for, same_device
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
         return F.rms_norm(x, (x.shape[-1],), weight, eps)  # one fused kernel
     return weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
 
 
+def fused_add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                                 eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    summed = x + residual
+    return rms_norm_reference(summed, weight, eps), summed
+
+
+def _norm_kernel(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, eps: float):
+    """(normed, summed or None) from the CUDA kernel, or None when it does not apply."""
+    kernels = kernels_for(x, weight) if residual is None else kernels_for(x, residual, weight)
+    if kernels is None or not same_device(x, residual, weight) or x.dim() < 1 or x.numel() == 0:
+        return None
+    hidden = x.shape[-1]
+    if x.dtype not in KERNEL_DTYPES or weight.dtype != x.dtype or weight.shape != (hidden,):
+        return None
+    if residual is not None and (residual.dtype != x.dtype or residual.shape != x.shape):
+        return None
+    x2 = x.reshape(-1, hidden)
+    res2 = residual.reshape(-1, hidden) if residual is not None else None
+    if x2.stride(-1) != 1 or (res2 is not None and res2.stride(-1) != 1) or not weight.is_contiguous():
+        return None
+    if x2.shape[0] >= 2 ** 31 or hidden >= 2 ** 31:
+        return None
+    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    summed = torch.empty_like(out) if residual is not None else None
+    check_status(kernels, kernels.rms_norm(out, summed, x2, res2, weight, float(eps)), "rms_norm")
+    return out.view(x.shape), (summed.view(x.shape) if summed is not None else None)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    result = _norm_kernel(x, None, weight, eps)
+    return result[0] if result is not None else rms_norm_reference(x, weight, eps)
+
+
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                        eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """Returns (normed(x + residual), x + residual): the new residual stream and its normed view."""
-    summed = x + residual
-    return rms_norm(summed, weight, eps), summed
+    result = _norm_kernel(x, residual, weight, eps)
+    return result if result is not None else fused_add_rms_norm_reference(x, residual, weight, eps)

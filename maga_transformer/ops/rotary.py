@@ -1,13 +1,11 @@
-"""Rotary position embedding applied to flat [tokens, heads, head_dim] tensors."""
+"""Rotary position embedding applied to flat [tokens, heads, head_dim] tensors (NeoX style: rotate
+halves, on the first `rotary_dim` channels of each head; partial rotary when it is < head_dim)."""
 import torch
 
+from maga_transformer.ops._cuda import KERNEL_DTYPES, check_status, kernels_for, same_device
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
-    """NeoX-style (rotate halves) rotary on the first `rotary_dim` channels of every head.
 
-    x: [tokens, heads, head_dim] (queries and keys may be stacked along heads: one call for both);
-    cos/sin: [tokens, 1, rotary_dim // 2] in fp32. Returns a new tensor in x's dtype.
-    """
+def apply_rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
     half = rotary_dim // 2
     rot = x[..., :rotary_dim].float()
     x1, x2 = rot[..., :half], rot[..., half:]
@@ -15,3 +13,67 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_d
     if rotary_dim == x.shape[-1]:
         return out
     return torch.cat((out, x[..., rotary_dim:]), dim=-1)
+
+
+def _heads_ok(x: torch.Tensor, rotary_dim: int) -> bool:
+    return (x.dim() == 3 and x.dtype in KERNEL_DTYPES and x.stride(-1) == 1 and rotary_dim > 0
+            and rotary_dim % 2 == 0 and rotary_dim <= x.shape[-1] and x.shape[0] < 2 ** 31)
+
+
+def _table_ok(cos: torch.Tensor, sin: torch.Tensor, rows: int, half: int) -> bool:
+    """fp32 [rows, >= half] tables (any [rows, 1, half] view too) sharing one row stride."""
+    if cos.dtype != torch.float32 or sin.dtype != torch.float32 or cos.shape != sin.shape:
+        return False
+    if cos.dim() == 3 and cos.shape[1] == 1:
+        cos, sin = cos[:, 0], sin[:, 0]
+    return (cos.dim() == 2 and cos.shape[0] == rows and cos.shape[1] >= half and cos.stride(1) == 1
+            and sin.stride(1) == 1 and cos.stride(0) == sin.stride(0))
+
+
+def _rows(table: torch.Tensor) -> torch.Tensor:
+    return table[:, 0] if table.dim() == 3 else table
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+    """x: [tokens, heads, head_dim] (queries and keys may be stacked along heads: one call for both);
+    cos/sin: [tokens, 1, rotary_dim // 2] in fp32. Returns a new tensor in x's dtype."""
+    kernels = kernels_for(x, cos, sin)
+    if (kernels is not None and same_device(x, cos, sin) and _heads_ok(x, rotary_dim) and x.numel() > 0
+            and _table_ok(cos, sin, x.shape[0], rotary_dim // 2)):
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        status = kernels.apply_rotary(out, x, None, None, None, _rows(cos), _rows(sin), rotary_dim)
+        check_status(kernels, status, "apply_rotary")
+        return out
+    return apply_rotary_reference(x, cos, sin, rotary_dim)
+
+
+def apply_rotary_qk_reference(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor,
+                              sin_cache: torch.Tensor, rotary_dim: int) -> None:
+    half = rotary_dim // 2
+    cos = cos_cache[positions, :half].unsqueeze(1)
+    sin = sin_cache[positions, :half].unsqueeze(1)
+    q.copy_(apply_rotary_reference(q, cos, sin, rotary_dim))
+    k.copy_(apply_rotary_reference(k, cos, sin, rotary_dim))
+
+
+def apply_rotary_qk_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor,
+                     sin_cache: torch.Tensor, rotary_dim: int) -> None:
+    """Rotates q [tokens, q_heads, head_dim] and k [tokens, kv_heads, head_dim] in place (views of a
+    fused qkv projection are fine), token t at position positions[t] (int64), with cos/sin read
+    from fp32 tables [max_positions, >= rotary_dim // 2]. On CUDA one launch does both; the
+    positions must be < max_positions (not checked: that would need a host sync)."""
+    kernels = kernels_for(q, k, positions, cos_cache, sin_cache)
+    tokens = q.shape[0] if q.dim() == 3 else -1
+    if (kernels is not None and same_device(q, k, positions, cos_cache, sin_cache) and _heads_ok(q, rotary_dim)
+            and _heads_ok(k, rotary_dim) and k.dtype == q.dtype and k.shape[0] == tokens and k.shape[2] == q.shape[2]
+            and positions.dtype == torch.int64 and positions.shape == (tokens,) and positions.is_contiguous()
+            and _table_ok(cos_cache, sin_cache, cos_cache.shape[0], rotary_dim // 2)):
+        if tokens == 0:
+            return
+        status = kernels.apply_rotary(q, q, k, k, positions, _rows(cos_cache), _rows(sin_cache), rotary_dim)
+        check_status(kernels, status, "apply_rotary_qk_")
+        return
+    apply_rotary_qk_reference(q, k, positions, cos_cache, sin_cache, rotary_dim)
+
+
+__all__ = ["apply_rotary", "apply_rotary_qk_", "apply_rotary_reference", "apply_rotary_qk_reference"]

@@ -15,6 +15,10 @@ os.environ.setdefault("MAGA_DISABLE_PROGRESS", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def pytest_configure(config):
+    # GPU tests carry this marker and skip themselves without CUDA (test/ops/test_cuda_kernels.py)
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (the CUDA kernels); skipped without one")
+
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> str:

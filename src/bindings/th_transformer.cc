@@ -3,6 +3,12 @@
 
 #include "src/kernels/cpu/gemv.h"
 
+// The CUDA build (ops/_compiled.py on a machine with CUDA torch + nvcc) defines MAGA_WITH_CUDA and
+// adds the CUDA sources; the CPU build compiles exactly what it did before.
+#ifdef MAGA_WITH_CUDA
+#include "src/bindings/cuda_ops.h"
+#endif
+
 namespace {
 
 torch::Tensor gemv_f32(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias) {
@@ -28,8 +34,14 @@ torch::Tensor gemv_f32(const torch::Tensor& x, const torch::Tensor& w, const c10
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "maga_transformer C++ runtime (CPU kernels; CUDA kernels come with the GPU issue)";
+  m.doc() = "maga_transformer C++ runtime: CPU kernels, and the CUDA kernels in the CUDA build";
   m.def("gemv_f32", &gemv_f32, "y = x @ w.T (+ bias) for at most 16 fp32 rows", pybind11::arg("x"),
         pybind11::arg("w"), pybind11::arg("bias") = pybind11::none());
   m.attr("max_gemv_rows") = th_transformer::kMaxGemvRows;
+#ifdef MAGA_WITH_CUDA
+  th_transformer::register_cuda_ops(m);
+  m.attr("has_cuda") = true;
+#else
+  m.attr("has_cuda") = false;
+#endif
 }

@@ -1,0 +1,335 @@
+"""The CUDA kernels (src/kernels/cuda/) against their torch references, on fresh random inputs.
+
+GPU tests carry the `gpu` marker and skip cleanly without CUDA; the source-list check runs
+everywhere, so this file always collects tests. Tolerances (elementwise, vs the reference in the
+same dtype): bf16 atol = rtol = 1.6e-2 (about two bf16 ulps), fp16 2e-3, fp32 1e-5; attention is
+also checked against an fp64 oracle by relative norm error: bf16 < 1e-2, fp16 < 2e-3, fp32 < 1e-5.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import re
+from typing import List
+
+import pytest
+import torch
+
+from maga_transformer import ops
+from maga_transformer.ops.activation import gelu_and_mul_reference, silu_and_mul_reference
+from maga_transformer.ops.attention import build_attention_metadata, paged_attention_reference
+from maga_transformer.ops.kv_cache import write_kv_cache_reference
+from maga_transformer.ops.norm import fused_add_rms_norm_reference, rms_norm_reference
+from maga_transformer.ops.rotary import apply_rotary_qk_reference, apply_rotary_reference
+
+
+
+def gpu_test(fn):
+    """A test of the CUDA kernels: the `gpu` marker, and a clean skip without a CUDA GPU."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(fn))
+
+
+TOL = {torch.bfloat16: (1.6e-2, 1.6e-2), torch.float16: (2e-3, 2e-3), torch.float32: (1e-5, 1e-5)}
+ORACLE_REL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
+HALF_DTYPES = [torch.bfloat16, torch.float16]
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+def test_cuda_sources_match_bazel():
+    """sources.txt's [cuda] kernels, src/BUILD's CUDA_KERNEL_SRCS and the .cu files on disk agree."""
+    from maga_transformer.ops._compiled import read_source_lists
+    lists = read_source_lists(os.path.join(_ROOT, "src", "sources.txt"))
+    assert lists is not None, "a source listed in src/sources.txt is missing"
+    # the lists hold real paths (under Bazel, outside the runfiles tree): compare from src/ on
+    kernels = [p for p in lists.cuda if p.endswith(".cu")]
+    assert all(os.sep.join(p.split(os.sep)[-4:-1]) == "src/kernels/cuda" for p in kernels)
+    listed = sorted("kernels/cuda/" + os.path.basename(p) for p in kernels)
+    with open(os.path.join(_ROOT, "src", "BUILD")) as f:
+        in_build = sorted(set(re.findall(r'"(kernels/cuda/\w+\.cu)"', f.read())))
+    on_disk = sorted("kernels/cuda/" + n for n in os.listdir(os.path.join(_ROOT, "src", "kernels", "cuda"))
+                     if n.endswith(".cu"))
+    assert listed == in_build == on_disk
+    assert not any(p.endswith(".cu") for p in lists.cpu), "the CPU build must not list CUDA sources"
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    from maga_transformer.ops._compiled import cuda_kernels
+    module = cuda_kernels()
+    assert module is not None, "the CUDA build of the C++ runtime failed (see the log for nvcc's error)"
+    return module
+
+
+def _assert_close(out: torch.Tensor, ref: torch.Tensor) -> None:
+    atol, rtol = TOL[ref.dtype]
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
+
+
+def _rel_error(out: torch.Tensor, oracle: torch.Tensor) -> float:
+    return float((out.double() - oracle).norm() / oracle.norm())
+
+
+# ---- KV-cache write ---------------------------------------------------------------------------
+
+@gpu_test
+@pytest.mark.parametrize("dtype", HALF_DTYPES + [torch.float32])
+@pytest.mark.parametrize("tokens,kv_heads,head_dim,block_size", [(1, 8, 128, 16), (37, 2, 64, 32), (300, 1, 80, 8),
+                                                                 (5, 4, 6, 16)])
+def test_write_kv_cache(kernels, dtype, tokens, kv_heads, head_dim, block_size):
+    gen = torch.Generator().manual_seed(tokens * 7 + head_dim)
+    blocks = 3 * (tokens // block_size + 2)
+    # k and v as strided views of one fused projection, as the decoder hands them over
+    qkv = torch.randn(tokens, (2 + 2 * kv_heads) * head_dim, generator=gen).to("cuda", dtype)
+    k = qkv[:, 2 * head_dim:(2 + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+    v = qkv[:, (2 + kv_heads) * head_dim:].view(tokens, kv_heads, head_dim)
+    slots = torch.randperm(blocks * block_size, generator=gen)[:tokens].cuda()  # scattered over blocks
+    shape = (blocks, block_size, kv_heads, head_dim)
+    k_cache, v_cache = (torch.randn(shape, generator=gen).to("cuda", dtype) for _ in range(2))
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    ops.write_kv_cache(k, v, k_cache, v_cache, slots)
+    write_kv_cache_reference(k, v, k_ref, v_ref, slots)
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+
+
+@gpu_test
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_write_kv_cache_skips_negative_slots(kernels, dtype):
+    k, v = torch.randn(4, 2, 64, device="cuda", dtype=dtype), torch.randn(4, 2, 64, device="cuda", dtype=dtype)
+    k_cache = torch.zeros(4, 16, 2, 64, device="cuda", dtype=dtype)
+    v_cache = torch.zeros_like(k_cache)
+    ops.write_kv_cache(k, v, k_cache, v_cache, torch.tensor([5, -1, 40, -1], device="cuda"))
+    flat_k = k_cache.view(-1, 2, 64)
+    assert torch.equal(flat_k[5], k[0]) and torch.equal(flat_k[40], k[2])
+    assert int((flat_k.abs().sum(dim=(1, 2)) != 0).sum()) == 2
+
+
+# ---- paged decode attention -------------------------------------------------------------------
+
+def _random_paged_batch(context_lens: List[int], heads: int, kv_heads: int, head_dim: int, block_size: int,
+                        dtype: torch.dtype, seed: int):
+    """q, caches and block tables whose blocks are scattered over a pool with holes between them."""
+    gen = torch.Generator().manual_seed(seed)
+    needed = [math.ceil((c + 1) / block_size) for c in context_lens]
+    pool = 2 * sum(needed) + 3
+    order = torch.randperm(pool, generator=gen).tolist()
+    tables, at = [], 0
+    for n in needed:
+        spare = random.Random(seed + n).randint(0, 2)  # tables may be longer than the sequence needs
+        tables.append(order[at:at + n] + order[:spare])
+        at += n
+    shape = (pool, block_size, kv_heads, head_dim)
+    k_cache = torch.randn(shape, generator=gen).to("cuda", dtype)
+    v_cache = torch.randn(shape, generator=gen).to("cuda", dtype)
+    q = torch.randn(len(context_lens), heads, head_dim, generator=gen).to("cuda", dtype)
+    return q, k_cache, v_cache, tables
+
+
+def _decode_oracle(q, k_cache, v_cache, meta, scale) -> torch.Tensor:
+    return paged_attention_reference(q.double(), k_cache.double(), v_cache.double(), meta, scale)
+
+
+DECODE_CASES = [
+    # context lens,              heads, kv, dim, block, window
+    ([0, 16, 255, 256, 511, 600], 8, 8, 128, 16, None),     # MHA, partition edges (256)
+    ([8191, 20000, 5], 32, 8, 128, 16, None),               # GQA 4, long: multi-block split
+    ([9000, 31], 16, 1, 64, 32, None),                      # MQA
+    ([3000, 700, 1], 28, 4, 128, 16, None),                 # GQA 7 (Qwen2.5-7B shape)
+    ([1500, 64], 12, 2, 80, 16, None),                      # head_dim 80
+    ([2100, 3], 8, 4, 256, 8, None),                        # head_dim 256
+    ([9000, 100, 4000, 1023], 32, 8, 128, 16, 1024),        # sliding window, long
+    ([700, 512, 513], 8, 2, 64, 16, 512),                   # window at partition edges
+]
+
+
+@gpu_test
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"h{c[1]}kv{c[2]}d{c[3]}ctx{max(c[0])}w{c[5]}")
+def test_paged_decode_attention(kernels, dtype, case):
+    context_lens, heads, kv_heads, head_dim, block_size, window = case
+    q, k_cache, v_cache, tables = _random_paged_batch(context_lens, heads, kv_heads, head_dim, block_size, dtype,
+                                                      seed=sum(context_lens) + heads)
+    meta = build_attention_metadata([1] * len(context_lens), context_lens, tables, block_size, q.device, window)
+    scale = head_dim ** -0.5
+    out = ops.paged_attention(q, k_cache, v_cache, meta, scale)
+    assert meta.decode is not None, "an all-decode CUDA step must take the kernel"
+    if max(context_lens) + 1 > kernels.decode_partition_size:
+        assert meta.decode.max_partitions > 1
+    ref = paged_attention_reference(q, k_cache, v_cache, meta, scale)
+    _assert_close(out, ref)
+    assert _rel_error(out, _decode_oracle(q, k_cache, v_cache, meta, scale)) < ORACLE_REL[dtype]
+
+
+@gpu_test
+def test_paged_decode_attention_fp32_and_poisoned_output(kernels):
+    context_lens = [4000, 77]
+    q, k_cache, v_cache, tables = _random_paged_batch(context_lens, 8, 2, 128, 16, torch.float32, seed=3)
+    meta = build_attention_metadata([1, 1], context_lens, tables, 16, q.device)
+    decode = ops.attention._decode_tensors(kernels, meta, q.device)
+    out = torch.full_like(q, float("nan"))  # every element must be written
+    ops.paged_decode_attention(q, k_cache, v_cache, decode.block_tables, decode.seq_lens, 0.1,
+                               decode.max_partitions + 3, out=out)  # a larger bound, as a CUDA graph would pass
+    assert torch.isfinite(out).all()
+    assert _rel_error(out, _decode_oracle(q, k_cache, v_cache, meta, 0.1)) < ORACLE_REL[torch.float32]
+
+
+@gpu_test
+def test_paged_decode_attention_strided_q(kernels):
+    """q as a view of a fused [q | k] tensor, as the decoder passes it."""
+    context_lens = [1200, 9]
+    q, k_cache, v_cache, tables = _random_paged_batch(context_lens, 16, 4, 64, 16, torch.bfloat16, seed=5)
+    qk = torch.cat([q, torch.randn(2, 4, 64, device="cuda", dtype=q.dtype)], dim=1)
+    meta = build_attention_metadata([1, 1], context_lens, tables, 16, q.device)
+    out = ops.paged_attention(qk[:, :16], k_cache, v_cache, meta, 0.125)
+    _assert_close(out, paged_attention_reference(q, k_cache, v_cache, meta, 0.125))
+
+
+@gpu_test
+def test_prefill_and_disabled_kernels_use_the_reference(kernels, monkeypatch):
+    context_lens = [40, 0]
+    q, k_cache, v_cache, tables = _random_paged_batch(context_lens, 8, 2, 64, 16, torch.bfloat16, seed=9)
+    q = torch.cat([q[:1], torch.randn(5, 8, 64, device="cuda", dtype=q.dtype)])  # one decode row, one prefill of 5
+    meta = build_attention_metadata([1, 5], context_lens, tables, 16, q.device)
+    out = ops.paged_attention(q, k_cache, v_cache, meta, 0.125)
+    assert meta.decode is None
+    assert torch.equal(out, paged_attention_reference(q, k_cache, v_cache, meta, 0.125))
+    monkeypatch.setenv("MAGA_DISABLE_CUDA_KERNELS", "1")
+    decode_meta = build_attention_metadata([1, 1], context_lens, tables, 16, q.device)
+    out = ops.paged_attention(q[:2], k_cache, v_cache, decode_meta, 0.125)
+    assert decode_meta.decode is None
+    assert torch.equal(out, paged_attention_reference(q[:2], k_cache, v_cache, decode_meta, 0.125))
+
+
+@gpu_test
+def test_paged_decode_attention_rejects_bad_input(kernels):
+    q = torch.randn(2, 8, 64, device="cuda", dtype=torch.bfloat16)
+    cache = torch.randn(4, 16, 2, 64, device="cuda", dtype=torch.bfloat16)
+    tables = torch.zeros(2, 3, dtype=torch.int32, device="cuda")
+    lens = torch.ones(2, dtype=torch.int32, device="cuda")
+    with pytest.raises(ValueError, match="block_tables"):
+        ops.paged_decode_attention(q, cache, cache, tables.long(), lens, 1.0, 1)
+    with pytest.raises(ValueError, match="seq_lens"):
+        ops.paged_decode_attention(q, cache, cache, tables, lens[:1], 1.0, 1)
+    with pytest.raises(ValueError, match="head_dim"):
+        ops.paged_decode_attention(q[..., :48], cache[..., :48].contiguous(), cache[..., :48].contiguous(), tables,
+                                   lens, 1.0, 1)
+
+
+# ---- RMSNorm ----------------------------------------------------------------------------------
+
+NORM_SHAPES = [(1, 4096), (7, 5120), (33, 896), (3, 2, 64), (2, 1000)]
+
+
+@gpu_test
+@pytest.mark.parametrize("dtype", HALF_DTYPES + [torch.float32])
+@pytest.mark.parametrize("shape", NORM_SHAPES)
+def test_fused_add_rms_norm(kernels, dtype, shape):
+    gen = torch.Generator().manual_seed(shape[-1] + len(shape))
+    x, residual = (torch.randn(shape, generator=gen).to("cuda", dtype) for _ in range(2))
+    weight = (1 + 0.1 * torch.randn(shape[-1], generator=gen)).to("cuda", dtype)
+    normed, summed = ops.fused_add_rms_norm(x, residual, weight, 1e-6)
+    ref_normed, ref_summed = fused_add_rms_norm_reference(x, residual, weight, 1e-6)
+    assert torch.equal(summed, ref_summed)  # one rounding of x + residual, like torch's add
+    _assert_close(normed, ref_normed)
+    _assert_close(ops.rms_norm(x, weight, 1e-5), rms_norm_reference(x, weight, 1e-5))
+
+
+@gpu_test
+def test_rms_norm_strided_rows(kernels):
+    x = torch.randn(6, 2 * 576, device="cuda", dtype=torch.bfloat16)[:, :576]  # rows with a stride
+    weight = torch.randn(576, device="cuda", dtype=torch.bfloat16)
+    _assert_close(ops.rms_norm(x, weight, 1e-6), rms_norm_reference(x, weight, 1e-6))
+
+
+# ---- rotary -----------------------------------------------------------------------------------
+
+ROTARY_CASES = [(1, 32, 8, 128, 128), (17, 16, 4, 128, 64), (5, 8, 8, 80, 32), (40, 14, 2, 64, 64), (3, 4, 1, 96, 24)]
+
+
+def _cos_sin_table(positions: int, rotary_dim: int, theta: float = 10000.0):
+    inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim)
+    freqs = torch.arange(positions, dtype=torch.float32).unsqueeze(1) * inv_freq
+    return freqs.cos().cuda(), freqs.sin().cuda()
+
+
+@gpu_test
+@pytest.mark.parametrize("dtype", HALF_DTYPES + [torch.float32])
+@pytest.mark.parametrize("tokens,q_heads,kv_heads,head_dim,rotary_dim", ROTARY_CASES)
+def test_apply_rotary(kernels, dtype, tokens, q_heads, kv_heads, head_dim, rotary_dim):
+    gen = torch.Generator().manual_seed(tokens + head_dim + rotary_dim)
+    heads = q_heads + kv_heads
+    qkv = torch.randn(tokens, (heads + kv_heads) * head_dim, generator=gen).to("cuda", dtype)
+    qk = qkv[:, :heads * head_dim].view(tokens, heads, head_dim)  # strided, as in the decoder
+    cos_table, sin_table = _cos_sin_table(4096, rotary_dim)
+    positions = torch.randint(0, 4096, (tokens,), generator=gen).cuda()
+    cos, sin = cos_table[positions].unsqueeze(1), sin_table[positions].unsqueeze(1)
+    _assert_close(ops.apply_rotary(qk, cos, sin, rotary_dim), apply_rotary_reference(qk, cos, sin, rotary_dim))
+
+    q, k = qk[:, :q_heads], qk[:, q_heads:]  # in place, one launch for both
+    q_ref, k_ref, v_before = q.clone(), k.clone(), qkv[:, heads * head_dim:].clone()
+    ops.apply_rotary_qk_(q, k, positions, cos_table, sin_table, rotary_dim)
+    apply_rotary_qk_reference(q_ref, k_ref, positions, cos_table, sin_table, rotary_dim)
+    _assert_close(q, q_ref)
+    _assert_close(k, k_ref)
+    assert torch.equal(qkv[:, heads * head_dim:], v_before)  # the rest of the row is untouched
+
+
+# ---- gated activations ------------------------------------------------------------------------
+
+ACT_SHAPES = [(1, 2 * 14336), (5, 2 * 1000), (2, 3, 2 * 64), (64, 2 * 4864)]
+
+
+@gpu_test
+@pytest.mark.parametrize("dtype", HALF_DTYPES + [torch.float32])
+@pytest.mark.parametrize("shape", ACT_SHAPES)
+@pytest.mark.parametrize("kind", ["silu", "gelu", "gelu_tanh"])
+def test_gated_activation(kernels, dtype, shape, kind):
+    gen = torch.Generator().manual_seed(shape[-1] + len(kind))
+    gate_up = (3 * torch.randn(shape, generator=gen)).to("cuda", dtype)
+    if kind == "silu":
+        out, ref = ops.silu_and_mul(gate_up), silu_and_mul_reference(gate_up)
+    else:
+        approximate = "tanh" if kind == "gelu_tanh" else "none"
+        out, ref = ops.gelu_and_mul(gate_up, approximate), gelu_and_mul_reference(gate_up, approximate)
+    _assert_close(out, ref)
+
+
+# ---- CUDA graphs ------------------------------------------------------------------------------
+
+@gpu_test
+def test_kernels_replay_in_a_cuda_graph(kernels):
+    """A decode step's kernels capture into a CUDA graph (no host sync, no data-dependent
+    allocation) and a replay on new inputs gives what eager calls give."""
+    context_lens = [3000, 17, 600]
+    q, k_cache, v_cache, tables = _random_paged_batch(context_lens, 16, 4, 128, 16, torch.bfloat16, seed=11)
+    meta = build_attention_metadata([1] * 3, context_lens, tables, 16, q.device)
+    decode = ops.attention._decode_tensors(kernels, meta, q.device)
+    slots = torch.tensor([tables[i][c // 16] * 16 + c % 16 for i, c in enumerate(context_lens)], device="cuda")
+    k_new, v_new = (torch.randn(3, 4, 128, device="cuda", dtype=q.dtype) for _ in range(2))
+    x, residual = torch.randn(3, 2048, device="cuda", dtype=q.dtype), torch.randn(3, 2048, device="cuda", dtype=q.dtype)
+    weight = torch.randn(2048, device="cuda", dtype=q.dtype)
+
+    def step():
+        ops.write_kv_cache(k_new, v_new, k_cache, v_cache, slots)
+        attn = ops.paged_decode_attention(q, k_cache, v_cache, decode.block_tables, decode.seq_lens, 0.09,
+                                          max_partitions=16)
+        return attn, ops.fused_add_rms_norm(x, residual, weight, 1e-6)[0]
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up outside the capture, as torch.cuda.graph asks
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        attn_out, norm_out = step()
+    for t in (q, k_new, v_new, x, residual):
+        t.copy_(torch.randn_like(t))
+    graph.replay()
+    torch.cuda.synchronize()
+    eager_attn, eager_norm = step()
+    assert torch.equal(attn_out, eager_attn) and torch.equal(norm_out, eager_norm)
+    _assert_close(attn_out, paged_attention_reference(q, k_cache, v_cache, meta, 0.09))

@@ -1,0 +1,61 @@
+#include "src/kernels/cuda/activation.h"
+#include "src/kernels/cuda/common.cuh"
+
+namespace th_transformer {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+// The formulas of torch's CUDA kernels, in fp32; the activation is rounded to T before the
+// multiply because the reference computes act(gate) and `* up` as two ops in T.
+template <GateActivation kAct>
+__device__ __forceinline__ float activate(float x) {
+  if (kAct == GateActivation::kSilu) return x / (1.f + expf(-x));
+  if (kAct == GateActivation::kGelu) return x * 0.5f * (1.f + erff(x * 0.70710678118654752f));
+  const float inner = 0.79788456080286536f * (x + 0.044715f * x * x * x);  // sqrt(2/pi)
+  return 0.5f * x * (1.f + tanhf(inner));
+}
+
+// Grid: (rows, column blocks); consecutive threads read consecutive columns of a row.
+template <typename T, GateActivation kAct>
+__global__ void __launch_bounds__(kThreads) gated_activation_kernel(const GatedActivationParams p) {
+  const int64_t row = blockIdx.x;
+  const int64_t col = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
+  if (col >= p.width) return;
+  const T* in = static_cast<const T*>(p.input) + row * p.input_row_stride;
+  const float gate = round_to<T>(activate<kAct>(to_float(in[col])));
+  static_cast<T*>(p.out)[row * p.width + col] = from_float<T>(gate * to_float(in[p.width + col]));
+}
+
+template <typename T>
+cudaError_t launch(const GatedActivationParams& p, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(p.rows), static_cast<unsigned>((p.width + kThreads - 1) / kThreads));
+  switch (p.activation) {
+    case GateActivation::kSilu:
+      gated_activation_kernel<T, GateActivation::kSilu><<<grid, kThreads, 0, stream>>>(p);
+      break;
+    case GateActivation::kGelu:
+      gated_activation_kernel<T, GateActivation::kGelu><<<grid, kThreads, 0, stream>>>(p);
+      break;
+    case GateActivation::kGeluTanh:
+      gated_activation_kernel<T, GateActivation::kGeluTanh><<<grid, kThreads, 0, stream>>>(p);
+      break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t gated_activation(const GatedActivationParams& p, cudaStream_t stream) {
+  if (p.rows == 0 || p.width == 0) return cudaSuccess;
+  // grid.x caps the rows at 2^31 - 1 and grid.y the width at 65535 blocks (16M columns)
+  if (p.rows < 0 || p.rows > 0x7fffffff || p.width < 0 || p.width > int64_t{65535} * kThreads) {
+    return cudaErrorInvalidValue;
+  }
+  return dispatch_dtype(p.dtype, [&](auto tag) { return launch<decltype(tag)>(p, stream); });
+}
+
+}  // namespace cuda
+}  // namespace th_transformer

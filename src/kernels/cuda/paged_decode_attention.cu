@@ -1,0 +1,302 @@
+#include "src/kernels/cuda/paged_decode_common.cuh"
+
+namespace th_transformer {
+namespace cuda {
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+// Rows each lane group loads before using the first: decode attention is bound by memory latency
+// at small batches (one CTA per SM), so several independent 16-byte loads must be in flight.
+#ifndef MAGA_DECODE_UNROLL
+#define MAGA_DECODE_UNROLL 4
+#endif
+constexpr int kUnroll = MAGA_DECODE_UNROLL;
+
+constexpr int next_pow2(int x) { return x <= 1 ? 1 : 2 * next_pow2((x + 1) / 2); }
+
+// How a warp reads key/value rows: each row is split into 16-byte chunks, a group of kLanes lanes
+// reads one row (coalesced 16-byte loads), and a warp reads kKeysPerWarp rows at a time. Head
+// sizes whose chunk count is not a power of two (80, 96) leave a few lanes of the group idle.
+template <typename T, int kHeadDim>
+struct RowLayout {
+  static constexpr int kVec = 16 / sizeof(T);
+  static_assert(kHeadDim % kVec == 0, "head_dim must be a whole number of 16-byte chunks");
+  static constexpr int kChunks = kHeadDim / kVec;
+  static constexpr int kLanes = kChunks >= 32 ? 32 : next_pow2(kChunks);
+  static constexpr int kChunksPerLane = (kChunks + kLanes - 1) / kLanes;
+  static constexpr int kKeysPerWarp = 32 / kLanes;
+  static constexpr int kElems = kChunksPerLane * kVec;  // row elements each lane holds
+};
+
+// Loads this lane's part of one cached row as floats (zeros for a row past the end).
+template <typename T, int kHeadDim>
+__device__ __forceinline__ void load_row(const T* cache, int64_t row_offset, bool valid, int lane_in_row,
+                                         float (&out)[RowLayout<T, kHeadDim>::kElems]) {
+  using L = RowLayout<T, kHeadDim>;
+#pragma unroll
+  for (int j = 0; j < L::kChunksPerLane; ++j) {
+    const int chunk = lane_in_row + j * L::kLanes;
+    uint4 raw = make_uint4(0, 0, 0, 0);
+    if (valid && chunk < L::kChunks) raw = *reinterpret_cast<const uint4*>(cache + row_offset + chunk * L::kVec);
+    const T* elems = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int e = 0; e < L::kVec; ++e) out[j * L::kVec + e] = to_float(elems[e]);
+  }
+}
+
+// The partition's slice of the block table, staged in shared memory once so that finding a row
+// costs no dependent global load inside the key loops.
+struct PartitionBlocks {
+  const int32_t* ids;  // ids[j] = block of tokens [(first + j) * block_size, ...)
+  int first;
+};
+
+// Offset of key `t`'s row for `kv_head`.
+template <int kHeadDim>
+__device__ __forceinline__ int64_t row_offset(const PagedDecodeParams& p, const PartitionBlocks& blocks, int t,
+                                              int kv_head) {
+  const int64_t block = blocks.ids[t / p.block_size - blocks.first];
+  return ((block * p.block_size + t % p.block_size) * p.num_kv_heads + kv_head) * kHeadDim;
+}
+
+// Scores of this CTA's kHeads query heads against keys [t0, t0 + n): logits[h][i], scaled.
+template <typename T, int kHeadDim, int kHeads>
+__device__ __forceinline__ void compute_logits(const PagedDecodeParams& p, const float* q_s,
+                                               const PartitionBlocks& table, int kv_head, int t0, int n,
+                                               float* logits) {
+  using L = RowLayout<T, kHeadDim>;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int row_in_warp = lane / L::kLanes, lane_in_row = lane % L::kLanes;
+  // Each lane keeps the query elements matching the key elements it loads: no shared-memory
+  // traffic inside the loop over keys.
+  float q[kHeads][L::kElems];
+#pragma unroll
+  for (int h = 0; h < kHeads; ++h)
+#pragma unroll
+    for (int e = 0; e < L::kElems; ++e) {
+      const int d = (lane_in_row + (e / L::kVec) * L::kLanes) * L::kVec + e % L::kVec;
+      q[h][e] = d < kHeadDim ? q_s[h * kHeadDim + d] : 0.f;
+    }
+  const T* k_cache = static_cast<const T*>(p.k_cache);
+  constexpr int kStride = kWarps * L::kKeysPerWarp;  // rows between a warp's consecutive rows
+  // The loop bound is uniform per warp so every lane reaches the shuffles below.
+  for (int base = warp * L::kKeysPerWarp; base < n; base += kStride * kUnroll) {
+    float k[kUnroll][L::kElems];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = base + u * kStride + row_in_warp;
+      load_row<T, kHeadDim>(k_cache, i < n ? row_offset<kHeadDim>(p, table, t0 + i, kv_head) : 0, i < n, lane_in_row,
+                            k[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = base + u * kStride + row_in_warp;
+#pragma unroll
+      for (int h = 0; h < kHeads; ++h) {
+        float dot = 0.f;
+#pragma unroll
+        for (int e = 0; e < L::kElems; ++e) dot += q[h][e] * k[u][e];
+#pragma unroll
+        for (int offset = L::kLanes / 2; offset > 0; offset >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+        if (i < n && lane_in_row == 0) logits[h * kDecodePartitionSize + i] = dot;
+      }
+    }
+  }
+}
+
+// In place: logits -> exp(logit - max); one warp per head. Returns nothing: max and sum go to smem.
+template <int kHeads>
+__device__ __forceinline__ void softmax_numerators(float* logits, int n, float* head_max, float* head_sum) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int h = warp; h < kHeads; h += kWarps) {
+    float* row = logits + h * kDecodePartitionSize;
+    float m = -INFINITY;
+    for (int i = lane; i < n; i += 32) m = fmaxf(m, row[i]);
+    m = warp_max(m);
+    float s = 0.f;
+    for (int i = lane; i < n; i += 32) {
+      const float e = expf(row[i] - m);
+      row[i] = e;
+      s += e;
+    }
+    s = warp_sum(s);
+    if (lane == 0) {
+      head_max[h] = m;
+      head_sum[h] = s;
+    }
+  }
+}
+
+// sum_i probs[h][i] * v_i for this warp's rows, reduced over the rows a warp reads at once, and
+// stored per warp into `warp_out` [kWarps][kHeads][kHeadDim] (which may alias `probs`).
+template <typename T, int kHeadDim, int kHeads>
+__device__ __forceinline__ void accumulate_values(const PagedDecodeParams& p, const float* probs,
+                                                  const PartitionBlocks& table, int kv_head, int t0, int n,
+                                                  float* warp_out) {
+  using L = RowLayout<T, kHeadDim>;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int row_in_warp = lane / L::kLanes, lane_in_row = lane % L::kLanes;
+  float acc[kHeads][L::kElems] = {};
+  const T* v_cache = static_cast<const T*>(p.v_cache);
+  constexpr int kStride = kWarps * L::kKeysPerWarp;
+  for (int base = warp * L::kKeysPerWarp; base < n; base += kStride * kUnroll) {
+    float v[kUnroll][L::kElems];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = base + u * kStride + row_in_warp;
+      load_row<T, kHeadDim>(v_cache, i < n ? row_offset<kHeadDim>(p, table, t0 + i, kv_head) : 0, i < n, lane_in_row,
+                            v[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = base + u * kStride + row_in_warp;
+#pragma unroll
+      for (int h = 0; h < kHeads; ++h) {
+        const float prob = i < n ? probs[h * kDecodePartitionSize + i] : 0.f;
+#pragma unroll
+        for (int e = 0; e < L::kElems; ++e) acc[h][e] += prob * v[u][e];
+      }
+    }
+  }
+#pragma unroll
+  for (int h = 0; h < kHeads; ++h)
+#pragma unroll
+    for (int e = 0; e < L::kElems; ++e)
+#pragma unroll
+      for (int offset = L::kLanes; offset < 32; offset <<= 1)
+        acc[h][e] += __shfl_xor_sync(0xffffffffu, acc[h][e], offset);
+  __syncthreads();  // every warp has read `probs`: the buffer becomes warp_out
+  if (row_in_warp == 0) {
+#pragma unroll
+    for (int h = 0; h < kHeads; ++h)
+#pragma unroll
+      for (int e = 0; e < L::kElems; ++e) {
+        const int d = (lane_in_row + (e / L::kVec) * L::kLanes) * L::kVec + e % L::kVec;
+        if (d < kHeadDim) warp_out[(warp * kHeads + h) * kHeadDim + d] = acc[h][e];
+      }
+  }
+}
+
+template <int kHeadDim, int kHeads>
+constexpr int smem_floats() {
+  return kHeads * kHeadDim + (kHeads * kDecodePartitionSize > kWarps * kHeads * kHeadDim
+                                  ? kHeads * kDecodePartitionSize
+                                  : kWarps * kHeads * kHeadDim);
+}
+
+// Grid: (sequence, kv head x chunk of kHeads query heads sharing it, partition). Sharing the CTA
+// between the query heads of one KV head reads each key and value row once for all of them.
+template <typename T, int kHeadDim, int kHeads>
+__global__ void __launch_bounds__(kThreads) paged_decode_kernel(const PagedDecodeParams p) {
+  extern __shared__ float smem[];
+  __shared__ float head_max[kHeads], head_sum[kHeads];
+  float* q_s = smem;                     // [kHeads][kHeadDim], pre-scaled
+  float* work = smem + kHeads * kHeadDim;  // logits, then per-warp outputs
+  const int seq = blockIdx.x;
+  const int group = p.num_heads / p.num_kv_heads;
+  const int chunks_per_kv = group / kHeads;
+  const int kv_head = blockIdx.y / chunks_per_kv;
+  const int head0 = kv_head * group + (blockIdx.y % chunks_per_kv) * kHeads;
+  const DecodeRange r = decode_range(p.seq_lens[seq], p.sliding_window);
+  T* out = static_cast<T*>(p.out) + (static_cast<int64_t>(seq) * p.num_heads + head0) * kHeadDim;
+  if (r.num_parts <= 0) {  // no keys: defined output rather than garbage
+    if (blockIdx.z == 0)
+      for (int i = threadIdx.x; i < kHeads * kHeadDim; i += kThreads) out[i] = from_float<T>(0.f);
+    return;
+  }
+  if (static_cast<int>(blockIdx.z) >= r.num_parts) return;
+  const int part = r.first_part + blockIdx.z;
+  const int t0 = max(part * kDecodePartitionSize, r.start);
+  const int n = min((part + 1) * kDecodePartitionSize, r.len) - t0;
+
+  const T* q = static_cast<const T*>(p.q) + seq * p.q_seq_stride;
+  for (int i = threadIdx.x; i < kHeads * kHeadDim; i += kThreads)
+    q_s[i] = to_float(q[(head0 + i / kHeadDim) * p.q_head_stride + i % kHeadDim]) * p.scale;
+  // A partition spans at most kDecodePartitionSize + 1 blocks (block_size 1, or a misaligned start).
+  __shared__ int32_t block_ids[kDecodePartitionSize + 1];
+  const PartitionBlocks table{block_ids, t0 / p.block_size};
+  const int32_t* row_table = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks_per_seq;
+  for (int j = threadIdx.x; j <= (t0 + n - 1) / p.block_size - table.first; j += kThreads)
+    block_ids[j] = row_table[table.first + j];
+  __syncthreads();
+  compute_logits<T, kHeadDim, kHeads>(p, q_s, table, kv_head, t0, n, work);
+  __syncthreads();
+  softmax_numerators<kHeads>(work, n, head_max, head_sum);
+  __syncthreads();
+  accumulate_values<T, kHeadDim, kHeads>(p, work, table, kv_head, t0, n, work);
+  __syncthreads();
+
+  const bool single = r.num_parts == 1;
+  const int64_t part_row = (static_cast<int64_t>(seq) * p.num_heads + head0) * p.max_partitions + blockIdx.z;
+  for (int i = threadIdx.x; i < kHeads * kHeadDim; i += kThreads) {
+    const int h = i / kHeadDim, d = i % kHeadDim;
+    float o = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) o += work[(w * kHeads + h) * kHeadDim + d];
+    o /= head_sum[h];
+    if (single) out[i] = from_float<T>(o);
+    else p.partial_out[(part_row + static_cast<int64_t>(h) * p.max_partitions) * kHeadDim + d] = o;
+  }
+  if (!single && threadIdx.x < kHeads) {
+    p.partial_max[part_row + threadIdx.x * p.max_partitions] = head_max[threadIdx.x];
+    p.partial_sum[part_row + threadIdx.x * p.max_partitions] = head_sum[threadIdx.x];
+  }
+}
+
+template <typename T, int kHeadDim, int kHeads>
+cudaError_t launch(const PagedDecodeParams& p, cudaStream_t stream) {
+  const int chunks_per_kv = p.num_heads / p.num_kv_heads / kHeads;
+  const dim3 grid(p.num_seqs, p.num_kv_heads * chunks_per_kv, p.max_partitions);
+  constexpr size_t smem = smem_floats<kHeadDim, kHeads>() * sizeof(float);
+  static_assert(smem <= 48 * 1024, "keep under the default dynamic shared-memory limit");
+  paged_decode_kernel<T, kHeadDim, kHeads><<<grid, kThreads, smem, stream>>>(p);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || p.max_partitions == 1) return err;
+  return launch_paged_decode_reduce(p, stream);
+}
+
+// Query heads per CTA: the largest of 8/4/2/1 dividing the GQA group (8 caps the registers).
+template <typename T, int kHeadDim>
+cudaError_t dispatch_heads(const PagedDecodeParams& p, cudaStream_t stream) {
+  const int group = p.num_heads / p.num_kv_heads;
+  if (group % 8 == 0) return launch<T, kHeadDim, 8>(p, stream);
+  if (group % 4 == 0) return launch<T, kHeadDim, 4>(p, stream);
+  if (group % 2 == 0) return launch<T, kHeadDim, 2>(p, stream);
+  return launch<T, kHeadDim, 1>(p, stream);
+}
+
+template <typename T>
+cudaError_t dispatch_head_dim(const PagedDecodeParams& p, cudaStream_t stream) {
+  switch (p.head_dim) {
+    case 64: return dispatch_heads<T, 64>(p, stream);
+    case 80: return dispatch_heads<T, 80>(p, stream);
+    case 96: return dispatch_heads<T, 96>(p, stream);
+    case 128: return dispatch_heads<T, 128>(p, stream);
+    case 256: return dispatch_heads<T, 256>(p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+bool valid_params(const PagedDecodeParams& p) {
+  const bool shapes = p.num_seqs > 0 && p.num_kv_heads > 0 && p.num_heads % p.num_kv_heads == 0 &&
+                      p.block_size > 0 && p.max_blocks_per_seq > 0 && p.max_partitions > 0 &&
+                      p.max_partitions <= 65535 && p.num_seqs <= 0x7fffffff;
+  const bool workspace = p.max_partitions == 1 || (p.partial_out && p.partial_max && p.partial_sum);
+  return shapes && workspace && paged_decode_supports_head_dim(p.head_dim);
+}
+
+}  // namespace
+
+bool paged_decode_supports_head_dim(int head_dim) {
+  return head_dim == 64 || head_dim == 80 || head_dim == 96 || head_dim == 128 || head_dim == 256;
+}
+
+cudaError_t paged_decode_attention(const PagedDecodeParams& p, cudaStream_t stream) {
+  if (p.num_seqs == 0) return cudaSuccess;
+  if (!valid_params(p)) return cudaErrorInvalidValue;
+  return dispatch_dtype(p.dtype, [&](auto tag) { return dispatch_head_dim<decltype(tag)>(p, stream); });
+}
+
+}  // namespace cuda
+}  // namespace th_transformer

@@ -1,0 +1,58 @@
+// Paged attention for decode: one query token per sequence against its cached keys and values.
+//
+// Flash-decoding: each sequence's context is cut into partitions of kDecodePartitionSize tokens,
+// each handled by its own CTA, so a long context at a small batch still fills the GPU; a second
+// kernel merges the partitions' partial softmax results. A sequence that fits one partition is
+// written straight to `out` and the merge skips it.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "src/kernels/cuda/dtype.h"
+
+namespace th_transformer {
+namespace cuda {
+
+// 256: at batch 1 the CTAs of one sequence are few and each is bound by memory latency, so
+// shorter partitions (more CTAs, fewer dependent load rounds each) were measured faster than 512
+// on the H100. The macro exists only for such measurements; bindings and kernels must agree.
+#ifndef MAGA_DECODE_PARTITION_SIZE
+#define MAGA_DECODE_PARTITION_SIZE 256
+#endif
+constexpr int kDecodePartitionSize = MAGA_DECODE_PARTITION_SIZE;
+
+struct PagedDecodeParams {
+  void* out;                // [seqs, heads, head_dim], contiguous
+  const void* q;            // [seqs, heads, head_dim], last dim contiguous, strides below
+  const void* k_cache;      // [blocks, block_size, kv_heads, head_dim], contiguous, q's dtype
+  const void* v_cache;
+  const int32_t* block_tables;  // [seqs, max_blocks_per_seq]; any block ids, in any order
+  const int32_t* seq_lens;      // [seqs]: keys per sequence (cached tokens + this step's token)
+  // Workspace for sequences longer than one partition (may be null when max_partitions == 1):
+  float* partial_out;       // [seqs, heads, max_partitions, head_dim]
+  float* partial_max;       // [seqs, heads, max_partitions]
+  float* partial_sum;       // [seqs, heads, max_partitions]
+  int num_seqs, num_heads, num_kv_heads, head_dim;
+  int block_size, max_blocks_per_seq;
+  int max_partitions;       // >= the partitions any sequence needs (see decode_partitions)
+  int64_t q_seq_stride, q_head_stride;  // in elements
+  float scale;
+  int sliding_window;       // 0: none; else a query sees only the last `sliding_window` keys
+  DType dtype;
+};
+
+// Partitions a sequence of `seq_len` keys needs (a sliding window skips the ones before it).
+inline int decode_partitions(int seq_len, int sliding_window) {
+  const int start = (sliding_window > 0 && seq_len > sliding_window) ? seq_len - sliding_window : 0;
+  const int end = (seq_len + kDecodePartitionSize - 1) / kDecodePartitionSize;
+  return end - start / kDecodePartitionSize;
+}
+
+bool paged_decode_supports_head_dim(int head_dim);
+
+cudaError_t paged_decode_attention(const PagedDecodeParams& params, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace th_transformer

@@ -1,0 +1,55 @@
+#include "src/kernels/cuda/common.cuh"
+#include "src/kernels/cuda/rotary.h"
+
+namespace th_transformer {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+// One CTA per token; thread j handles one (head, pair) of either target. Products are rounded
+// separately (no FMA contraction) to reproduce the reference's separate multiplies bit for bit.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p) {
+  const int64_t token = blockIdx.x;
+  const int64_t row = p.positions ? p.positions[token] : token;
+  const float* cos = p.cos + row * p.cos_sin_stride;
+  const float* sin = p.sin + row * p.cos_sin_stride;
+  const int half = p.rotary_dim / 2;
+  const int tail = p.head_dim - p.rotary_dim;
+  const int per_head = half + tail;  // rotated pairs, then untouched channels to copy
+  const int heads0 = p.targets[0].num_heads;
+  const int work = (heads0 + p.targets[1].num_heads) * per_head;
+  for (int j = threadIdx.x; j < work; j += kThreads) {
+    int head = j / per_head;
+    const int c = j % per_head;
+    const RotaryTarget& t = head < heads0 ? p.targets[0] : p.targets[1];
+    if (head >= heads0) head -= heads0;
+    const T* in = static_cast<const T*>(t.in) + token * t.in_token_stride + head * t.in_head_stride;
+    T* out = static_cast<T*>(t.out) + token * t.out_token_stride + head * t.out_head_stride;
+    if (c < half) {
+      const float x1 = to_float(in[c]), x2 = to_float(in[c + half]);
+      out[c] = from_float<T>(__fsub_rn(__fmul_rn(x1, cos[c]), __fmul_rn(x2, sin[c])));
+      out[c + half] = from_float<T>(__fadd_rn(__fmul_rn(x2, cos[c]), __fmul_rn(x1, sin[c])));
+    } else if (in != out) {
+      const int d = p.rotary_dim + (c - half);
+      out[d] = in[d];
+    }
+  }
+}
+
+}  // namespace
+
+cudaError_t apply_rotary(const RotaryParams& p, cudaStream_t stream) {
+  if (p.num_tokens == 0) return cudaSuccess;
+  const bool shapes = p.num_tokens > 0 && p.num_tokens <= 0x7fffffff && p.rotary_dim > 0 && p.rotary_dim % 2 == 0 &&
+                      p.rotary_dim <= p.head_dim && p.targets[0].num_heads >= 0 && p.targets[1].num_heads >= 0;
+  if (!shapes) return cudaErrorInvalidValue;
+  return dispatch_dtype(p.dtype, [&](auto tag) {
+    rotary_kernel<decltype(tag)><<<static_cast<unsigned>(p.num_tokens), kThreads, 0, stream>>>(p);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace cuda
+}  // namespace th_transformer
