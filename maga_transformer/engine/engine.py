@@ -18,7 +18,8 @@ import torch
 from maga_transformer.config.engine_config import EngineConfig
 from maga_transformer.config.generate_config import GenerateConfig
 from maga_transformer.engine.block_pool import BlockPool
-from maga_transformer.engine.model_runner import ModelRunner, plan_num_blocks
+from maga_transformer.engine.memory_plan import CUDA_GRAPH_RESERVE_MB, plan_num_blocks
+from maga_transformer.engine.model_runner import ModelRunner, profile_forward
 from maga_transformer.engine.output import Detokenizer, RequestOutput
 from maga_transformer.engine.request import FinishReason, Request, Sequence
 from maga_transformer.engine.scheduler import Scheduler, SchedulerOutput
@@ -63,11 +64,14 @@ class Engine:
         self.max_seq_len = max_seq_len
         self.block_size = block_size
         self.eos_token_ids = list(eos_token_ids)
-        num_blocks = plan_num_blocks(model, block_size, engine_config)
+        step_tokens = min(engine_config.max_num_batched_tokens, max_seq_len)
+        num_blocks = plan_num_blocks(
+            model, block_size, engine_config, graph_reserve_mb=CUDA_GRAPH_RESERVE_MB,
+            profile=lambda: profile_forward(model, block_size, step_tokens, min(engine_config.max_num_seqs, step_tokens)))
         self.pool = BlockPool(num_blocks, engine_config.enable_prefix_cache)
         self.scheduler = Scheduler(self.pool, block_size, engine_config.max_num_batched_tokens,
                                    engine_config.max_num_seqs, engine_config.enable_chunked_prefill)
-        self.runner = ModelRunner(model, block_size, num_blocks)
+        self.runner = ModelRunner(model, block_size, num_blocks, max_seq_len, engine_config.max_num_seqs)
         self.processor = StepProcessor(self.scheduler, Detokenizer(tokenizer))
         self._handles: dict = {}
         self._pending_adds: List[Request] = []

@@ -7,23 +7,21 @@ creates device tensors.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from maga_transformer import ops
-from maga_transformer.config.engine_config import EngineConfig
+from maga_transformer.engine.cuda_graph import DecodeGraphs, DecodeRow, graphs_supported
+from maga_transformer.engine.memory_plan import kv_bytes_per_block
 from maga_transformer.engine.request import Sequence
 from maga_transformer.engine.scheduler import SchedulerOutput
 from maga_transformer.models.arch import ForwardBatch
 from maga_transformer.models.decoder import DecoderModel
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_CPU_KV_SHARE = 0.10  # of available host memory, when KV_CACHE_MEM_MB is not given
-DEFAULT_CPU_KV_CAP_MB = 4096
-
 
 @dataclass
 class StepResult:
@@ -36,50 +34,46 @@ class StepResult:
     prompt_logprobs: Dict[int, Tuple[int, torch.Tensor]] = field(default_factory=dict)
 
 
-def kv_bytes_per_block(model: DecoderModel, block_size: int) -> int:
+def _allocate_kv(model: DecoderModel, block_size: int, num_blocks: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     arch = model.arch
-    element = torch.tensor([], dtype=model.dtype).element_size()
-    return 2 * arch.num_layers * block_size * arch.num_kv_heads * arch.head_dim * element
+    shape = (num_blocks, block_size, arch.num_kv_heads, arch.head_dim)
+    # zeros, not empty: padded attention reads unused slots with weight 0, and 0 * NaN is NaN
+    return [(torch.zeros(shape, dtype=model.dtype, device=model.device),
+             torch.zeros(shape, dtype=model.dtype, device=model.device)) for _ in range(arch.num_layers)]
 
 
-def _available_host_mb() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) // 1024
-    except OSError:
-        pass
-    return 8192
-
-
-def plan_num_blocks(model: DecoderModel, block_size: int, cfg: EngineConfig) -> int:
-    if cfg.num_kv_blocks is not None:
-        return cfg.num_kv_blocks
-    if cfg.kv_cache_mem_mb is not None:
-        budget_mb = cfg.kv_cache_mem_mb
-    else:
-        budget_mb = min(int(_available_host_mb() * DEFAULT_CPU_KV_SHARE), DEFAULT_CPU_KV_CAP_MB)
-    num_blocks = budget_mb * (1 << 20) // kv_bytes_per_block(model, block_size)
-    if num_blocks < 2:
-        raise ValueError(f"KV_CACHE_MEM_MB={budget_mb} holds fewer than 2 KV blocks of {block_size} tokens")
-    return int(num_blocks)
+@torch.inference_mode()
+def profile_forward(model: DecoderModel, block_size: int, num_tokens: int, num_rows: int) -> None:
+    """The largest step the scheduler may build: one sequence of num_tokens prompt tokens and the
+    logits of num_rows rows, over a KV cache just big enough (memory planning measures its peak)."""
+    blocks = math.ceil(num_tokens / block_size)
+    kv = _allocate_kv(model, block_size, blocks)
+    table = list(range(blocks))
+    attn = ops.build_attention_metadata([num_tokens], [0], [table], block_size, model.device,
+                                        model.arch.sliding_window)
+    positions = torch.arange(num_tokens, device=model.device)
+    batch = ForwardBatch(torch.zeros(num_tokens, dtype=torch.long, device=model.device), positions, positions.clone(),
+                         torch.full((num_tokens,), num_tokens, dtype=torch.long, device=model.device), attn)
+    hidden = model.forward(batch, kv)
+    model.compute_logits(hidden[:num_rows])
 
 
 class ModelRunner:
-    def __init__(self, model: DecoderModel, block_size: int, num_blocks: int) -> None:
+    def __init__(self, model: DecoderModel, block_size: int, num_blocks: int, max_seq_len: int = 0,
+                 max_batch: int = 0) -> None:
         self.model = model
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.device = model.device
-        arch = model.arch
-        shape = (num_blocks, block_size, arch.num_kv_heads, arch.head_dim)
-        # zeros, not empty: padded attention reads unused slots with weight 0, and 0 * NaN is NaN
-        self.kv_caches = [(torch.zeros(shape, dtype=model.dtype, device=self.device),
-                           torch.zeros(shape, dtype=model.dtype, device=self.device))
-                          for _ in range(arch.num_layers)]
+        self.kv_caches = _allocate_kv(model, block_size, num_blocks)
         logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB)", num_blocks, block_size,
                     num_blocks * block_size, num_blocks * kv_bytes_per_block(model, block_size) / 2**20)
+        self.graphs: Optional[DecodeGraphs] = None
+        reason = graphs_supported(model)
+        if reason is None and max_seq_len and max_batch:
+            self.graphs = DecodeGraphs(model, self.kv_caches, block_size, max_seq_len, max_batch)
+        elif model.device.type == "cuda":
+            logger.info("decode runs without CUDA graphs: %s", reason or "no max_seq_len / batch given")
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> StepResult:
@@ -88,9 +82,37 @@ class ModelRunner:
             dst = torch.tensor([d for _, d in plan.block_copies], dtype=torch.long, device=self.device)
             for k_cache, v_cache in self.kv_caches:
                 ops.copy_kv_blocks(k_cache, v_cache, src, dst)
+        rows = self._graph_rows(plan)
+        if rows is not None:
+            return self._execute_graph(rows)
         batch, seqs, loss_seqs = self._build_batch(plan)
         hidden = self.model.forward(batch, self.kv_caches)
         return self._gather_outputs(hidden, batch, seqs, loss_seqs, plan)
+
+    def _graph_rows(self, plan: SchedulerOutput) -> Optional[List[Tuple[Sequence, DecodeRow]]]:
+        """The step as graph rows, or None when it must run eagerly (a prefill chunk, a request that
+        wants hidden states or the prompt loss, or more sequences than the biggest graph)."""
+        if self.graphs is None:
+            return None
+        rows: List[Tuple[Sequence, DecodeRow]] = []
+        for item in plan.scheduled:
+            cfg = item.request.config
+            if item.num_tokens != 1 or cfg.return_hidden_states or cfg.calculate_loss:
+                return None
+            for seq in item.request.live_seqs:
+                position = seq.num_computed_tokens
+                if position + 1 != len(seq.token_ids):
+                    return None
+                table = seq.block_table
+                slot = table[position // self.block_size] * self.block_size + position % self.block_size
+                rows.append((seq, DecodeRow(seq.token_ids[-1], position, slot, table)))
+        if not rows or len(rows) > self.graphs.max_batch:
+            return None
+        return rows
+
+    def _execute_graph(self, rows: List[Tuple[Sequence, DecodeRow]]) -> StepResult:
+        logits = self.graphs.run([row for _, row in rows])
+        return StepResult(logits=logits, row_of_seq={seq.seq_id: i for i, (seq, _) in enumerate(rows)})
 
     def _build_batch(self, plan: SchedulerOutput):
         input_ids: List[int] = []

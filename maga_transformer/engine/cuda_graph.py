@@ -1,0 +1,140 @@
+"""CUDA graphs of the decode step, one per batch-size bucket, captured at start-up.
+
+A decode step (one new token per sequence) launches a few hundred small kernels; launched one by
+one from Python, the host is the bottleneck (transformers reaches 7 % of the H100's bandwidth floor
+at batch 1). Replaying a captured graph launches them all at once. Everything a graph reads lives
+in static buffers that each step overwrites: token ids, positions, KV slots, block tables and
+sequence lengths; a batch is padded up to its bucket with rows that write no KV (slot -1) and
+attend to one key. The decode attention kernel's partition count is fixed at its maximum for
+max_seq_len, so the launch shape does not depend on the step.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from maga_transformer import ops
+from maga_transformer.models.arch import ForwardBatch
+from maga_transformer.models.decoder import DecoderModel, KVCache
+from maga_transformer.ops.attention import DecodeTensors, decode_partitions
+from maga_transformer.ops._compiled import cuda_kernels
+
+logger = logging.getLogger(__name__)
+
+_BUCKETS = [1, 2, 4, 8] + list(range(16, 257, 16))
+
+
+@dataclass
+class DecodeRow:
+    """One sequence of a decode step, as the graph takes it."""
+    token: int
+    position: int
+    slot: int
+    block_table: Sequence[int]
+
+
+def graphs_supported(model: DecoderModel) -> Optional[str]:
+    """None if decode steps of this model can be captured, else the reason they cannot."""
+    if model.device.type != "cuda":
+        return "not on a CUDA device"
+    if os.environ.get("MAGA_DISABLE_CUDA_GRAPHS") == "1":
+        return "MAGA_DISABLE_CUDA_GRAPHS=1"
+    kernels = cuda_kernels()
+    if kernels is None:
+        return "the CUDA kernels are not built"
+    if not kernels.paged_decode_supports_head_dim(model.arch.head_dim):
+        return f"no decode kernel for head_dim {model.arch.head_dim}"
+    if model.arch.rope.rope_type == "dynamic":
+        return "dynamic NTK rope depends on each step's lengths on the host"
+    return None
+
+
+class DecodeGraphs:
+    def __init__(self, model: DecoderModel, kv_caches: List[KVCache], block_size: int, max_seq_len: int,
+                 max_batch: int) -> None:
+        self.model, self.kv_caches, self.block_size = model, kv_caches, block_size
+        self.buckets = [b for b in _BUCKETS if b <= max_batch] or [1]
+        device, biggest = model.device, self.buckets[-1]
+        self.max_blocks = math.ceil(max_seq_len / block_size)
+        kernels = cuda_kernels()
+        self.partitions = decode_partitions(max_seq_len, kernels.decode_partition_size, model.arch.sliding_window)
+        long = dict(dtype=torch.long, device=device)
+        self.input_ids = torch.zeros(biggest, **long)
+        self.positions = torch.zeros(biggest, **long)
+        self.slots = torch.full((biggest,), -1, **long)
+        self.rope_lens = torch.ones(biggest, **long)
+        self.block_tables = torch.zeros(biggest, self.max_blocks, dtype=torch.int32, device=device)
+        self.seq_lens = torch.ones(biggest, dtype=torch.int32, device=device)
+        self.graphs: Dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: Dict[int, torch.Tensor] = {}
+        self._capture_all()
+
+    @property
+    def max_batch(self) -> int:
+        return self.buckets[-1]
+
+    def _batch(self, size: int) -> ForwardBatch:
+        meta = ops.AttentionMetadata(query_lens=[1] * size, context_lens=[0] * size, block_tables=[[0]] * size,
+                                     block_size=self.block_size, num_tokens=size, device=self.model.device,
+                                     sliding_window=self.model.arch.sliding_window)
+        meta.decode = DecodeTensors(self.block_tables[:size], self.seq_lens[:size], self.partitions)
+        return ForwardBatch(self.input_ids[:size], self.positions[:size], self.slots[:size], self.rope_lens[:size],
+                            meta)
+
+    def _forward(self, batch: ForwardBatch) -> torch.Tensor:
+        return self.model.compute_logits(self.model.forward(batch, self.kv_caches))
+
+    @torch.inference_mode()
+    def _capture_all(self) -> None:
+        start = time.monotonic()
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.model.device)
+        stream.wait_stream(torch.cuda.current_stream(self.model.device))
+        with torch.cuda.stream(stream):
+            for size in reversed(self.buckets):  # the biggest first: smaller graphs reuse its pool memory
+                batch = self._batch(size)
+                self._forward(batch)  # warm-up outside the graph: lazy init, autotuning
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    self.logits[size] = self._forward(batch)
+                self.graphs[size] = graph
+        torch.cuda.current_stream(self.model.device).wait_stream(stream)
+        torch.cuda.synchronize(self.model.device)
+        logger.info("captured %d decode CUDA graphs (batch %d..%d) in %.1f s", len(self.graphs), self.buckets[0],
+                    self.buckets[-1], time.monotonic() - start)
+
+    def bucket(self, size: int) -> int:
+        return next(b for b in self.buckets if b >= size)
+
+    @torch.inference_mode()
+    def run(self, rows: Sequence[DecodeRow]) -> torch.Tensor:
+        """Logits [len(rows), vocab] fp32 (a view of the graph's output: valid until the next run)."""
+        n = len(rows)
+        size = self.bucket(n)
+        width = max(len(r.block_table) for r in rows)
+        if width > self.max_blocks:
+            raise ValueError(f"a sequence holds {width} blocks, more than max_seq_len allows ({self.max_blocks})")
+        device = self.model.device
+        scalars = torch.tensor([[r.token for r in rows], [r.position for r in rows], [r.slot for r in rows]],
+                               dtype=torch.long)
+        tables = torch.tensor([list(r.block_table) + [0] * (width - len(r.block_table)) for r in rows],
+                              dtype=torch.int32)
+        scalars = scalars.pin_memory().to(device, non_blocking=True)
+        self.input_ids[:n].copy_(scalars[0])
+        self.positions[:n].copy_(scalars[1])
+        self.slots[:n].copy_(scalars[2])
+        self.rope_lens[:n].copy_(scalars[1] + 1)
+        self.seq_lens[:n].copy_(scalars[1] + 1)
+        self.block_tables[:n, :width].copy_(tables.pin_memory().to(device, non_blocking=True))
+        if size > n:  # padding rows: no KV write, one key each (stale table entries are valid block ids)
+            self.slots[n:size].fill_(-1)
+            self.seq_lens[n:size].fill_(1)
+            self.positions[n:size].fill_(0)
+        self.graphs[size].replay()
+        return self.logits[size][:n]
