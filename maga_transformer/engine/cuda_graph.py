@@ -55,6 +55,16 @@ def graphs_supported(model: DecoderModel) -> Optional[str]:
     return None
 
 
+def max_decode_partitions(max_seq_len: int, partition_size: int, sliding_window: Optional[int]) -> int:
+    """The most partitions the decode kernel gives any sequence of up to max_seq_len keys. Without a
+    window that is the longest sequence's count; with one, a window of W keys that straddles
+    partition edges touches up to ceil(W / P) + 1 partitions, whatever the sequence's length."""
+    longest = decode_partitions(max_seq_len, partition_size, None)
+    if not sliding_window:
+        return longest
+    return min(longest, math.ceil(sliding_window / partition_size) + 1)
+
+
 class DecodeGraphs:
     def __init__(self, model: DecoderModel, kv_caches: List[KVCache], block_size: int, max_seq_len: int,
                  max_batch: int) -> None:
@@ -63,7 +73,7 @@ class DecodeGraphs:
         device, biggest = model.device, self.buckets[-1]
         self.max_blocks = math.ceil(max_seq_len / block_size)
         kernels = cuda_kernels()
-        self.partitions = decode_partitions(max_seq_len, kernels.decode_partition_size, model.arch.sliding_window)
+        self.partitions = max_decode_partitions(max_seq_len, kernels.decode_partition_size, model.arch.sliding_window)
         long = dict(dtype=torch.long, device=device)
         self.input_ids = torch.zeros(biggest, **long)
         self.positions = torch.zeros(biggest, **long)

@@ -134,7 +134,7 @@ def _decode_oracle(q, k_cache, v_cache, meta, scale) -> torch.Tensor:
 
 DECODE_CASES = [
     # context lens,              heads, kv, dim, block, window
-    ([0, 16, 255, 256, 511, 600], 8, 8, 128, 16, None),     # MHA, partition edges (256)
+    ([0, 16, 255, 256, 511, 600], 8, 8, 128, 16, None),     # MHA, edges of 64- and 256-token partitions
     ([8191, 20000, 5], 32, 8, 128, 16, None),               # GQA 4, long: multi-block split
     ([9000, 31], 16, 1, 64, 32, None),                      # MQA
     ([3000, 700, 1], 28, 4, 128, 16, None),                 # GQA 7 (Qwen2.5-7B shape)
@@ -315,7 +315,7 @@ def test_kernels_replay_in_a_cuda_graph(kernels):
     def step():
         ops.write_kv_cache(k_new, v_new, k_cache, v_cache, slots)
         attn = ops.paged_decode_attention(q, k_cache, v_cache, decode.block_tables, decode.seq_lens, 0.09,
-                                          max_partitions=16)
+                                          max_partitions=decode.max_partitions)
         return attn, ops.fused_add_rms_norm(x, residual, weight, 1e-6)[0]
 
     side = torch.cuda.Stream()
