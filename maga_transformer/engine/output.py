@@ -57,8 +57,11 @@ class Detokenizer:
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
         self._states: Dict[int, _DetokState] = {}
+        self._backend_decode = _backend_decoder(tokenizer)
 
     def _decode(self, ids: List[int]) -> str:
+        if self._backend_decode is not None:
+            return self._backend_decode(ids, skip_special_tokens=True)
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def update(self, seq: Sequence) -> str:
@@ -82,6 +85,17 @@ class Detokenizer:
 
     def forget(self, seq: Sequence) -> None:
         self._states.pop(seq.seq_id, None)
+
+
+def _backend_decoder(tokenizer):
+    """The Rust tokenizer's own decode, when transformers' decode would return exactly its result
+    (a fast tokenizer that does not clean up spaces afterwards). Two decodes per sequence run every
+    step; transformers' wrapper adds ~6 us of Python type checks to each (measured on SmolLM2's
+    tokenizer: 8.2 vs 1.8 us), which at a batch of 256 is over 3 ms a step on the host."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return None
+    return backend.decode
 
 
 def find_stop_string(text: str, stops: List[str]) -> Optional[Tuple[int, int]]:
