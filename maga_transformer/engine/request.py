@@ -45,6 +45,7 @@ class Sequence:
 
     @property
     def output_ids(self) -> List[int]:
+        """A new list (a slice), safe to hand to another thread as is."""
         return self.token_ids[self.prompt_len:]
 
     @property

@@ -167,7 +167,7 @@ class StepProcessor:
 
     def _build(self, request: Request, texts: List[str]) -> RequestOutput:
         cfg = request.config
-        seq_outputs = [SequenceOutput(text=text, token_ids=list(seq.output_ids), finish_reason=seq.finish_reason,
+        seq_outputs = [SequenceOutput(text=text, token_ids=seq.output_ids, finish_reason=seq.finish_reason,
                                       cum_logprob=seq.cum_logprob, logprobs=list(seq.output_logprobs),
                                       top_logprobs=list(seq.output_top_logprobs) if cfg.top_logprobs else None,
                                       logits=request.extras.get("logits", {}).get(seq.sample_index),
