@@ -50,6 +50,8 @@ def graphs_supported(model: DecoderModel) -> Optional[str]:
         return "the CUDA kernels are not built"
     if not kernels.paged_decode_supports_head_dim(model.arch.head_dim):
         return f"no decode kernel for head_dim {model.arch.head_dim}"
+    if getattr(model.arch, "position_encoding", "rope") == "alibi":
+        return "ALiBi attention runs the torch reference, which reads each step's lengths on the host"
     if model.arch.rope.rope_type == "dynamic":
         return "dynamic NTK rope depends on each step's lengths on the host"
     return None

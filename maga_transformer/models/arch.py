@@ -40,6 +40,17 @@ class ModelArch:
     sliding_window: Optional[int] = None
     bos_token_id: Optional[int] = None
     eos_token_ids: List[int] = field(default_factory=list)
+    qk_norm: bool = False  # per-head RMSNorm on queries and keys before rotary (Qwen3)
+    num_experts: int = 0  # sparse MoE MLP when > 0 (Mixtral)
+    num_experts_per_token: int = 0
+    normalize_expert_weights: bool = True  # renormalize the top-k router probabilities to sum to 1
+    # GPT-style families (models/gpt_decoder.py); the defaults describe the LLaMA shape.
+    position_encoding: str = "rope"  # rope | learned (absolute table) | alibi (bias on the scores)
+    parallel_residual: bool = False  # x + attn(norm(x)) + mlp(norm'(x)) instead of two sequential blocks
+    shared_block_norm: bool = False  # one norm feeds both attention and MLP (Phi, Falcon-7B)
+    embedding_norm: bool = False  # a LayerNorm right after the token embedding (Bloom)
+    alibi_bias_max: float = 8.0  # MPT's slope schedule
+    clip_qkv: Optional[float] = None  # MPT clamps the fused q/k/v projection to [-clip, clip]
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:

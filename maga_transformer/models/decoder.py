@@ -31,10 +31,14 @@ class LayerWeights:
     o: ops.LinearWeight
     o_bias: Optional[torch.Tensor]
     post_norm: torch.Tensor
-    gate_up: ops.LinearWeight
-    gate_up_bias: Optional[torch.Tensor]
-    down: ops.LinearWeight
-    down_bias: Optional[torch.Tensor]
+    # the dense MLP; a family whose `_assemble_mlp` builds another MLP (MoE) keeps it in `mlp`
+    gate_up: Optional[ops.LinearWeight] = None
+    gate_up_bias: Optional[torch.Tensor] = None
+    down: Optional[ops.LinearWeight] = None
+    down_bias: Optional[torch.Tensor] = None
+    q_norm: Optional[torch.Tensor] = None  # per-head RMSNorm weights [head_dim] (arch.qk_norm)
+    k_norm: Optional[torch.Tensor] = None
+    mlp: Optional[object] = None
 
 
 class DecoderModel:
@@ -87,8 +91,8 @@ class DecoderModel:
         return ops.prepare_linear(self._cast(tensor))
 
     def _assemble(self, globals_: Dict[str, torch.Tensor], per_layer: List[Dict[str, torch.Tensor]]) -> None:
-        self.embed = self._cast(_require(globals_, "embed", None))
-        self.final_norm = self._cast(_require(globals_, "final_norm", None))
+        self.embed = self._cast(require_weight(globals_, "embed", None))
+        self.final_norm = self._cast(require_weight(globals_, "final_norm", None))
         if "lm_head" in globals_ and not self.arch.tie_word_embeddings:
             self.lm_head = self._linear(globals_["lm_head"])
         else:
@@ -96,21 +100,32 @@ class DecoderModel:
         self.layers = [self._assemble_layer(i, w) for i, w in enumerate(per_layer)]
 
     def _assemble_layer(self, index: int, w: Dict[str, torch.Tensor]) -> LayerWeights:
-        get = lambda key: _require(w, key, index)  # noqa: E731
+        get = lambda key: require_weight(w, key, index)  # noqa: E731
         opt = lambda key, flag: self._cast(get(key)) if flag else None  # noqa: E731
+        # checkpoints that already fuse q/k/v (Baichuan's W_pack, Qwen v1's c_attn) give "qkv" directly
+        qkv = w["qkv"] if "qkv" in w else torch.cat([get("q"), get("k"), get("v")])
         qkv_bias = None
         if self.arch.qkv_bias:
-            qkv_bias = self._cast(torch.cat([get("q_bias"), get("k_bias"), get("v_bias")]))
-        gate_up_bias = None
-        if self.arch.mlp_bias:
-            gate_up_bias = self._cast(torch.cat([get("gate_bias"), get("up_bias")]))
-        return LayerWeights(
+            qkv_bias = w["qkv_bias"] if "qkv_bias" in w else torch.cat([get("q_bias"), get("k_bias"), get("v_bias")])
+            qkv_bias = self._cast(qkv_bias)
+        layer = LayerWeights(
             input_norm=self._cast(get("input_norm")),
-            qkv=self._linear(torch.cat([get("q"), get("k"), get("v")])), qkv_bias=qkv_bias,
+            qkv=self._linear(qkv), qkv_bias=qkv_bias,
             o=self._linear(get("o")), o_bias=opt("o_bias", self.arch.o_bias),
             post_norm=self._cast(get("post_norm")),
-            gate_up=self._linear(torch.cat([get("gate"), get("up")])), gate_up_bias=gate_up_bias,
-            down=self._linear(get("down")), down_bias=opt("down_bias", self.arch.mlp_bias))
+            q_norm=opt("q_norm", self.arch.qk_norm), k_norm=opt("k_norm", self.arch.qk_norm))
+        self._assemble_mlp(layer, w, index)
+        return layer
+
+    def _assemble_mlp(self, layer: LayerWeights, w: Dict[str, torch.Tensor], index: int) -> None:
+        """Family hook: the dense gated MLP, fused gate/up. MoE families build `layer.mlp` instead."""
+        get = lambda key: require_weight(w, key, index)  # noqa: E731
+        if self.arch.mlp_bias:
+            layer.gate_up_bias = self._cast(torch.cat([get("gate_bias"), get("up_bias")]))
+            layer.down_bias = self._cast(get("down_bias"))
+        # ChatGLM's dense_h_to_4h already stacks [gate; up]
+        layer.gate_up = self._linear(w["gate_up"] if "gate_up" in w else torch.cat([get("gate"), get("up")]))
+        layer.down = self._linear(get("down"))
 
     # ---- forward --------------------------------------------------------------------------------
     def forward(self, batch: ForwardBatch, kv_caches: List[KVCache]) -> torch.Tensor:
@@ -134,16 +149,26 @@ class DecoderModel:
         qkv = ops.linear(x, layer.qkv, layer.qkv_bias)
         tokens = qkv.shape[0]
         qk_heads = arch.num_heads + arch.num_kv_heads
+        qk = qkv[:, :qk_heads * arch.head_dim].view(tokens, qk_heads, arch.head_dim)
+        if layer.q_norm is not None:
+            qk = self._qk_norm(layer, qk)
         # queries and keys rotate in one call: they sit side by side in the fused projection
-        qk = ops.apply_rotary(qkv[:, :qk_heads * arch.head_dim].view(tokens, qk_heads, arch.head_dim),
-                              cos, sin, arch.rope.rotary_dim)
+        qk = ops.apply_rotary(qk, cos, sin, arch.rope.rotary_dim)
         q, k = qk[:, :arch.num_heads], qk[:, arch.num_heads:]
         v = qkv[:, qk_heads * arch.head_dim:].view(tokens, arch.num_kv_heads, arch.head_dim)
         ops.write_kv_cache(k, v, k_cache, v_cache, batch.slot_mapping)
         out = ops.paged_attention(q, k_cache, v_cache, batch.attn, self.scale)
         return ops.linear(out.reshape(tokens, -1), layer.o, layer.o_bias)
 
+    def _qk_norm(self, layer: LayerWeights, qk: torch.Tensor) -> torch.Tensor:
+        """Qwen3: RMSNorm over each head's channels, separate weights for queries and keys."""
+        heads, head_dim, eps = self.arch.num_heads, self.arch.head_dim, self.arch.norm_eps
+        q = ops.rms_norm(qk[:, :heads].reshape(-1, head_dim), layer.q_norm, eps)
+        k = ops.rms_norm(qk[:, heads:].reshape(-1, head_dim), layer.k_norm, eps)
+        return torch.cat([q.view(qk.shape[0], heads, head_dim), k.view(qk.shape[0], -1, head_dim)], dim=1)
+
     def _mlp(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+        """Family hook: the dense gated MLP (MoE families override)."""
         gate_up = ops.linear(x, layer.gate_up, layer.gate_up_bias)
         if self.arch.hidden_act == "silu":
             act = ops.silu_and_mul(gate_up)
@@ -155,8 +180,10 @@ class DecoderModel:
         return ops.linear(hidden, self.lm_head).float()
 
 
-def _require(weights: Dict[str, torch.Tensor], key: str, layer: Optional[int]) -> torch.Tensor:
+def require_weight(weights: Dict[str, torch.Tensor], key: str, layer: Optional[int]) -> torch.Tensor:
+    """weights[key], or a ValueError naming the missing checkpoint weight (family files use it too)."""
     if key not in weights:
         where = "global weights" if layer is None else f"layer {layer}"
         raise ValueError(f"checkpoint is missing weight {key!r} of {where}")
     return weights[key]
+

@@ -18,6 +18,11 @@ def register_model(model_types: Iterable[str], model_cls: type, architectures: I
         _BY_ARCHITECTURE[arch] = model_cls
 
 
+def model_class(model_type: str) -> Type:
+    """The class registered under a model_type (for a family's `specialize`)."""
+    return _BY_MODEL_TYPE[model_type.lower()]
+
+
 def supported_model_types() -> List[str]:
     return sorted(_BY_MODEL_TYPE)
 
@@ -27,6 +32,14 @@ def supported_architectures() -> List[str]:
 
 
 def resolve_model_class(model_type: str, hf_config: Mapping) -> Type:
+    """The family's class, refined by the class itself when one model_type covers several
+    architectures (`specialize`, e.g. Baichuan's 40-layer ALiBi checkpoints)."""
+    cls = _lookup_model_class(model_type, hf_config)
+    specialize = getattr(cls, "specialize", None)
+    return specialize(hf_config) if specialize is not None else cls
+
+
+def _lookup_model_class(model_type: str, hf_config: Mapping) -> Type:
     """An explicit model_type wins; else config.json's model_type, then its architectures."""
     if model_type:
         cls = _BY_MODEL_TYPE.get(model_type.lower())

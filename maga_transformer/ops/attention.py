@@ -7,14 +7,18 @@ mask. Decode rows (one query) and prefill rows are padded separately so that one
 not inflate the work of every decode in the same step.
 
 On CUDA, a step whose every sequence decodes (one query each) runs the paged decode kernel
-(src/kernels/cuda/paged_decode_attention.cu, flash-decoding over 512-token partitions). Steps with
+(src/kernels/cuda/paged_decode_attention.cu, flash-decoding over 64-token partitions). Steps with
 a prefill row keep the torch reference for now; a varlen prefill kernel comes later (issue 4).
+
+ALiBi (Bloom, MPT, Falcon-alibi, Baichuan-13B) adds slope[h] * (key_pos - query_pos) to the
+scores; only the torch reference implements it, so paged_attention never dispatches to the decode
+kernel when slopes are given.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 import math
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +34,9 @@ class _PaddedGroup:
     query_valid: torch.Tensor  # [G, Lq] bool
     key_slots: torch.Tensor  # [G, Lk] KV slot of each padded key (0 where padding)
     mask: torch.Tensor  # [G, 1, Lq, Lk] bool, True = attend
+    query_pos: torch.Tensor  # [G, Lq] position of each padded query in its sequence (ALiBi distances)
     in_order: bool  # no padding and the batch's own token order: the output needs no scatter
+    alibi: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # (slopes, float mask): every layer reuses it
 
 
 @dataclass
@@ -103,7 +109,7 @@ def _build_group(meta: AttentionMetadata, members: List[int], starts: List[int],
     in_order = bool(query_valid.all()) and len(members) * max_q == meta.num_tokens and bool(
         (query_index.flatten() == torch.arange(meta.num_tokens)).all())
     return _PaddedGroup(query_index.to(device), query_valid.to(device), key_slots.to(device),
-                        mask.unsqueeze(1).to(device), in_order)
+                        mask.unsqueeze(1).to(device), query_pos.to(device), in_order)
 
 
 def _slots(block_table: Sequence[int], block_size: int, length: int) -> torch.Tensor:
@@ -112,8 +118,34 @@ def _slots(block_table: Sequence[int], block_size: int, length: int) -> torch.Te
     return slots[:length]
 
 
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """The ALiBi paper's per-head slopes (Bloom's build_alibi_tensor): a geometric series over the
+    closest power of two of heads, the remaining heads taking every other slope of the next power."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
+    slopes = [base ** power for power in range(1, closest + 1)]
+    if closest != num_heads:
+        extra_base = 2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3)))
+        slopes += [extra_base ** power for power in range(1, 2 * (num_heads - closest), 2)]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def _alibi_mask(group: _PaddedGroup, slopes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Float mask [G, H, Lq, Lk]: slope * (key_pos - query_pos) where attended, -inf elsewhere. Softmax is
+    shift-invariant per row, so this equals Bloom's slope * key_pos and MPT's slope * (key_pos - last)."""
+    if group.alibi is not None and group.alibi[0] is slopes and group.alibi[1].dtype == dtype:
+        return group.alibi[1]
+    max_k = group.key_slots.shape[1]
+    key_pos = torch.arange(max_k, device=slopes.device).view(1, 1, max_k)
+    distance = (key_pos - group.query_pos.unsqueeze(-1)).float()  # [G, Lq, Lk]
+    bias = slopes.float().view(1, -1, 1, 1) * distance.unsqueeze(1)
+    group.alibi = (slopes, bias.masked_fill(~group.mask, float("-inf")).to(dtype))
+    return group.alibi[1]
+
+
 def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                              meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                              meta: AttentionMetadata, scale: float,
+                              alibi_slopes: Optional[torch.Tensor] = None) -> torch.Tensor:
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[2]
     flat_k = k_cache.view(-1, num_kv_heads, head_dim)
@@ -126,7 +158,8 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
             qg = q[group.query_index].transpose(1, 2)
         kg = flat_k[group.key_slots].transpose(1, 2).to(q.dtype)  # [G, KVH, Lk, D]
         vg = flat_v[group.key_slots].transpose(1, 2).to(q.dtype)
-        og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=group.mask, scale=scale,
+        mask = group.mask if alibi_slopes is None else _alibi_mask(group, alibi_slopes, q.dtype)
+        og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale,
                                             enable_gqa=num_kv_heads != num_heads).transpose(1, 2)
         if group.in_order:
             return og.reshape(q.shape)  # the only group, already in the batch's layout
@@ -137,17 +170,22 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                    scale: float) -> torch.Tensor:
+                    scale: float, alibi_slopes: Optional[torch.Tensor] = None) -> torch.Tensor:
     """q: [tokens, heads, head_dim] (the step's keys/values are already written to the cache).
 
     Returns [tokens, heads, head_dim]. Causal within each sequence, over all its cached tokens.
+    alibi_slopes: optional [heads] fp32 on q's device; the bias is added to the scaled scores.
     """
-    kernels = kernels_for(q, k_cache, v_cache)
+    # The CUDA decode kernel has no ALiBi term: steps with slopes always take the reference.
+    kernels = kernels_for(q, k_cache, v_cache) if alibi_slopes is None else None
+    if alibi_slopes is not None and q.is_cuda and torch.cuda.is_current_stream_capturing():
+        # the reference reads this step's lengths on the host: a captured graph would replay stale ones
+        raise RuntimeError("paged_attention with ALiBi cannot run inside a CUDA graph capture")
     if kernels is not None and _decode_kernel_applies(kernels, q, k_cache, v_cache, meta):
         decode = _decode_tensors(kernels, meta, q.device)
         return paged_decode_attention(q, k_cache, v_cache, decode.block_tables, decode.seq_lens, scale,
                                       decode.max_partitions, meta.sliding_window)
-    return paged_attention_reference(q, k_cache, v_cache, meta, scale)
+    return paged_attention_reference(q, k_cache, v_cache, meta, scale, alibi_slopes)
 
 
 def _decode_kernel_applies(kernels, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

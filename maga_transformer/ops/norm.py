@@ -55,3 +55,13 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     """Returns (normed(x + residual), x + residual): the new residual stream and its normed view."""
     result = _norm_kernel(x, residual, weight, eps)
     return result if result is not None else fused_add_rms_norm_reference(x, residual, weight, eps)
+
+
+def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                         eps: float) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+    """LayerNorm (GPT-style families); bias may be None (MPT). No CUDA kernel yet: torch's own is fused."""
+    return layer_norm_reference(x, weight, bias, eps)

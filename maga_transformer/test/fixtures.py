@@ -86,3 +86,73 @@ def run_greedy(engine, prompts: List[List[int]], max_new_tokens: int, **config) 
     handles = [engine.add_request(p, cfg) for p in prompts]
     engine.run_until_idle()
     return [h.result().outputs[0].token_ids for h in handles]
+
+
+def tiny_parity_case(hf_model, directory: str, max_seq_len: int = 128) -> AsyncModel:
+    """Save a tiny transformers model and load it through our engine (batched, paged, 4-token blocks)."""
+    return load_engine_model(save_tiny_checkpoint(hf_model, directory), max_seq_len=max_seq_len)
+
+
+def perturb_vector_parameters(hf_model, std: float = 0.1) -> None:
+    """transformers initializes biases to 0 and norm weights to 1, which would hide a mis-mapped bias or
+    norm; add noise to every 1-D parameter so each one matters."""
+    with torch.no_grad():
+        for param in hf_model.parameters():
+            if param.dim() == 1:
+                param.add_(torch.randn_like(param) * std)
+
+
+# ---- parity checks the family tests share (the oracle is a transformers model on the same weights) ----
+PARITY_PROMPTS = [[1, 5, 9, 17, 33, 65, 7, 3, 11, 13, 99, 100, 4, 8, 21, 34, 55, 89, 44, 23],
+                  [1, 42, 43],
+                  [1, 7, 7, 7, 120, 3, 64, 64, 9, 10, 12]]
+
+
+def assert_prompt_logits_match(engine, hf_model, prompts: List[List[int]], atol: float, name: str = "") -> None:
+    """Every prompt position: NLL of the next token (calculate_loss=2) and the last position's logits."""
+    cfg = GenerateConfig(max_new_tokens=1, top_k=1, calculate_loss=2, return_logits=True)
+    handles = [engine.add_request(p, cfg) for p in prompts]
+    engine.run_until_idle()
+    for prompt, handle in zip(prompts, handles):
+        out = handle.result()
+        with torch.no_grad():
+            ref_logits = hf_model(torch.tensor([prompt])).logits[0].float()
+        ref_nll = torch.nn.functional.cross_entropy(ref_logits[:-1], torch.tensor(prompt[1:]), reduction="none")
+        ours_nll = torch.tensor(out.loss, dtype=torch.float64)
+        assert torch.allclose(ours_nll, ref_nll.double(), atol=atol), (name, (ours_nll - ref_nll.double()).abs().max())
+        ours_last = torch.tensor(out.outputs[0].logits)
+        assert torch.allclose(ours_last, ref_logits[-1], atol=atol), (name, (ours_last - ref_logits[-1]).abs().max())
+
+
+def assert_greedy_matches_generate(engine, hf_model, prompts: List[List[int]], max_new_tokens: int,
+                                   name: str = "") -> None:
+    """All prompts batched through our engine vs transformers' generate one prompt at a time."""
+    ours = run_greedy(engine, prompts, max_new_tokens)
+    for prompt, tokens in zip(prompts, ours):
+        assert tokens == hf_greedy(hf_model, prompt, max_new_tokens), (name, prompt)
+    engine.pool.check_idle()
+
+
+def save_original_checkpoint(directory: str, hf_config: dict, tensors: Dict[str, torch.Tensor],
+                             vocab_size: int) -> str:
+    """A checkpoint in a family's original (non-transformers) layout: config.json, model.safetensors
+    with the original tensor names, and the tiny tokenizer."""
+    import json
+    from safetensors.torch import save_file
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(directory, "model.safetensors"))
+    tokenizer_dir = _tiny_tokenizer_dir(vocab_size)
+    for name in os.listdir(tokenizer_dir):
+        with open(os.path.join(tokenizer_dir, name), "rb") as src, open(os.path.join(directory, name), "wb") as dst:
+            dst.write(src.read())
+    return directory
+
+
+def load_engine_model_as(ckpt_dir: str, model_type: str, num_kv_blocks: Optional[int] = 256, block_size: int = 4,
+                         max_seq_len: int = 0) -> AsyncModel:
+    """Like load_engine_model, with an explicit model_type (it wins over config.json's)."""
+    return ModelFactory.from_huggingface(
+        ckpt_dir, ModelConfig(model_type=model_type, seq_size_per_block=block_size, max_seq_len=max_seq_len),
+        engine_config=EngineConfig(num_kv_blocks=num_kv_blocks))

@@ -103,3 +103,63 @@ def test_gated_activations():
     gate, up = x[:, :4], x[:, 4:]
     assert torch.allclose(ops.silu_and_mul(x), torch.nn.functional.silu(gate) * up)
     assert torch.allclose(ops.gelu_and_mul(x, "tanh"), torch.nn.functional.gelu(gate, approximate="tanh") * up)
+
+
+@pytest.mark.parametrize("num_heads", [4, 6, 12])
+def test_alibi_slopes_match_bloom(num_heads):
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+    bias = build_alibi_tensor(torch.ones(1, 3, dtype=torch.long), num_heads, torch.float32)  # [H, 1, 3]: slope * pos
+    assert torch.allclose(bias[:, 0, 1], ops.alibi_slopes(num_heads))
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
+def test_paged_attention_alibi_matches_naive(heads, kv_heads):
+    """ALiBi in the paged reference vs Bloom's form (slope * key position added to the scaled scores),
+    in float64, over prefill, decode and prefix-hit rows with scattered blocks."""
+    torch.manual_seed(0)
+    block_size, dim = 4, 16
+    k_cache = torch.randn(32, block_size, kv_heads, dim)
+    v_cache = torch.randn(32, block_size, kv_heads, dim)
+    slopes = ops.alibi_slopes(heads) * 4  # steeper than usual, so a wrong sign or offset shows
+    cases = [(0, 7), (5, 1), (9, 6), (0, 1)]
+    tables = [[31, 2, 17], [8, 3], [30, 1, 25, 4], [12]]
+    q = torch.randn(sum(n for _, n in cases), heads, dim)
+    meta = ops.build_attention_metadata([n for _, n in cases], [c for c, _ in cases], tables, block_size,
+                                        torch.device("cpu"))
+    out = ops.paged_attention(q, k_cache, v_cache, meta, scale=dim ** -0.5, alibi_slopes=slopes)
+    offset = 0
+    for (context, new), table in zip(cases, tables):
+        length = context + new
+        slots = torch.tensor([table[p // block_size] * block_size + p % block_size for p in range(length)])
+        k = k_cache.view(-1, kv_heads, dim)[slots].repeat_interleave(heads // kv_heads, dim=1).double()
+        v = v_cache.view(-1, kv_heads, dim)[slots].repeat_interleave(heads // kv_heads, dim=1).double()
+        scores = torch.einsum("qhd,khd->hqk", q[offset:offset + new].double(), k) * dim ** -0.5
+        scores = scores + slopes.double().view(-1, 1, 1) * torch.arange(length).double().view(1, 1, -1)
+        causal = torch.arange(length).view(1, -1) <= torch.arange(context, length).view(-1, 1)
+        expected = torch.einsum("hqk,khd->qhd", scores.masked_fill(~causal, float("-inf")).softmax(-1), v)
+        assert torch.allclose(out[offset:offset + new].double(), expected, atol=1e-5)
+        offset += new
+
+
+def test_layer_norm_matches_torch_module():
+    torch.manual_seed(0)
+    x = torch.randn(5, 32)
+    norm = torch.nn.LayerNorm(32, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+        assert torch.allclose(ops.layer_norm(x, norm.weight, norm.bias, 1e-5), norm(x), atol=1e-6)
+        assert torch.allclose(ops.layer_norm(x, norm.weight, None, 1e-5), norm(x) - norm.bias, atol=1e-6)
+
+
+def test_alibi_never_dispatches_to_the_decode_kernel(monkeypatch):
+    """The decode kernel has no ALiBi term, so paged_attention must not even look for it."""
+    from maga_transformer.ops import attention
+
+    def no_kernels(*tensors):
+        raise AssertionError("paged_attention looked up the CUDA kernels for an ALiBi step")
+    monkeypatch.setattr(attention, "kernels_for", no_kernels)
+    k_cache = torch.randn(2, 4, 2, 8)
+    meta = ops.build_attention_metadata([1], [3], [[1]], 4, torch.device("cpu"))
+    out = ops.paged_attention(torch.randn(1, 2, 8), k_cache, k_cache, meta, 8 ** -0.5, alibi_slopes=ops.alibi_slopes(2))
+    assert out.shape == (1, 2, 8)

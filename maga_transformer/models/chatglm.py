@@ -1,0 +1,112 @@
+"""ChatGLM2 / ChatGLM3 (and GLM-4's chatglm-code checkpoints) under their original names.
+
+LLaMA-shaped math: RMSNorm, biased fused q/k/v (query_key_value = [q; k; v]) with multi-query
+groups, SiLU-gated MLP (dense_h_to_4h = [gate; up]), no other biases. Rotary differs: it covers only
+the first half of each head (kv_channels // 2 channels) and rotates interleaved pairs (2i, 2i+1)
+GPT-J style, with base 10000 * rope_ratio. Attention scores only see q and k through their dot
+product, so permuting the same channels of both changes nothing; at load the rotated channels of
+every q and k head are reordered evens-then-odds, which turns interleaved pairs into the
+rotate-halves layout our rotary op implements.
+
+ChatGLM-6B v1 (2D positions, LayerNorm, GeLU) shares model_type "chatglm" and is refused.
+"""
+from __future__ import annotations
+
+import re
+from typing import Dict, List, Optional
+
+import torch
+
+from maga_transformer.models.arch import ModelArch, RopeConfig
+from maga_transformer.models.decoder import DecoderModel, LayerWeights, WeightName
+from maga_transformer.models.registry import register_model
+
+_LAYER_NAME = re.compile(r"^transformer\.encoder\.layers\.(\d+)\.(.+)$")
+_LAYER_KEYS = {
+    "input_layernorm.weight": "input_norm", "post_attention_layernorm.weight": "post_norm",
+    "self_attention.query_key_value.weight": "qkv", "self_attention.query_key_value.bias": "qkv_bias",
+    "self_attention.dense.weight": "o",
+    "mlp.dense_h_to_4h.weight": "gate_up", "mlp.dense_4h_to_h.weight": "down",
+}
+_GLOBAL_KEYS = {
+    "transformer.embedding.word_embeddings.weight": "embed",
+    "transformer.encoder.final_layernorm.weight": "final_norm",
+    "transformer.output_layer.weight": "lm_head",
+}
+# config flags every supported checkpoint has at these values: other values change the math
+_REQUIRED_FLAGS = {"rmsnorm": True, "post_layer_norm": True, "add_bias_linear": False,
+                   "apply_residual_connection_post_layernorm": False}
+
+
+def _token_ids(value) -> List[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def _check_supported(hf: dict) -> None:
+    if "position_encoding_2d" in hf or "ffn_hidden_size" not in hf:
+        raise ValueError("ChatGLM-6B v1 checkpoints (2D position encoding) are not supported; "
+                         "ChatGLM2, ChatGLM3 and GLM-4 (chatglm code) are")
+    for key, value in _REQUIRED_FLAGS.items():
+        if bool(hf.get(key, value)) != value:
+            raise ValueError(f"ChatGLM checkpoints with {key}={hf[key]!r} are not supported yet")
+
+
+def interleaved_to_halves(heads: torch.Tensor, head_dim: int, rotary_dim: int) -> torch.Tensor:
+    """Rows of a q or k projection (weight or bias), per head: the rotated channels evens first, then odds."""
+    order = torch.cat([torch.arange(0, rotary_dim, 2), torch.arange(1, rotary_dim, 2),
+                       torch.arange(rotary_dim, head_dim)])
+    shaped = heads.reshape(-1, head_dim, *heads.shape[1:])
+    return shaped[:, order].reshape(heads.shape)
+
+
+class ChatGLMModel(DecoderModel):
+    @classmethod
+    def arch_from_hf_config(cls, hf: dict) -> ModelArch:
+        _check_supported(hf)
+        try:
+            hidden, num_heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+            sizes = dict(vocab_size=int(hf.get("padded_vocab_size") or hf["vocab_size"]), hidden_size=hidden,
+                         num_layers=int(hf["num_layers"]), num_heads=num_heads,
+                         intermediate_size=int(hf["ffn_hidden_size"]))
+        except KeyError as err:
+            raise ValueError(f"config.json is missing {err.args[0]!r}") from None
+        head_dim = int(hf.get("kv_channels") or hidden // num_heads)
+        num_kv_heads = int(hf["multi_query_group_num"]) if hf.get("multi_query_attention") else num_heads
+        rope = RopeConfig(theta=10000.0 * float(hf.get("rope_ratio", 1.0)), rotary_dim=head_dim // 2)
+        return ModelArch(
+            **sizes, num_kv_heads=num_kv_heads, head_dim=head_dim,
+            max_position_embeddings=int(hf.get("seq_length", 2048)),
+            norm_eps=float(hf.get("layernorm_epsilon", 1e-5)), rope=rope,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=bool(hf.get("add_qkv_bias", False)), hidden_act="silu",
+            bos_token_id=hf.get("bos_token_id"), eos_token_ids=_token_ids(hf.get("eos_token_id")))
+
+    @classmethod
+    def map_weight_name(cls, name: str) -> Optional[WeightName]:
+        if name in _GLOBAL_KEYS:
+            return None, _GLOBAL_KEYS[name]
+        match = _LAYER_NAME.match(name)
+        if match and match.group(2) in _LAYER_KEYS:
+            return int(match.group(1)), _LAYER_KEYS[match.group(2)]
+        return None  # rotary_pos_emb.inv_freq
+
+    def _assemble_layer(self, index: int, w: Dict[str, torch.Tensor]) -> LayerWeights:
+        w = dict(w)
+        for key in ("qkv", "qkv_bias"):
+            if key in w:
+                w[key] = self._qk_rows_to_halves(w[key])
+        return super()._assemble_layer(index, w)
+
+    def _qk_rows_to_halves(self, qkv: torch.Tensor) -> torch.Tensor:
+        arch = self.arch
+        q_rows, k_rows = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+        q, k, v = qkv.split([q_rows, k_rows, qkv.shape[0] - q_rows - k_rows])
+        rotary_dim = arch.rope.rotary_dim
+        return torch.cat([interleaved_to_halves(q, arch.head_dim, rotary_dim),
+                          interleaved_to_halves(k, arch.head_dim, rotary_dim), v])
+
+
+register_model(["chatglm", "chat_glm", "chatglm2", "chat_glm_2", "chatglm3", "chat_glm_3"], ChatGLMModel,
+               architectures=["ChatGLMModel", "ChatGLMForConditionalGeneration"])

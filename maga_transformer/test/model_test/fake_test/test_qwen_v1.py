@@ -1,0 +1,96 @@
+"""Qwen v1 (QWenLMHeadModel) parity with transformers' Qwen2ForCausalLM on the same weights.
+
+Oracle: a tiny random Qwen2ForCausalLM (multi-head, biased q/k/v, no o bias, as Qwen v1 with
+no_bias=true). Its weights are written in Qwen v1's original layout (transformer.wte, transformer.h.N.
+ln_1 / attn.c_attn = [q; k; v] with bias / attn.c_proj / ln_2 / mlp.w2 = gate / mlp.w1 = up /
+mlp.c_proj = down, transformer.ln_f) with a Qwen v1 config.json (kv_channels, seq_length,
+intermediate_size twice the MLP width), then loaded through our engine (batched, paged). The
+no_bias=false case maps transformers' LlamaForCausalLM with attention_bias and mlp_bias instead.
+fp32 prompt logits and NLL within 1e-4 and 32 greedy tokens equal to transformers' generate.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from maga_transformer.models.qwen_v1 import QWenModel
+from maga_transformer.models.registry import resolve_model_class
+from maga_transformer.test.fixtures import (PARITY_PROMPTS, assert_greedy_matches_generate,
+                                            assert_prompt_logits_match, load_engine_model, save_original_checkpoint)
+
+ATOL = 1e-4
+NEW_TOKENS = 32
+SIZES = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=2, vocab_size=128,
+             max_position_embeddings=128, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
+MLP_WIDTH = 96
+_RENAMES = {"input_layernorm.weight": "ln_1.weight", "post_attention_layernorm.weight": "ln_2.weight",
+            "self_attn.o_proj.weight": "attn.c_proj.weight", "self_attn.o_proj.bias": "attn.c_proj.bias",
+            "mlp.gate_proj.weight": "mlp.w2.weight", "mlp.up_proj.weight": "mlp.w1.weight",
+            "mlp.down_proj.weight": "mlp.c_proj.weight", "mlp.gate_proj.bias": "mlp.w2.bias",
+            "mlp.up_proj.bias": "mlp.w1.bias", "mlp.down_proj.bias": "mlp.c_proj.bias"}
+
+
+def qwen_v1_config(no_bias: bool) -> dict:
+    """Qwen v1's own keys; like the real ones it names no eos_token_id (the tokenizer's EOS applies)."""
+    return dict(architectures=["QWenLMHeadModel"], model_type="qwen", hidden_size=64, num_attention_heads=4,
+                num_hidden_layers=2, vocab_size=128, kv_channels=16, intermediate_size=2 * MLP_WIDTH,
+                layer_norm_epsilon=1e-6, max_position_embeddings=128, seq_length=128, rotary_emb_base=10000,
+                rotary_pct=1.0, no_bias=no_bias, scale_attn_weights=True, tie_word_embeddings=False,
+                use_dynamic_ntk=False, use_logn_attn=False)
+
+
+def qwen_v1_tensors(hf_model) -> dict:
+    state = hf_model.state_dict()
+    out = {"transformer.wte.weight": state["model.embed_tokens.weight"],
+           "transformer.ln_f.weight": state["model.norm.weight"], "lm_head.weight": state["lm_head.weight"]}
+    for i in range(hf_model.config.num_hidden_layers):
+        src, dst = f"model.layers.{i}.", f"transformer.h.{i}."
+        out[dst + "attn.c_attn.weight"] = torch.cat([state[src + f"self_attn.{p}_proj.weight"] for p in "qkv"])
+        out[dst + "attn.c_attn.bias"] = torch.cat([state[src + f"self_attn.{p}_proj.bias"] for p in "qkv"])
+        for ours, theirs in _RENAMES.items():
+            if src + ours in state:
+                out[dst + theirs] = state[src + ours]
+    return out
+
+
+@pytest.fixture(scope="module", params=["no_bias", "biased"])
+def case(request, tmp_path_factory):
+    torch.manual_seed(1234)
+    if request.param == "no_bias":
+        hf_model = Qwen2ForCausalLM(Qwen2Config(**SIZES, intermediate_size=MLP_WIDTH)).eval()
+    else:
+        hf_model = LlamaForCausalLM(LlamaConfig(**SIZES, intermediate_size=MLP_WIDTH, attention_bias=True,
+                                                mlp_bias=True)).eval()
+    with torch.no_grad():  # transformers initialises biases to zero; random ones make the test see them
+        for name, param in hf_model.named_parameters():
+            if name.endswith(".bias"):
+                param.uniform_(-0.5, 0.5)
+    directory = save_original_checkpoint(str(tmp_path_factory.mktemp(request.param)),
+                                         qwen_v1_config(no_bias=request.param == "no_bias"),
+                                         qwen_v1_tensors(hf_model), SIZES["vocab_size"])
+    return request.param, hf_model, load_engine_model(directory, max_seq_len=128)
+
+
+def test_prompt_logits_match(case):
+    name, hf_model, model = case
+    assert_prompt_logits_match(model.engine, hf_model, PARITY_PROMPTS, ATOL, name)
+
+
+def test_greedy_tokens_match_generate(case):
+    name, hf_model, model = case
+    assert_greedy_matches_generate(model.engine, hf_model, PARITY_PROMPTS, NEW_TOKENS, name)
+
+
+def test_registry_names():
+    for model_type in ("qwen", "qwen_7b", "qwen_13b", "qwen_1b8"):
+        assert resolve_model_class(model_type, {}) is QWenModel
+    assert resolve_model_class("", {"architectures": ["QWenLMHeadModel"]}) is QWenModel
+
+
+def test_long_context_features_cap_the_context():
+    """Dynamic NTK and logn scaling act only past seq_length, so the default context stops there."""
+    hf = {**qwen_v1_config(True), "max_position_embeddings": 32768}
+    assert QWenModel.arch_from_hf_config(hf).context_length == 32768
+    hf.update(use_dynamic_ntk=True, use_logn_attn=True)
+    assert QWenModel.arch_from_hf_config(hf).context_length == 128
