@@ -1,10 +1,8 @@
 """The engine on a CUDA GPU (skipped without one): bf16 parity with transformers on the same GPU,
 CUDA-graph decode against eager decode, and the KV pool planned from free GPU memory.
 
-bf16 parity is logprob-aware, as vLLM's check is: two bf16 implementations that sum in different
-orders may break a near-tie differently, after which the sequences legitimately diverge. So the
-tokens must be equal up to the first difference, and there each side's token must be among the
-other side's 5 most likely tokens; a real bug (wrong rotary, mask, KV slot) picks tokens far outside.
+bf16 parity is logprob-aware (test/gpu_parity.py): a real bug (wrong rotary, mask, KV slot)
+picks tokens far outside the other side's 5 most likely, a near-tie does not.
 """
 from __future__ import annotations
 
@@ -15,15 +13,15 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-from maga_transformer.config import EngineConfig, GenerateConfig, ModelConfig
+from maga_transformer.config import EngineConfig, ModelConfig
 from maga_transformer.config.model_config import ACT_TYPE
 from maga_transformer.model_factory import ModelFactory
 from maga_transformer.test.fixtures import save_tiny_checkpoint
+from maga_transformer.test.gpu_parity import assert_logprob_aware_match, engine_greedy
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 NEW_TOKENS = 32
-TOP = 5
 BASE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, vocab_size=512,
             max_position_embeddings=512, eos_token_id=None, bos_token_id=1)  # no EOS: both run 32 tokens
 CASES = {
@@ -63,21 +61,7 @@ def _build(name: str, tmp_path_factory, dtype: ACT_TYPE, graphs: bool):
 
 
 def _run(model, prompts: List[List[int]]):
-    cfg = GenerateConfig(max_new_tokens=NEW_TOKENS, top_k=1, ignore_eos=True, top_logprobs=TOP)
-    handles = [model.engine.add_request(p, cfg) for p in prompts]
-    model.engine.run_until_idle()
-    return [h.result().outputs[0] for h in handles]
-
-
-def _hf_greedy_with_top(hf_model, prompt: List[int]):
-    with torch.no_grad():
-        out = hf_model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=NEW_TOKENS, do_sample=False,
-                                output_scores=True, return_dict_in_generate=True,
-                                pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long,
-                                                                          device="cuda"))
-    tokens = out.sequences[0, len(prompt):].tolist()
-    tops = [set(torch.topk(score[0].float(), TOP).indices.tolist()) for score in out.scores]
-    return tokens, tops
+    return engine_greedy(model, prompts, NEW_TOKENS)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -85,17 +69,7 @@ def test_bf16_greedy_matches_transformers_logprob_aware(name, tmp_path_factory):
     hf_model, ours = _build(name, tmp_path_factory, ACT_TYPE.BF16, graphs=True)
     assert ours.engine.runner.graphs is not None, "decode should run in CUDA graphs"
     hf_model = hf_model.to(device="cuda", dtype=torch.bfloat16)
-    outputs = _run(ours, PROMPTS)
-    agreed = 0
-    for prompt, seq in zip(PROMPTS, outputs):
-        ref_tokens, ref_tops = _hf_greedy_with_top(hf_model, prompt)
-        for position, (mine, theirs) in enumerate(zip(seq.token_ids, ref_tokens)):
-            if mine != theirs:
-                my_top = {t for t, _ in seq.top_logprobs[position]}
-                assert mine in ref_tops[position] and theirs in my_top, (name, prompt, position)
-                break
-            agreed += 1
-    assert agreed >= NEW_TOKENS * len(PROMPTS) // 2, f"{name}: only {agreed} tokens agreed before a near-tie"
+    assert_logprob_aware_match(name, hf_model, ours, PROMPTS, NEW_TOKENS, "cuda")
     ours.stop()
     ours.engine.pool.check_idle()
 
