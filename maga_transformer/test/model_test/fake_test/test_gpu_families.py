@@ -1,8 +1,9 @@
 """Every family with a transformers class, in bf16 on the GPU, against that class in bf16 on the
 same GPU (logprob-aware, test/gpu_parity.py), through the engine with its CUDA kernels and, for the
-rotary and learned-position families with head_dim 64, CUDA-graph decode. Skipped without CUDA; MAGA_GPU_TEST_DEVICE=cpu
-runs the same comparison on the CPU (bf16 torch references) to check the configs themselves.
-The original-layout families (Baichuan, Qwen v1, ChatGLM) need their weight mapping: not here yet."""
+rotary and learned-position families with head_dim 64, CUDA-graph decode. Skipped without CUDA;
+MAGA_GPU_TEST_DEVICE=cpu runs the same comparison on the CPU (bf16 torch references) to check the
+configs themselves. The original-layout families (Baichuan, Qwen v1, ChatGLM) need their weight
+mapping: not here yet."""
 from __future__ import annotations
 
 import os
