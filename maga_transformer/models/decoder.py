@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -67,22 +67,7 @@ class DecoderModel:
 
     # ---- loading --------------------------------------------------------------------------------
     def load_weights(self, tensors: Iterable[Tuple[str, torch.Tensor]]) -> None:
-        globals_: Dict[str, torch.Tensor] = {}
-        per_layer: List[Dict[str, torch.Tensor]] = [dict() for _ in range(self.arch.num_layers)]
-        for name, tensor in tensors:
-            mapped = self.map_weight_name(name)
-            if mapped is None:
-                logger.debug("ignoring checkpoint tensor %s", name)
-                continue
-            layer, key = mapped
-            if layer is None:
-                globals_[key] = tensor
-            elif layer < self.arch.num_layers:
-                per_layer[layer][key] = tensor
-            else:
-                raise ValueError(f"checkpoint tensor {name} names layer {layer}, but the config has "
-                                 f"{self.arch.num_layers} layers")
-        self._assemble(globals_, per_layer)
+        self._assemble(*group_checkpoint_tensors(tensors, self.map_weight_name, self.arch.num_layers))
 
     def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(device=self.device, dtype=self.dtype).contiguous()
@@ -178,6 +163,27 @@ class DecoderModel:
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return ops.linear(hidden, self.lm_head).float()
+
+
+def group_checkpoint_tensors(tensors: Iterable[Tuple[str, torch.Tensor]],
+                             map_weight_name: Callable[[str], Optional[WeightName]],
+                             num_layers: int) -> Tuple[Dict[str, torch.Tensor], List[Dict[str, torch.Tensor]]]:
+    """Checkpoint tensors under their canonical names: (global weights, one dict per layer)."""
+    globals_: Dict[str, torch.Tensor] = {}
+    per_layer: List[Dict[str, torch.Tensor]] = [dict() for _ in range(num_layers)]
+    for name, tensor in tensors:
+        mapped = map_weight_name(name)
+        if mapped is None:
+            logger.debug("ignoring checkpoint tensor %s", name)
+            continue
+        layer, key = mapped
+        if layer is None:
+            globals_[key] = tensor
+        elif layer < num_layers:
+            per_layer[layer][key] = tensor
+        else:
+            raise ValueError(f"checkpoint tensor {name} names layer {layer}, but the config has {num_layers} layers")
+    return globals_, per_layer
 
 
 def require_weight(weights: Dict[str, torch.Tensor], key: str, layer: Optional[int]) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from maga_transformer import ops
 from maga_transformer.models.arch import ForwardBatch, ModelArch
-from maga_transformer.models.decoder import KVCache, WeightName
+from maga_transformer.models.decoder import KVCache, WeightName, group_checkpoint_tensors
 from maga_transformer.models.rotary_embedding import RotaryEmbedding
 
 logger = logging.getLogger(__name__)
@@ -109,21 +109,7 @@ class GptDecoderModel:
 
     # ---- loading --------------------------------------------------------------------------------
     def load_weights(self, tensors: Iterable[Tuple[str, torch.Tensor]]) -> None:
-        globals_: Dict[str, torch.Tensor] = {}
-        per_layer: List[Dict[str, torch.Tensor]] = [dict() for _ in range(self.arch.num_layers)]
-        for name, tensor in tensors:
-            mapped = self.map_weight_name(name)
-            if mapped is None:
-                logger.debug("ignoring checkpoint tensor %s", name)
-                continue
-            layer, key = mapped
-            if layer is None:
-                globals_[key] = tensor
-            elif layer < self.arch.num_layers:
-                per_layer[layer][key] = tensor
-            else:
-                raise ValueError(f"checkpoint tensor {name} names layer {layer}, but the config has "
-                                 f"{self.arch.num_layers} layers")
+        globals_, per_layer = group_checkpoint_tensors(tensors, self.map_weight_name, self.arch.num_layers)
         self._assemble_globals(globals_)
         self.layers = [self._assemble_layer(i, w) for i, w in enumerate(per_layer)]
 
