@@ -15,12 +15,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from maga_transformer.models.baichuan import BaichuanModel
 from maga_transformer.models.registry import resolve_model_class
-from maga_transformer.test.fixtures import (PARITY_PROMPTS, assert_greedy_matches_generate,
-                                            assert_prompt_logits_match, load_engine_model, load_engine_model_as,
-                                            save_original_checkpoint)
+from maga_transformer.test.fixtures import load_engine_model, load_engine_model_as, save_original_checkpoint
+from maga_transformer.test.model_test.parity_tests import (  # noqa: F401  (collected here, on `case`)
+    test_greedy_tokens_match_generate, test_prompt_logits_match)
 
-ATOL = 1e-4
-NEW_TOKENS = 32
 SIZES = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2, vocab_size=128)
 
 
@@ -60,16 +58,6 @@ def build(name: str, directory: str):
 def case(request, tmp_path_factory):
     hf_model, model = build(request.param, str(tmp_path_factory.mktemp(request.param)))
     return request.param, hf_model, model
-
-
-def test_prompt_logits_match(case):
-    name, hf_model, model = case
-    assert_prompt_logits_match(model.engine, hf_model, PARITY_PROMPTS, ATOL, name)
-
-
-def test_greedy_tokens_match_generate(case):
-    name, hf_model, model = case
-    assert_greedy_matches_generate(model.engine, hf_model, PARITY_PROMPTS, NEW_TOKENS, name)
 
 
 def test_registry_and_variants():

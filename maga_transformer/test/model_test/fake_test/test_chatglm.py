@@ -17,11 +17,10 @@ from transformers import GlmConfig, GlmForCausalLM
 
 from maga_transformer.models.chatglm import ChatGLMModel, interleaved_to_halves
 from maga_transformer.models.registry import resolve_model_class
-from maga_transformer.test.fixtures import (PARITY_PROMPTS, assert_greedy_matches_generate,
-                                            assert_prompt_logits_match, load_engine_model, save_original_checkpoint)
+from maga_transformer.test.fixtures import load_engine_model, save_original_checkpoint
+from maga_transformer.test.model_test.parity_tests import (  # noqa: F401  (collected here, on `case`)
+    test_greedy_tokens_match_generate, test_prompt_logits_match)
 
-ATOL = 1e-4
-NEW_TOKENS = 32
 CASES = {  # name: (kv groups, head_dim, rope_ratio, model_type)
     "chatglm2_two_groups": (2, 16, 1.0, "chatglm"),
     "chatglm3_one_group_rope_ratio": (1, 32, 3.0, "chatglm3"),
@@ -74,16 +73,6 @@ def case(request, tmp_path_factory):
                                          chatglm_config(groups, head_dim, rope_ratio, model_type),
                                          chatglm_tensors(glm), 128)
     return request.param, glm, load_engine_model(directory, max_seq_len=128)
-
-
-def test_prompt_logits_match(case):
-    name, hf_model, model = case
-    assert_prompt_logits_match(model.engine, hf_model, PARITY_PROMPTS, ATOL, name)
-
-
-def test_greedy_tokens_match_generate(case):
-    name, hf_model, model = case
-    assert_greedy_matches_generate(model.engine, hf_model, PARITY_PROMPTS, NEW_TOKENS, name)
 
 
 def test_registry_names():

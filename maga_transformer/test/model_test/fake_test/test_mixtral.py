@@ -13,11 +13,10 @@ from transformers import MixtralConfig, MixtralForCausalLM
 
 from maga_transformer import ops
 from maga_transformer.models.moe import MoeWeights, moe_mlp, moe_mlp_dense, route
-from maga_transformer.test.fixtures import (PARITY_PROMPTS, assert_greedy_matches_generate,
-                                            assert_prompt_logits_match, load_engine_model, save_tiny_checkpoint)
+from maga_transformer.test.fixtures import load_engine_model, save_tiny_checkpoint
+from maga_transformer.test.model_test.parity_tests import (  # noqa: F401  (collected here, on `case`)
+    test_greedy_tokens_match_generate, test_prompt_logits_match)
 
-ATOL = 1e-4
-NEW_TOKENS = 32
 BASE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, vocab_size=128, max_position_embeddings=128,
             eos_token_id=2, bos_token_id=1, num_attention_heads=4, num_key_value_heads=2)
 
@@ -37,16 +36,6 @@ def case(request, tmp_path_factory):
             layer.mlp.gate.weight.mul_(20.0)
     directory = save_tiny_checkpoint(hf_model, str(tmp_path_factory.mktemp(request.param)))
     return request.param, hf_model, load_engine_model(directory, max_seq_len=128)
-
-
-def test_prompt_logits_match(case):
-    name, hf_model, model = case
-    assert_prompt_logits_match(model.engine, hf_model, PARITY_PROMPTS, ATOL, name)
-
-
-def test_greedy_tokens_match_generate(case):
-    name, hf_model, model = case
-    assert_greedy_matches_generate(model.engine, hf_model, PARITY_PROMPTS, NEW_TOKENS, name)
 
 
 def test_dense_path_equals_grouped_path():

@@ -12,11 +12,10 @@ from transformers import PhiConfig, PhiForCausalLM
 
 from maga_transformer.models.phi import PhiModel
 from maga_transformer.models.registry import resolve_model_class
-from maga_transformer.test.fixtures import (PARITY_PROMPTS, assert_greedy_matches_generate,
-                                            assert_prompt_logits_match, perturb_vector_parameters,
-                                            tiny_parity_case)
+from maga_transformer.test.fixtures import perturb_vector_parameters, tiny_parity_case
+from maga_transformer.test.model_test.parity_tests import (  # noqa: F401  (collected here, on `case`)
+    test_greedy_tokens_match_generate, test_prompt_logits_match)
 
-ATOL = 1e-4
 BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
             max_position_embeddings=128, eos_token_id=2, bos_token_id=1)
 CASES = {
@@ -31,16 +30,6 @@ def case(request, tmp_path_factory):
     hf_model = PhiForCausalLM(PhiConfig(**{**BASE, **CASES[request.param]})).eval()
     perturb_vector_parameters(hf_model)
     return request.param, hf_model, tiny_parity_case(hf_model, str(tmp_path_factory.mktemp(request.param)))
-
-
-def test_prompt_logits_match(case):
-    name, hf_model, model = case
-    assert_prompt_logits_match(model.engine, hf_model, PARITY_PROMPTS, ATOL, name)
-
-
-def test_greedy_tokens_match_generate(case):
-    name, hf_model, model = case
-    assert_greedy_matches_generate(model.engine, hf_model, PARITY_PROMPTS, 32, name)
 
 
 @pytest.mark.parametrize("model_type", ['phi', 'phi-2', 'phi-1.5'])

@@ -13,11 +13,10 @@ import torch
 from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from maga_transformer.models.registry import resolve_model_class
-from maga_transformer.test.fixtures import (PARITY_PROMPTS, assert_greedy_matches_generate,
-                                            assert_prompt_logits_match, load_engine_model, save_tiny_checkpoint)
+from maga_transformer.test.fixtures import load_engine_model, save_tiny_checkpoint
+from maga_transformer.test.model_test.parity_tests import (  # noqa: F401  (collected here, on `case`)
+    test_greedy_tokens_match_generate, test_prompt_logits_match)
 
-ATOL = 1e-4
-NEW_TOKENS = 32
 BASE = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2, vocab_size=128,
             max_position_embeddings=128, eos_token_id=2, bos_token_id=1, num_attention_heads=4,
             num_key_value_heads=2, num_experts=4, num_experts_per_tok=2)
@@ -44,16 +43,6 @@ def case(request, tmp_path_factory):
                 param.uniform_(0.5, 1.5)
     directory = save_tiny_checkpoint(hf_model, str(tmp_path_factory.mktemp(request.param)))
     return request.param, hf_model, load_engine_model(directory, max_seq_len=128)
-
-
-def test_prompt_logits_match(case):
-    name, hf_model, model = case
-    assert_prompt_logits_match(model.engine, hf_model, PARITY_PROMPTS, ATOL, name)
-
-
-def test_greedy_tokens_match_generate(case):
-    name, hf_model, model = case
-    assert_greedy_matches_generate(model.engine, hf_model, PARITY_PROMPTS, NEW_TOKENS, name)
 
 
 def test_registry_names():

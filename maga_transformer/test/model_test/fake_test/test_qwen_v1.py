@@ -16,11 +16,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from maga_transformer.models.qwen_v1 import QWenModel
 from maga_transformer.models.registry import resolve_model_class
-from maga_transformer.test.fixtures import (PARITY_PROMPTS, assert_greedy_matches_generate,
-                                            assert_prompt_logits_match, load_engine_model, save_original_checkpoint)
+from maga_transformer.test.fixtures import load_engine_model, save_original_checkpoint
+from maga_transformer.test.model_test.parity_tests import (  # noqa: F401  (collected here, on `case`)
+    test_greedy_tokens_match_generate, test_prompt_logits_match)
 
-ATOL = 1e-4
-NEW_TOKENS = 32
 SIZES = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=2, vocab_size=128,
              max_position_embeddings=128, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
 MLP_WIDTH = 96
@@ -70,16 +69,6 @@ def case(request, tmp_path_factory):
                                          qwen_v1_config(no_bias=request.param == "no_bias"),
                                          qwen_v1_tensors(hf_model), SIZES["vocab_size"])
     return request.param, hf_model, load_engine_model(directory, max_seq_len=128)
-
-
-def test_prompt_logits_match(case):
-    name, hf_model, model = case
-    assert_prompt_logits_match(model.engine, hf_model, PARITY_PROMPTS, ATOL, name)
-
-
-def test_greedy_tokens_match_generate(case):
-    name, hf_model, model = case
-    assert_greedy_matches_generate(model.engine, hf_model, PARITY_PROMPTS, NEW_TOKENS, name)
 
 
 def test_registry_names():
