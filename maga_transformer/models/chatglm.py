@@ -13,12 +13,12 @@ ChatGLM-6B v1 (2D positions, LayerNorm, GeLU) shares model_type "chatglm" and is
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 
 from maga_transformer.models.arch import ModelArch, RopeConfig
-from maga_transformer.models.decoder import DecoderModel, LayerWeights, WeightName
+from maga_transformer.models.decoder import DecoderModel, LayerWeights, WeightName, eos_ids, map_with_tables
 from maga_transformer.models.registry import register_model
 
 _LAYER_NAME = re.compile(r"^transformer\.encoder\.layers\.(\d+)\.(.+)$")
@@ -37,11 +37,6 @@ _GLOBAL_KEYS = {
 _REQUIRED_FLAGS = {"rmsnorm": True, "post_layer_norm": True, "add_bias_linear": False,
                    "apply_residual_connection_post_layernorm": False}
 
-
-def _token_ids(value) -> List[int]:
-    if value is None:
-        return []
-    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
 
 
 def _check_supported(hf: dict) -> None:
@@ -81,16 +76,11 @@ class ChatGLMModel(DecoderModel):
             norm_eps=float(hf.get("layernorm_epsilon", 1e-5)), rope=rope,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=bool(hf.get("add_qkv_bias", False)), hidden_act="silu",
-            bos_token_id=hf.get("bos_token_id"), eos_token_ids=_token_ids(hf.get("eos_token_id")))
+            bos_token_id=hf.get("bos_token_id"), eos_token_ids=eos_ids(hf.get("eos_token_id")))
 
     @classmethod
     def map_weight_name(cls, name: str) -> Optional[WeightName]:
-        if name in _GLOBAL_KEYS:
-            return None, _GLOBAL_KEYS[name]
-        match = _LAYER_NAME.match(name)
-        if match and match.group(2) in _LAYER_KEYS:
-            return int(match.group(1)), _LAYER_KEYS[match.group(2)]
-        return None  # rotary_pos_emb.inv_freq
+        return map_with_tables(name, _LAYER_NAME, _LAYER_KEYS, _GLOBAL_KEYS)
 
     def _assemble_layer(self, index: int, w: Dict[str, torch.Tensor]) -> LayerWeights:
         w = dict(w)

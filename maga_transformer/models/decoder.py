@@ -7,6 +7,7 @@ fuses q/k/v and gate/up into single matrices at load time: one GEMM instead of t
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -184,6 +185,24 @@ def group_checkpoint_tensors(tensors: Iterable[Tuple[str, torch.Tensor]],
         else:
             raise ValueError(f"checkpoint tensor {name} names layer {layer}, but the config has {num_layers} layers")
     return globals_, per_layer
+
+
+def eos_ids(value) -> List[int]:
+    """config.json's eos_token_id (absent, one id or a list) as a list."""
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def map_with_tables(name: str, layer_pattern: re.Pattern, layer_keys: Dict[str, str],
+                    global_keys: Dict[str, str]) -> Optional[WeightName]:
+    """Canonical name from a family's tables; layer_pattern captures (layer index, rest of the name)."""
+    if name in global_keys:
+        return None, global_keys[name]
+    match = layer_pattern.match(name)
+    if match and match.group(2) in layer_keys:
+        return int(match.group(1)), layer_keys[match.group(2)]
+    return None  # e.g. attention masks and rotary inv_freq buffers that old checkpoints carry
 
 
 def require_weight(weights: Dict[str, torch.Tensor], key: str, layer: Optional[int]) -> torch.Tensor:

@@ -14,9 +14,8 @@ import torch
 
 from maga_transformer import ops
 from maga_transformer.models.arch import ModelArch
-from maga_transformer.models.decoder import WeightName
-from maga_transformer.models.gpt_decoder import (GptDecoderModel, check_activation, eos_ids, first_present,
-                                                 map_with_tables, with_bias_keys)
+from maga_transformer.models.decoder import WeightName, eos_ids, map_with_tables
+from maga_transformer.models.gpt_decoder import GptDecoderModel, check_activation, first_present, with_bias_keys
 from maga_transformer.models.registry import register_model
 from maga_transformer.models.rotary_embedding import rope_config_from_hf
 

@@ -7,9 +7,8 @@ import re
 from typing import Optional
 
 from maga_transformer.models.arch import ModelArch
-from maga_transformer.models.decoder import WeightName
-from maga_transformer.models.gpt_decoder import (GptDecoderModel, check_activation, eos_ids, map_with_tables,
-                                                 require_keys, with_bias_keys)
+from maga_transformer.models.decoder import WeightName, eos_ids, map_with_tables
+from maga_transformer.models.gpt_decoder import GptDecoderModel, check_activation, require_keys, with_bias_keys
 from maga_transformer.models.registry import register_model
 
 _LAYER_NAME = re.compile(r"^(?:transformer\.)?h\.(\d+)\.(.+)$")

@@ -12,7 +12,6 @@ A bias is used when the checkpoint has it, so bias-free families (MPT) need no f
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -216,12 +215,6 @@ def _require(weights: Dict[str, torch.Tensor], key: str, layer: Optional[int]) -
     return weights[key]
 
 
-def eos_ids(value) -> List[int]:
-    if value is None:
-        return []
-    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
-
-
 def require_keys(hf: dict, *keys: str) -> List:
     """config.json values that must be present, with a clear error naming the missing one."""
     missing = [key for key in keys if hf.get(key) is None]
@@ -237,17 +230,6 @@ def first_present(hf: dict, *keys: str):
         if hf.get(key) is not None:
             return hf[key]
     raise ValueError(f"config.json is missing {keys[0]!r}")
-
-
-def map_with_tables(name: str, layer_pattern: re.Pattern, layer_keys: Dict[str, str],
-                    global_keys: Dict[str, str]) -> Optional[WeightName]:
-    """Canonical name from a family's tables; layer_pattern captures (layer index, rest of the name)."""
-    if name in global_keys:
-        return None, global_keys[name]
-    match = layer_pattern.match(name)
-    if match and match.group(2) in layer_keys:
-        return int(match.group(1)), layer_keys[match.group(2)]
-    return None  # e.g. attention masks and rotary inv_freq buffers that old checkpoints carry
 
 
 def with_bias_keys(table: Dict[str, str]) -> Dict[str, str]:

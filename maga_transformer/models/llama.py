@@ -6,10 +6,10 @@ only in config.json: GQA, rope scaling, biases, tied embeddings, Mistral's slidi
 from __future__ import annotations
 
 import re
-from typing import List, Optional
+from typing import Optional
 
 from maga_transformer.models.arch import ModelArch
-from maga_transformer.models.decoder import DecoderModel, WeightName
+from maga_transformer.models.decoder import DecoderModel, WeightName, eos_ids, map_with_tables
 from maga_transformer.models.registry import register_model
 from maga_transformer.models.rotary_embedding import rope_config_from_hf
 
@@ -33,11 +33,6 @@ _GLOBAL_KEYS = {
 }
 _SUPPORTED_ACTS = ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new")
 
-
-def _eos_ids(value) -> List[int]:
-    if value is None:
-        return []
-    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
 
 
 class LlamaModel(DecoderModel):
@@ -68,16 +63,11 @@ class LlamaModel(DecoderModel):
             qkv_bias=attn_bias, o_bias=attn_bias, mlp_bias=bool(hf.get("mlp_bias", False)),
             hidden_act=hidden_act,
             sliding_window=hf.get("sliding_window") if hf.get("use_sliding_window", True) else None,
-            bos_token_id=hf.get("bos_token_id"), eos_token_ids=_eos_ids(hf.get("eos_token_id")))
+            bos_token_id=hf.get("bos_token_id"), eos_token_ids=eos_ids(hf.get("eos_token_id")))
 
     @classmethod
     def map_weight_name(cls, name: str) -> Optional[WeightName]:
-        if name in _GLOBAL_KEYS:
-            return None, _GLOBAL_KEYS[name]
-        match = _LAYER_NAME.match(name)
-        if match and match.group(2) in _LAYER_KEYS:
-            return int(match.group(1)), _LAYER_KEYS[match.group(2)]
-        return None  # e.g. rotary_emb.inv_freq buffers in old checkpoints
+        return map_with_tables(name, _LAYER_NAME, _LAYER_KEYS, _GLOBAL_KEYS)
 
 
 register_model(

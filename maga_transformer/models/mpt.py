@@ -10,8 +10,8 @@ from typing import Optional
 import torch
 
 from maga_transformer.models.arch import ModelArch
-from maga_transformer.models.decoder import WeightName
-from maga_transformer.models.gpt_decoder import GptDecoderModel, eos_ids, map_with_tables, require_keys
+from maga_transformer.models.decoder import WeightName, eos_ids, map_with_tables
+from maga_transformer.models.gpt_decoder import GptDecoderModel, require_keys
 from maga_transformer.models.registry import register_model
 
 _LAYER_NAME = re.compile(r"^(?:transformer\.)?blocks\.(\d+)\.(.+)$")

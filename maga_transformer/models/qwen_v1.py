@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import List, Optional
+from typing import Optional
 
 from maga_transformer.models.arch import ModelArch, RopeConfig
-from maga_transformer.models.decoder import DecoderModel, WeightName
+from maga_transformer.models.decoder import DecoderModel, WeightName, eos_ids, map_with_tables
 from maga_transformer.models.registry import register_model
 
 logger = logging.getLogger(__name__)
@@ -31,11 +31,6 @@ _LAYER_KEYS = {
 }
 _GLOBAL_KEYS = {"transformer.wte.weight": "embed", "transformer.ln_f.weight": "final_norm", "lm_head.weight": "lm_head"}
 
-
-def _token_ids(value) -> List[int]:
-    if value is None:
-        return []
-    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
 
 
 def _context_length(hf: dict) -> int:
@@ -66,16 +61,11 @@ class QWenModel(DecoderModel):
             norm_eps=float(hf.get("layer_norm_epsilon", 1e-6)), rope=rope,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=True, o_bias=biased, mlp_bias=biased, hidden_act="silu",
-            bos_token_id=hf.get("bos_token_id"), eos_token_ids=_token_ids(hf.get("eos_token_id")))
+            bos_token_id=hf.get("bos_token_id"), eos_token_ids=eos_ids(hf.get("eos_token_id")))
 
     @classmethod
     def map_weight_name(cls, name: str) -> Optional[WeightName]:
-        if name in _GLOBAL_KEYS:
-            return None, _GLOBAL_KEYS[name]
-        match = _LAYER_NAME.match(name)
-        if match and match.group(2) in _LAYER_KEYS:
-            return int(match.group(1)), _LAYER_KEYS[match.group(2)]
-        return None  # rotary inv_freq buffers
+        return map_with_tables(name, _LAYER_NAME, _LAYER_KEYS, _GLOBAL_KEYS)
 
 
 register_model(["qwen", "qwen_7b", "qwen_13b", "qwen_1b8"], QWenModel, architectures=["QWenLMHeadModel"])
