@@ -44,6 +44,11 @@ def _context_length(hf: dict) -> int:
 
 class QWenModel(DecoderModel):
     @classmethod
+    def specialize(cls, hf: dict) -> type:
+        """A Qwen-VL checkpoint says model_type qwen too; its config.json has a `visual` section."""
+        return QWenVLModel if hf.get("visual") else cls
+
+    @classmethod
     def arch_from_hf_config(cls, hf: dict) -> ModelArch:
         try:
             hidden, num_heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
@@ -68,4 +73,17 @@ class QWenModel(DecoderModel):
         return map_with_tables(name, _LAYER_NAME, _LAYER_KEYS, _GLOBAL_KEYS)
 
 
+class QWenVLModel(QWenModel):
+    """Qwen-VL (model_type qwen_vl): a Qwen v1 language model plus a vision transformer
+    (transformer.visual.*, config.json's `visual`). Images need that tower (roadmap: multimodal), so
+    until then it is not loaded and requests with images are refused; text runs as on Qwen v1."""
+
+    @classmethod
+    def arch_from_hf_config(cls, hf: dict) -> ModelArch:
+        logger.warning("Qwen-VL: serving the language model only; the vision transformer is not loaded and "
+                       "requests with images are refused (multimodal is a later feature)")
+        return super().arch_from_hf_config(hf)
+
+
 register_model(["qwen", "qwen_7b", "qwen_13b", "qwen_1b8"], QWenModel, architectures=["QWenLMHeadModel"])
+register_model(["qwen_vl"], QWenVLModel)

@@ -2,10 +2,11 @@
 same GPU (logprob-aware, test/gpu_parity.py), through the engine with its CUDA kernels and, for the
 rotary and learned-position families with head_dim 64, CUDA-graph decode. Skipped without CUDA;
 MAGA_GPU_TEST_DEVICE=cpu runs the same comparison on the CPU (bf16 torch references) to check the
-configs themselves. The original-layout families (Baichuan, Qwen v1, ChatGLM) need their weight
-mapping: not here yet."""
+configs themselves. The original-layout families (Baichuan, Qwen v1, ChatGLM) are in
+test_gpu_original_families.py."""
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -16,7 +17,7 @@ from maga_transformer.config import EngineConfig, ModelConfig
 from maga_transformer.config.model_config import ACT_TYPE
 from maga_transformer.model_factory import ModelFactory
 from maga_transformer.test.fixtures import perturb_vector_parameters, save_tiny_checkpoint
-from maga_transformer.test.gpu_parity import assert_logprob_aware_match
+from maga_transformer.test.gpu_parity import assert_bf16_error_like_oracle, assert_logprob_aware_match
 
 DEVICE = os.environ.get("MAGA_GPU_TEST_DEVICE", "cuda")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
@@ -64,7 +65,9 @@ def test_family_bf16_matches_transformers_logprob_aware(name, tmp_path):
     if DEVICE == "cuda":
         # ALiBi families decode eagerly, the others in graphs: say which is which, so a regression shows
         assert (ours.engine.runner.graphs is not None) == graphs_expected, name
+    truth = copy.deepcopy(hf_model).to(device=DEVICE)
     hf_model = hf_model.to(device=DEVICE, dtype=torch.bfloat16)
-    assert_logprob_aware_match(name, hf_model, ours, PROMPTS, NEW_TOKENS, DEVICE)
+    sequences = assert_logprob_aware_match(name, hf_model, ours, PROMPTS, NEW_TOKENS, DEVICE)
+    assert_bf16_error_like_oracle(name, ours, truth, hf_model, sequences, DEVICE)
     ours.stop()
     ours.engine.pool.check_idle()

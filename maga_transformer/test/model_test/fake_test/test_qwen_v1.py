@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from maga_transformer.models.qwen_v1 import QWenModel
+from maga_transformer.models.qwen_v1 import QWenModel, QWenVLModel
 from maga_transformer.models.registry import resolve_model_class
 from maga_transformer.test.fixtures import load_engine_model, save_original_checkpoint
 from maga_transformer.test.model_test.parity_tests import (  # noqa: F401  (collected here, on `case`)
@@ -53,10 +53,21 @@ def qwen_v1_tensors(hf_model) -> dict:
     return out
 
 
-@pytest.fixture(scope="module", params=["no_bias", "biased"])
+VISUAL = {"image_size": 448, "patch_size": 14, "width": 32, "layers": 1, "heads": 2, "output_dim": 64}
+
+
+def qwen_vl_extras(config: dict, tensors: dict) -> None:
+    """Qwen-VL's checkpoint: the same language model plus a vision transformer text must not touch."""
+    config["visual"] = VISUAL
+    tensors.update({"transformer.visual.conv1.weight": torch.randn(32, 3, 14, 14),
+                    "transformer.visual.proj": torch.randn(32, 64),
+                    "transformer.visual.transformer.resblocks.0.attn.in_proj_weight": torch.randn(96, 32)})
+
+
+@pytest.fixture(scope="module", params=["no_bias", "biased", "qwen_vl"])
 def case(request, tmp_path_factory):
     torch.manual_seed(1234)
-    if request.param == "no_bias":
+    if request.param != "biased":
         hf_model = Qwen2ForCausalLM(Qwen2Config(**SIZES, intermediate_size=MLP_WIDTH)).eval()
     else:
         hf_model = LlamaForCausalLM(LlamaConfig(**SIZES, intermediate_size=MLP_WIDTH, attention_bias=True,
@@ -65,9 +76,11 @@ def case(request, tmp_path_factory):
         for name, param in hf_model.named_parameters():
             if name.endswith(".bias"):
                 param.uniform_(-0.5, 0.5)
-    directory = save_original_checkpoint(str(tmp_path_factory.mktemp(request.param)),
-                                         qwen_v1_config(no_bias=request.param == "no_bias"),
-                                         qwen_v1_tensors(hf_model), SIZES["vocab_size"])
+    config, tensors = qwen_v1_config(no_bias=request.param != "biased"), qwen_v1_tensors(hf_model)
+    if request.param == "qwen_vl":
+        qwen_vl_extras(config, tensors)
+    directory = save_original_checkpoint(str(tmp_path_factory.mktemp(request.param)), config, tensors,
+                                         SIZES["vocab_size"])
     return request.param, hf_model, load_engine_model(directory, max_seq_len=128)
 
 
@@ -75,6 +88,8 @@ def test_registry_names():
     for model_type in ("qwen", "qwen_7b", "qwen_13b", "qwen_1b8"):
         assert resolve_model_class(model_type, {}) is QWenModel
     assert resolve_model_class("", {"architectures": ["QWenLMHeadModel"]}) is QWenModel
+    assert resolve_model_class("qwen_vl", {}) is QWenVLModel
+    assert resolve_model_class("", {"model_type": "qwen", "visual": VISUAL}) is QWenVLModel
 
 
 def test_long_context_features_cap_the_context():

@@ -1,0 +1,99 @@
+"""The original-layout families (checkpoints in their own tensor names and config.json keys) in bf16
+on the GPU, through the engine's CUDA kernels and (head_dim 64, rotary) CUDA-graph decode, against the
+same oracle as their fp32 CPU test, logprob-aware (test/gpu_parity.py):
+- Baichuan-7B: transformers' Llama in bf16, q/k/v packed into W_pack;
+- Qwen v1: transformers' Qwen2 in bf16, q/k/v fused into c_attn, MLP renamed;
+- ChatGLM2: transformers' GLM in bf16 (two multi-query groups, half-head interleaved rotary);
+- Baichuan2-13B: the independent float64 transcription of its modeling code (ALiBi, NormHead;
+  decodes without graphs, as every ALiBi family).
+Skipped without CUDA; MAGA_GPU_TEST_DEVICE=cpu runs the same comparison on the CPU."""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from transformers import GlmConfig, GlmForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from maga_transformer.config import EngineConfig, ModelConfig
+from maga_transformer.config.model_config import ACT_TYPE
+from maga_transformer.model_factory import ModelFactory
+from maga_transformer.test.fixtures import perturb_vector_parameters, save_original_checkpoint
+from maga_transformer.test.gpu_parity import assert_bf16_error_like_oracle, assert_logprob_aware_match
+from maga_transformer.test.model_test.fake_test.test_baichuan import baichuan_config, baichuan_tensors
+from maga_transformer.test.model_test.fake_test.test_baichuan_13b import BaichuanReference
+from maga_transformer.test.model_test.fake_test.test_chatglm import chatglm_config, chatglm_tensors
+from maga_transformer.test.model_test.fake_test.test_qwen_v1 import qwen_v1_config, qwen_v1_tensors
+
+DEVICE = os.environ.get("MAGA_GPU_TEST_DEVICE", "cuda")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
+                                                  reason="needs a CUDA GPU")]
+NEW_TOKENS = 24
+HIDDEN, HEADS, INTER, VOCAB, CONTEXT = 256, 4, 512, 512, 512
+SIZES = dict(hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=2, num_attention_heads=HEADS,
+             vocab_size=VOCAB, max_position_embeddings=CONTEXT, eos_token_id=None)
+PROMPTS = [[1, 5, 9, 17, 33, 65, 7, 3, 11, 13, 99, 100, 4, 8, 21, 34, 55, 89, 44, 23] * 3,
+           [1, 42, 43], [1, 7, 7, 7, 120, 3, 64, 64, 9, 10, 12]]
+
+
+def _perturbed(model):
+    perturb_vector_parameters(model)  # biases and norm weights must be mapped right to matter
+    return model.eval()
+
+
+def baichuan_7b():
+    llama = _perturbed(LlamaForCausalLM(LlamaConfig(**SIZES, num_key_value_heads=HEADS, rms_norm_eps=1e-6)))
+    config = {**baichuan_config("BaiChuanForCausalLM"), **SIZES, "model_max_length": CONTEXT}
+    return llama, config, baichuan_tensors(llama), True
+
+
+def qwen_v1():
+    qwen2 = _perturbed(Qwen2ForCausalLM(Qwen2Config(**SIZES, num_key_value_heads=HEADS, rms_norm_eps=1e-6)))
+    config = {**qwen_v1_config(no_bias=True), "hidden_size": HIDDEN, "vocab_size": VOCAB, "kv_channels": HIDDEN // HEADS,
+              "intermediate_size": 2 * INTER, "max_position_embeddings": CONTEXT, "seq_length": CONTEXT}
+    return qwen2, config, qwen_v1_tensors(qwen2), True
+
+
+def chatglm2():
+    glm = _perturbed(GlmForCausalLM(GlmConfig(
+        **SIZES, num_key_value_heads=2, head_dim=HIDDEN // HEADS, rms_norm_eps=1e-5, attention_bias=True, pad_token_id=0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})))
+    config = {**chatglm_config(2, HIDDEN // HEADS, 1.0, "chatglm2"), "hidden_size": HIDDEN, "ffn_hidden_size": INTER,
+              "padded_vocab_size": VOCAB, "vocab_size": VOCAB, "seq_length": CONTEXT}
+    return glm, config, chatglm_tensors(glm), True
+
+
+def baichuan2_13b():
+    llama = _perturbed(LlamaForCausalLM(LlamaConfig(**SIZES, rms_norm_eps=1e-6)))
+    tensors = baichuan_tensors(llama)
+    tensors["lm_head.weight"] = tensors["lm_head.weight"] * torch.empty(VOCAB, 1).uniform_(0.2, 5)
+    config = {**baichuan_config("BaichuanForCausalLM"), **SIZES, "model_max_length": CONTEXT,
+              "model_type": "baichuan2_13b"}
+    return BaichuanReference(tensors, HEADS, 2, norm_head=True), config, tensors, False
+
+
+CASES = {"baichuan_7b": baichuan_7b, "qwen_v1": qwen_v1, "chatglm2": chatglm2, "baichuan2_13b": baichuan2_13b}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_original_layout_bf16_matches_oracle_logprob_aware(name, tmp_path):
+    torch.manual_seed(97)
+    oracle, config, tensors, graphs_expected = CASES[name]()
+    directory = save_original_checkpoint(str(tmp_path / name), config, tensors, VOCAB)
+    ours = ModelFactory.from_huggingface(directory, ModelConfig(seq_size_per_block=16, max_seq_len=CONTEXT,
+                                                                act_type=ACT_TYPE.BF16),
+                                         engine_config=EngineConfig(num_kv_blocks=128, max_num_seqs=8),
+                                         device=DEVICE)
+    if DEVICE == "cuda":
+        assert (ours.engine.runner.graphs is not None) == graphs_expected, name
+    if isinstance(oracle, torch.nn.Module):
+        truth = copy.deepcopy(oracle).to(device=DEVICE)
+        oracle = oracle.to(device=DEVICE, dtype=torch.bfloat16)
+        sequences = assert_logprob_aware_match(name, oracle, ours, PROMPTS, NEW_TOKENS, DEVICE)
+        assert_bf16_error_like_oracle(name, ours, truth, oracle, sequences, DEVICE)
+    else:  # the float64 transcription, on the CPU: it is the truth and has no bf16 run
+        sequences = assert_logprob_aware_match(name, oracle, ours, PROMPTS, NEW_TOKENS, DEVICE)
+        assert_bf16_error_like_oracle(name, ours, lambda ids: oracle(ids.cpu()), None, sequences, DEVICE)
+    ours.stop()
+    ours.engine.pool.check_idle()
