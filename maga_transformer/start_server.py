@@ -7,6 +7,7 @@ after that uvicorn re-raises the signal, so the exit status says the process end
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -58,6 +59,10 @@ def main() -> int:
         logger.error("cannot start: %s", err)
         sys.stderr.write(f"cannot start: {err}\n")
         return 2
+    # Everything loaded so far (torch, transformers, the model) lives as long as the process; moving
+    # it out of the collector's reach keeps full collections, which the engine's per-step objects
+    # trigger, from walking millions of objects (measured: half the host time of a batch-256 step).
+    gc.freeze()
     app = create_app(model, server_config, stop_model_on_shutdown=True)
     where = "the terminal" if server_config.log_to_terminal else os.path.abspath(server_config.log_dir)
     # the one line a user starting the server by hand needs, whatever the log settings

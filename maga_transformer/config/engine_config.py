@@ -38,6 +38,8 @@ class EngineConfig:
     enable_prefix_cache: bool = True  # USE_BLOCK_CACHE
     enable_chunked_prefill: bool = True
     concurrency_limit: int = 32
+    # launch decode step N+1 before reading step N back (engine/overlap.py); None: on CUDA devices
+    overlap_scheduling: Optional[bool] = None
 
     def __post_init__(self) -> None:
         for name in ("max_num_batched_tokens", "max_num_seqs", "concurrency_limit"):
@@ -58,4 +60,5 @@ class EngineConfig:
             enable_prefix_cache=env_bool(env, "USE_BLOCK_CACHE", True),
             enable_chunked_prefill=env_bool(env, "ENABLE_CHUNKED_PREFILL", True),
             concurrency_limit=env_int(env, "CONCURRENCY_LIMIT", 32),
+            overlap_scheduling=env_bool(env, "OVERLAP_SCHEDULING", True) if env.get("OVERLAP_SCHEDULING") else None,
         )

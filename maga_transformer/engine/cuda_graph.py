@@ -125,8 +125,9 @@ class DecodeGraphs:
         return next(b for b in self.buckets if b >= size)
 
     @torch.inference_mode()
-    def run(self, rows: Sequence[DecodeRow]) -> torch.Tensor:
-        """Logits [len(rows), vocab] fp32 (a view of the graph's output: valid until the next run)."""
+    def run(self, rows: Sequence[DecodeRow], pending_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits [len(rows), vocab] fp32 (a view of the graph's output: valid until the next run).
+        pending_tokens: the rows' input ids on the device (overlap scheduling), instead of row.token."""
         n = len(rows)
         size = self.bucket(n)
         width = max(len(r.block_table) for r in rows)
@@ -138,7 +139,7 @@ class DecodeGraphs:
         tables = torch.tensor([list(r.block_table) + [0] * (width - len(r.block_table)) for r in rows],
                               dtype=torch.int32)
         scalars = scalars.pin_memory().to(device, non_blocking=True)
-        self.input_ids[:n].copy_(scalars[0])
+        self.input_ids[:n].copy_(scalars[0] if pending_tokens is None else pending_tokens[:n])
         self.positions[:n].copy_(scalars[1])
         self.slots[:n].copy_(scalars[2])
         self.rope_lens[:n].copy_(scalars[1] + 1)

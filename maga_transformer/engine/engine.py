@@ -21,6 +21,8 @@ from maga_transformer.engine.block_pool import BlockPool
 from maga_transformer.engine.memory_plan import CUDA_GRAPH_RESERVE_MB, plan_num_blocks
 from maga_transformer.engine.model_runner import ModelRunner, profile_forward
 from maga_transformer.engine.output import Detokenizer, RequestOutput
+from maga_transformer.engine.overlap import (InflightStep, can_look_ahead, look_ahead_plan,
+                                              step_can_overlap)
 from maga_transformer.engine.request import FinishReason, Request, Sequence
 from maga_transformer.engine.scheduler import Scheduler, SchedulerOutput
 from maga_transformer.engine.step_processor import StepProcessor
@@ -73,6 +75,10 @@ class Engine:
                                    engine_config.max_num_seqs, engine_config.enable_chunked_prefill)
         self.runner = ModelRunner(model, block_size, num_blocks, max_seq_len, engine_config.max_num_seqs)
         self.processor = StepProcessor(self.scheduler, Detokenizer(tokenizer))
+        overlap = engine_config.overlap_scheduling
+        self.overlap = model.device.type == "cuda" if overlap is None else overlap
+        self._inflight: Optional[InflightStep] = None  # overlap scheduling: launched, not read back
+        self.num_look_ahead_steps = 0  # steps launched before the previous one was read back
         self._handles: dict = {}
         self._pending_adds: List[Request] = []
         self._pending_aborts: List[str] = []
@@ -102,7 +108,8 @@ class Engine:
 
     def has_work(self) -> bool:
         with self._lock:
-            return bool(self._pending_adds or self._pending_aborts) or self.scheduler.has_unfinished()
+            return (bool(self._pending_adds or self._pending_aborts) or self.scheduler.has_unfinished()
+                    or self._inflight is not None)
 
     @property
     def num_running(self) -> int:
@@ -182,12 +189,18 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> List[RequestOutput]:
-        """One scheduling step; returns the outputs it emitted."""
+        """One scheduling step; returns the outputs it emitted. With overlap scheduling a decode step
+        is read back by the next call (which first launches the step after it, when it may)."""
         if self._thread is not None and threading.current_thread() is not self._thread:
             raise RuntimeError("the engine loop thread is running: do not call step() from another thread")
         self._apply_pending()
+        if self._inflight is not None:
+            return self._read_back_inflight()
         plan = self.scheduler.schedule()
         if plan.is_empty:
+            return []
+        if self.overlap and step_can_overlap(plan):
+            self._inflight = self._launch(plan, None)
             return []
         try:
             result = self.runner.execute(plan)
@@ -195,6 +208,31 @@ class Engine:
             logger.exception("model step failed")
             return self._fail_step(plan, err)
         outputs = self.processor.process(plan, result)
+        for output in outputs:
+            self._emit(output)
+        return outputs
+
+    def _launch(self, plan: SchedulerOutput, previous: Optional[InflightStep]) -> Optional[InflightStep]:
+        """Queue a decode step and its draw on the device without waiting for either. After
+        `previous` (look-ahead), the step's input tokens are previous's draw, still on the device."""
+        try:
+            result = self.runner.execute(plan, previous.draw.tokens if previous is not None else None)
+            ready = self.processor.advance(plan, result, register=False)
+            return InflightStep(plan, ready, self.processor.launch_draw(ready, result, 1 if previous else 0))
+        except Exception as err:
+            logger.exception("model step failed")
+            self._fail_step(plan, err)
+            return None
+
+    def _read_back_inflight(self) -> List[RequestOutput]:
+        step, self._inflight = self._inflight, None
+        if can_look_ahead(step, self.scheduler):
+            plan = look_ahead_plan(step, self.scheduler.kv)
+            self._inflight = self._launch(plan, step)
+            self.num_look_ahead_steps += 1
+        self.processor.complete_draw(step.draw)
+        self.processor.register_blocks(step.ready)
+        outputs = self.processor.outputs_of_live(step.ready)
         for output in outputs:
             self._emit(output)
         return outputs
@@ -230,7 +268,7 @@ class Engine:
         while True:
             with self._lock:
                 while not self._stopping and not (self._pending_adds or self._pending_aborts
-                                                  or self.scheduler.has_unfinished()):
+                                                  or self.scheduler.has_unfinished() or self._inflight):
                     self._wakeup.wait()
                 if self._stopping:
                     return

@@ -18,6 +18,7 @@ from maga_transformer.engine.cuda_graph import DecodeGraphs, DecodeRow, graphs_s
 from maga_transformer.engine.memory_plan import kv_bytes_per_block
 from maga_transformer.engine.request import Sequence
 from maga_transformer.engine.scheduler import SchedulerOutput
+from maga_transformer.engine.transfer import to_device
 from maga_transformer.models.arch import ForwardBatch
 from maga_transformer.models.decoder import DecoderModel
 
@@ -76,20 +77,27 @@ class ModelRunner:
             logger.info("decode runs without CUDA graphs: %s", reason or "no max_seq_len / batch given")
 
     @torch.inference_mode()
-    def execute(self, plan: SchedulerOutput) -> StepResult:
+    def execute(self, plan: SchedulerOutput, pending_tokens: Optional[torch.Tensor] = None) -> StepResult:
+        """Run one step. pending_tokens (overlap scheduling): a decode step whose input tokens are
+        still on the device, one per row in plan order, drawn by the step before and not yet appended
+        to the sequences; without it every input token is in seq.token_ids."""
         if plan.block_copies:
-            src = torch.tensor([s for s, _ in plan.block_copies], dtype=torch.long, device=self.device)
-            dst = torch.tensor([d for _, d in plan.block_copies], dtype=torch.long, device=self.device)
+            src = to_device([s for s, _ in plan.block_copies], torch.long, self.device)
+            dst = to_device([d for _, d in plan.block_copies], torch.long, self.device)
             for k_cache, v_cache in self.kv_caches:
                 ops.copy_kv_blocks(k_cache, v_cache, src, dst)
-        rows = self._graph_rows(plan)
+        pending = pending_tokens is not None
+        rows = self._graph_rows(plan, pending)
         if rows is not None:
-            return self._execute_graph(rows)
-        batch, seqs, loss_seqs = self._build_batch(plan)
+            logits = self.graphs.run([row for _, row in rows], pending_tokens)
+            return StepResult(logits=logits, row_of_seq={seq.seq_id: i for i, (seq, _) in enumerate(rows)})
+        batch, seqs, loss_seqs = self._build_batch(plan, pending)
+        if pending:
+            batch.input_ids = pending_tokens
         hidden = self.model.forward(batch, self.kv_caches)
-        return self._gather_outputs(hidden, batch, seqs, loss_seqs, plan)
+        return self._gather_outputs(hidden, batch, seqs, loss_seqs, plan, pending)
 
-    def _graph_rows(self, plan: SchedulerOutput) -> Optional[List[Tuple[Sequence, DecodeRow]]]:
+    def _graph_rows(self, plan: SchedulerOutput, pending: bool) -> Optional[List[Tuple[Sequence, DecodeRow]]]:
         """The step as graph rows, or None when it must run eagerly (a prefill chunk, a request that
         wants hidden states or the prompt loss, or more sequences than the biggest graph)."""
         if self.graphs is None:
@@ -101,20 +109,16 @@ class ModelRunner:
                 return None
             for seq in item.request.live_seqs:
                 position = seq.num_computed_tokens
-                if position + 1 != len(seq.token_ids):
+                if position + (0 if pending else 1) != len(seq.token_ids):
                     return None
                 table = seq.block_table
                 slot = table[position // self.block_size] * self.block_size + position % self.block_size
-                rows.append((seq, DecodeRow(seq.token_ids[-1], position, slot, table)))
+                rows.append((seq, DecodeRow(0 if pending else seq.token_ids[-1], position, slot, table)))
         if not rows or len(rows) > self.graphs.max_batch:
             return None
         return rows
 
-    def _execute_graph(self, rows: List[Tuple[Sequence, DecodeRow]]) -> StepResult:
-        logits = self.graphs.run([row for _, row in rows])
-        return StepResult(logits=logits, row_of_seq={seq.seq_id: i for i, (seq, _) in enumerate(rows)})
-
-    def _build_batch(self, plan: SchedulerOutput):
+    def _build_batch(self, plan: SchedulerOutput, pending: bool = False):
         input_ids: List[int] = []
         positions: List[int] = []
         slots: List[int] = []
@@ -127,7 +131,7 @@ class ModelRunner:
         for item in plan.scheduled:
             for seq in item.request.live_seqs:
                 start, end = seq.num_computed_tokens, seq.num_computed_tokens + item.num_tokens
-                input_ids.extend(seq.token_ids[start:end])
+                input_ids.extend(seq.token_ids[start:end] if not pending else [0])  # pending: filled on the device
                 positions.extend(range(start, end))
                 table = seq.block_table
                 slots.extend(table[p // self.block_size] * self.block_size + p % self.block_size
@@ -139,7 +143,7 @@ class ModelRunner:
                 seqs.append(seq)
                 if item.request.config.calculate_loss:
                     loss_seqs.append(seq)
-        as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
+        as_tensor = lambda values: to_device(values, torch.long, self.device)  # noqa: E731
         attn = ops.build_attention_metadata(query_lens, context_lens, tables, self.block_size, self.device,
                                             self.model.arch.sliding_window)
         batch = ForwardBatch(as_tensor(input_ids), as_tensor(positions), as_tensor(slots), as_tensor(rope_lens),
@@ -147,18 +151,18 @@ class ModelRunner:
         return batch, seqs, loss_seqs
 
     def _gather_outputs(self, hidden: torch.Tensor, batch: ForwardBatch, seqs: List[Sequence],
-                        loss_seqs: List[Sequence], plan: SchedulerOutput) -> StepResult:
+                        loss_seqs: List[Sequence], plan: SchedulerOutput, pending: bool = False) -> StepResult:
         ends: List[int] = []
         result = StepResult(logits=torch.empty(0))
         offset = 0
         for seq, q_len in zip(seqs, batch.attn.query_lens):
-            if seq.num_computed_tokens + q_len == len(seq.token_ids):
+            if seq.num_computed_tokens + q_len == len(seq.token_ids) + (1 if pending else 0):
                 result.row_of_seq[seq.seq_id] = len(ends)
                 ends.append(offset + q_len - 1)
             if seq in loss_seqs:
                 result.prompt_logprobs[seq.seq_id] = self._prompt_logprobs(hidden, seq, offset, q_len)
             offset += q_len
-        rows = hidden[torch.tensor(ends, dtype=torch.long, device=self.device)]
+        rows = hidden[to_device(ends, torch.long, self.device)]
         result.logits = self.model.compute_logits(rows)
         if any(item.request.config.return_hidden_states for item in plan.scheduled):
             result.hidden = rows.float()

@@ -16,6 +16,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
+from maga_transformer.engine.transfer import to_device
+
 _MASK64 = (1 << 64) - 1
 _NEG_INF = float("-inf")
 
@@ -65,7 +67,7 @@ def _flat_row_ids(rows: Sequence[SamplingRow], ids_of: Callable[[SamplingRow], S
     token_idx = torch.tensor(list(itertools.chain.from_iterable(per_row)), dtype=torch.long)
     row_idx = torch.repeat_interleave(torch.arange(len(rows)), lengths)
     keep = (token_idx >= 0) & (token_idx < vocab)
-    return row_idx[keep].to(device), token_idx[keep].to(device)
+    return row_idx[keep].to(device, non_blocking=True), token_idx[keep].to(device, non_blocking=True)
 
 
 def _apply_repetition_penalty(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
@@ -75,8 +77,7 @@ def _apply_repetition_penalty(logits: torch.Tensor, rows: Sequence[SamplingRow])
     if not any(len(history(row)) > 0 for row in rows):
         return logits
     row_idx, token_idx = _flat_row_ids(rows, history, logits.shape[-1], logits.device)
-    penalty = torch.tensor([r.repetition_penalty for r in rows], dtype=torch.float32,
-                           device=logits.device)[row_idx]
+    penalty = to_device([r.repetition_penalty for r in rows], torch.float32, logits.device)[row_idx]
     picked = logits[row_idx, token_idx]
     # HF semantics: negative logits are multiplied so the penalty always lowers the probability.
     # Repeated ids write the same value (computed from the unpenalised logit), so each id is
@@ -92,8 +93,8 @@ def _apply_openai_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -
     if not any(len(generated(row)) > 0 for row in rows):
         return logits
     row_idx, token_idx = _flat_row_ids(rows, generated, logits.shape[-1], logits.device)
-    frequency = torch.tensor([r.frequency_penalty for r in rows], dtype=torch.float32, device=logits.device)
-    presence = torch.tensor([r.presence_penalty for r in rows], dtype=torch.float32, device=logits.device)
+    frequency = to_device([r.frequency_penalty for r in rows], torch.float32, logits.device)
+    presence = to_device([r.presence_penalty for r in rows], torch.float32, logits.device)
     # accumulate: an id generated c times loses c * frequency_penalty
     logits.index_put_((row_idx, token_idx), -frequency[row_idx], accumulate=True)
     present = torch.unique(row_idx * logits.shape[-1] + token_idx)
@@ -121,7 +122,7 @@ def _top_k(logits: torch.Tensor, top_k: Sequence[int]) -> torch.Tensor:
     if min(ks) == vocab:
         return logits
     top_values = torch.topk(logits, max(ks), dim=-1).values
-    kth_col = torch.tensor(ks, dtype=torch.long, device=logits.device).unsqueeze(1) - 1
+    kth_col = to_device(ks, torch.long, logits.device).unsqueeze(1) - 1
     kth = top_values.gather(1, kth_col)
     return logits.masked_fill(logits < kth, _NEG_INF)
 
@@ -132,8 +133,7 @@ def _top_p(logits: torch.Tensor, top_p: Sequence[float]) -> torch.Tensor:
         return logits
     # 1 - p is computed in double before the float32 cast, exactly like HF's scalar comparison;
     # rows without top-p get a negative threshold so not even zero-probability tokens are removed
-    threshold = torch.tensor([1.0 - p if p < 1.0 else -1.0 for p in top_p], dtype=torch.float32,
-                             device=logits.device).unsqueeze(1)
+    threshold = to_device([1.0 - p if p < 1.0 else -1.0 for p in top_p], torch.float32, logits.device).unsqueeze(1)
     sorted_logits, sorted_idx = torch.sort(logits, descending=False)
     cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
     remove_sorted = cumulative <= threshold
@@ -147,9 +147,8 @@ def _apply_warpers(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.T
     if not stochastic:
         return logits
     sub_rows = [rows[i] for i in stochastic]
-    idx = torch.tensor(stochastic, dtype=torch.long, device=logits.device)
-    temperature = torch.tensor([r.temperature for r in sub_rows], dtype=torch.float32,
-                               device=logits.device).unsqueeze(1)
+    idx = to_device(stochastic, torch.long, logits.device)
+    temperature = to_device([r.temperature for r in sub_rows], torch.float32, logits.device).unsqueeze(1)
     sub = logits.index_select(0, idx) / temperature
     sub = _top_k(sub, [r.top_k for r in sub_rows])
     sub = _top_p(sub, [r.top_p for r in sub_rows])
@@ -197,12 +196,12 @@ def _exponential_noise(rows: Sequence[SamplingRow], vocab: int, device: torch.de
         gen_device = default_generator.device if default_generator is not None else device
         shared = torch.empty(len(unseeded), vocab, dtype=torch.float32, device=gen_device)
         shared.exponential_(generator=default_generator)
-        noise[torch.tensor(unseeded, device=device)] = shared.to(device)
+        noise[to_device(unseeded, torch.long, device)] = shared.to(device, non_blocking=True)
     for i, row in enumerate(rows):
         if row.seed is not None:
             gen = _row_generator(row, device)
             drawn = torch.empty(vocab, dtype=torch.float32, device=gen.device)
-            noise[i] = drawn.exponential_(generator=gen).to(device)
+            noise[i] = drawn.exponential_(generator=gen).to(device, non_blocking=True)
     # Exp(1) may round to 0; a tiny floor keeps p / E finite and zero-probability tokens at 0
     return noise.clamp_min_(torch.finfo(torch.float32).tiny)
 
@@ -213,7 +212,7 @@ def _draw(processed: torch.Tensor, rows: Sequence[SamplingRow],
     stochastic = [i for i, r in enumerate(rows) if not r.is_greedy]
     if not stochastic:
         return tokens
-    idx = torch.tensor(stochastic, dtype=torch.long, device=processed.device)
+    idx = to_device(stochastic, torch.long, processed.device)
     probs = processed.index_select(0, idx).softmax(dim=-1)
     noise = _exponential_noise([rows[i] for i in stochastic], processed.shape[-1],
                                processed.device, default_generator)

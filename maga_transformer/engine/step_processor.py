@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import time
-from typing import List, Tuple
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -10,11 +11,26 @@ from maga_transformer.engine import beam_search
 from maga_transformer.engine.model_runner import StepResult
 from maga_transformer.engine.output import (Detokenizer, RequestOutput, SequenceOutput, build_aux_info,
                                             ends_with_token_stop, find_stop_string, hold_back_partial_stop)
-from maga_transformer.engine.request import FinishReason, Request, Sequence
+from maga_transformer.engine.request import FinishReason, Request, RequestStatus, Sequence
 from maga_transformer.engine.sampler import SamplingRow, sample
 from maga_transformer.engine.scheduler import Scheduler, SchedulerOutput
+from maga_transformer.engine.transfer import HostCopy, to_device
 
 _SEED_STRIDE = 1_000_003  # separates the random streams of a request's samples
+
+
+@dataclass
+class PendingDraw:
+    """One batched draw launched on the device and not yet read back (overlap scheduling reads it
+    one step later). `tokens` stays on the device: the next step may take its input ids from it."""
+    pairs: List[Tuple[Request, Sequence]]
+    tokens: torch.Tensor
+    host: HostCopy  # token ids, log-probs, top log-probs (values, ids), copied back asynchronously
+    logits: Optional[torch.Tensor] = None  # the rows' logits / hidden, for return_logits / hidden states
+    hidden: Optional[torch.Tensor] = None
+
+
+Ready = List[Tuple[Request, List[int]]]  # requests whose sequences reached their end, with their logits rows
 
 
 class StepProcessor:
@@ -23,14 +39,27 @@ class StepProcessor:
         self.detok = detokenizer
 
     def process(self, plan: SchedulerOutput, result: StepResult) -> List[RequestOutput]:
-        ready: List[Tuple[Request, List[int]]] = []  # requests whose sequences reached their end
+        ready = self.advance(plan, result)
+        sampling = [(r, rows) for r, rows in ready if not r.is_beam_search]
+        if sampling:
+            self.complete_draw(self.launch_draw(sampling, result))
+        for request, rows in ready:
+            if request.is_beam_search:
+                self._beam_step(request, result.logits[rows])
+        return [self._output(request) for request, _ in ready]
+
+    def advance(self, plan: SchedulerOutput, result: StepResult, register: bool = True) -> Ready:
+        """Account for the tokens the step computed. With register=False the blocks they filled are
+        offered to the prefix cache later (register_blocks), once the pending tokens are known."""
+        ready: Ready = []
         for item in plan.scheduled:
             request = item.request
             request.num_steps += 1
             seqs = request.live_seqs
             for seq in seqs:
                 seq.num_computed_tokens += item.num_tokens
-                self.scheduler.kv.register_computed_blocks(seq)
+                if register:
+                    self.scheduler.kv.register_computed_blocks(seq)
                 if seq.seq_id in result.prompt_logprobs:
                     self._add_prompt_logprobs(request, result.prompt_logprobs[seq.seq_id])
             rows = [result.row_of_seq[s.seq_id] for s in seqs if s.seq_id in result.row_of_seq]
@@ -40,13 +69,17 @@ class StepProcessor:
             if request.first_token_time is None:
                 request.first_token_time = time.monotonic()
             ready.append((request, rows))
-        sampling = [(r, rows) for r, rows in ready if not r.is_beam_search]
-        if sampling:
-            self._sample_all(sampling, result)
-        for request, rows in ready:
-            if request.is_beam_search:
-                self._beam_step(request, result.logits[rows])
-        return [self._output(request) for request, _ in ready]
+        return ready
+
+    def register_blocks(self, ready: Ready) -> None:
+        for request, _ in ready:
+            for seq in request.live_seqs:
+                self.scheduler.kv.register_computed_blocks(seq)
+
+    def outputs_of_live(self, ready: Ready) -> List[RequestOutput]:
+        """Outputs of the requests of an overlapped step that are still running (an abort or the
+        step before may have finished some: their outputs went out then)."""
+        return [self._output(request) for request, _ in ready if request.status != RequestStatus.FINISHED]
 
     # ---- sampling ---------------------------------------------------------------------------
     def _fork_samples(self, request: Request, rows: List[int]) -> List[int]:
@@ -61,42 +94,59 @@ class StepProcessor:
             request.seqs.append(child)
         return rows * len(request.seqs)
 
-    def _sample_all(self, batch: List[Tuple[Request, List[int]]], result: StepResult) -> None:
-        """One batched draw for every sampling sequence of the step, whatever request it belongs to."""
-        pairs = []
-        for request, rows in batch:
-            rows = self._fork_samples(request, rows)  # before listing the sequences: it adds them
-            pairs.extend((request, seq, row) for seq, row in zip(request.live_seqs, rows))
-        index = torch.tensor([row for _, _, row in pairs], dtype=torch.long, device=result.logits.device)
-        logits = result.logits[index]
-        hidden = result.hidden[index] if result.hidden is not None else None
-        drawn = sample(logits, [self._sampling_row(request, seq) for request, seq, _ in pairs])
-        top = (drawn.top_logprobs[0].tolist(), drawn.top_logprobs[1].tolist()) if drawn.top_logprobs else None
-        for i, ((request, seq, _), token, logprob) in enumerate(
-                zip(pairs, drawn.token_ids.tolist(), drawn.logprobs.tolist())):
-            seq.token_ids.append(token)
-            seq.cum_logprob += logprob
-            seq.output_logprobs.append(logprob)
+    def launch_draw(self, batch: Ready, result: StepResult, pending: int = 0) -> PendingDraw:
+        """One batched draw for every sampling sequence of the step, whatever request it belongs to;
+        queued on the device without waiting for it. pending: tokens each sequence has drawn but not
+        appended yet (overlap scheduling), which count towards seeds and min_new_tokens."""
+        pairs, rows = [], []
+        for request, request_rows in batch:
+            request_rows = self._fork_samples(request, request_rows)  # before listing the sequences: it adds them
+            pairs.extend((request, seq) for seq in request.live_seqs)
+            rows.extend(request_rows)
+        logits, hidden = result.logits, result.hidden
+        if rows != list(range(logits.shape[0])):
+            index = to_device(rows, torch.long, logits.device)
+            logits = logits[index]
+            hidden = hidden[index] if hidden is not None else None
+        drawn = sample(logits, [self._sampling_row(request, seq, pending) for request, seq in pairs])
+        top = drawn.top_logprobs or (None, None)
+        wants_logits = any(r.config.return_logits for r, _ in pairs)
+        return PendingDraw(pairs, drawn.token_ids, HostCopy([drawn.token_ids, drawn.logprobs, top[0], top[1]]),
+                           logits if wants_logits else None, hidden)
+
+    def complete_draw(self, draw: PendingDraw) -> None:
+        """Wait for the draw, then append each token and check the token stops. Sequences finished
+        meanwhile (an abort, or an earlier step's stop under overlap) drop theirs."""
+        token_ids, logprobs, top_values, top_ids = draw.host.get()
+        tokens, logprobs = token_ids.tolist(), logprobs.tolist()
+        top = (top_values.tolist(), top_ids.tolist()) if top_values is not None else None
+        for i, (request, seq) in enumerate(draw.pairs):
+            if seq.is_finished or request.status == RequestStatus.FINISHED:
+                continue
+            seq.token_ids.append(tokens[i])
+            seq.cum_logprob += logprobs[i]
+            seq.output_logprobs.append(logprobs[i])
             if request.config.top_logprobs:
                 k = request.config.top_logprobs
                 seq.output_top_logprobs.append(list(zip(top[1][i][:k], top[0][i][:k])))
-            if request.config.return_logits:
-                request.extras.setdefault("logits", {})[seq.sample_index] = logits[i].tolist()
-            if hidden is not None and request.config.return_hidden_states:
-                request.extras.setdefault("hidden", {})[seq.sample_index] = hidden[i].tolist()
+            if draw.logits is not None and request.config.return_logits:
+                request.extras.setdefault("logits", {})[seq.sample_index] = draw.logits[i].tolist()
+            if draw.hidden is not None and request.config.return_hidden_states:
+                request.extras.setdefault("hidden", {})[seq.sample_index] = draw.hidden[i].tolist()
             self._check_token_stop(request, seq)
 
-    def _sampling_row(self, request: Request, seq: Sequence) -> SamplingRow:
+    def _sampling_row(self, request: Request, seq: Sequence, pending: int = 0) -> SamplingRow:
         cfg = request.config
+        num_outputs = seq.num_output_tokens + pending
         single_bad = [w[0] for w in cfg.bad_words_list if len(w) == 1]
         penalised_outputs = seq.output_ids if (cfg.presence_penalty or cfg.frequency_penalty) else ()
         return SamplingRow(
             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
             repetition_penalty=cfg.repetition_penalty, presence_penalty=cfg.presence_penalty,
             frequency_penalty=cfg.frequency_penalty, seed=cfg.random_seed,
-            seed_offset=seq.sample_index * _SEED_STRIDE + seq.num_output_tokens,
+            seed_offset=seq.sample_index * _SEED_STRIDE + num_outputs,
             history_token_ids=seq.token_ids, output_token_ids=penalised_outputs, eos_token_ids=request.eos_token_ids,
-            suppress_eos=seq.num_output_tokens < cfg.min_new_tokens, bad_words_ids=single_bad,
+            suppress_eos=num_outputs < cfg.min_new_tokens, bad_words_ids=single_bad,
             top_logprobs=cfg.top_logprobs)
 
     def _check_token_stop(self, request: Request, seq: Sequence) -> None:

@@ -6,6 +6,7 @@ picks tokens far outside the other side's 5 most likely, a near-tie does not.
 """
 from __future__ import annotations
 
+import copy
 import os
 from typing import List
 
@@ -13,11 +14,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-from maga_transformer.config import EngineConfig, ModelConfig
+from maga_transformer.config import EngineConfig, GenerateConfig, ModelConfig
 from maga_transformer.config.model_config import ACT_TYPE
 from maga_transformer.model_factory import ModelFactory
 from maga_transformer.test.fixtures import save_tiny_checkpoint
-from maga_transformer.test.gpu_parity import assert_logprob_aware_match, engine_greedy
+from maga_transformer.test.gpu_parity import assert_bf16_error_like_oracle, assert_logprob_aware_match, engine_greedy
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -68,8 +69,10 @@ def _run(model, prompts: List[List[int]]):
 def test_bf16_greedy_matches_transformers_logprob_aware(name, tmp_path_factory):
     hf_model, ours = _build(name, tmp_path_factory, ACT_TYPE.BF16, graphs=True)
     assert ours.engine.runner.graphs is not None, "decode should run in CUDA graphs"
+    truth = copy.deepcopy(hf_model).to(device="cuda")
     hf_model = hf_model.to(device="cuda", dtype=torch.bfloat16)
-    assert_logprob_aware_match(name, hf_model, ours, PROMPTS, NEW_TOKENS, "cuda")
+    sequences = assert_logprob_aware_match(name, hf_model, ours, PROMPTS, NEW_TOKENS, "cuda")
+    assert_bf16_error_like_oracle(name, ours, truth, hf_model, sequences, "cuda")
     ours.stop()
     ours.engine.pool.check_idle()
 
@@ -105,3 +108,26 @@ def test_kv_pool_planned_from_free_gpu_memory(tmp_path_factory, caplog):
     model.stop()
     del engine, model
     torch.cuda.empty_cache()
+
+
+def test_overlap_scheduling_changes_nothing_on_the_gpu(tmp_path_factory):
+    """bf16 with graphs: the same requests with overlap scheduling on (the CUDA default) and off give
+    the same tokens and log-probs (same batches, same kernels), and the overlapped run really looked
+    ahead; seeded sampling included. The EOS-free config runs every request to its length."""
+    _, ours = _build("llama_gqa_hd64", tmp_path_factory, ACT_TYPE.BF16, graphs=True)
+    engine = ours.engine
+    assert engine.overlap, "overlap scheduling is on by default on CUDA"
+    prompts = PROMPTS + [[1, 3, 5, 7, 9] * k for k in range(1, 10)]
+    configs = [GenerateConfig(max_new_tokens=NEW_TOKENS, top_k=1),
+               GenerateConfig(max_new_tokens=NEW_TOKENS - 5, temperature=0.7, top_p=0.9, random_seed=3)]
+    results = []
+    for overlap in (True, False):
+        engine.overlap = overlap
+        before = engine.num_look_ahead_steps
+        handles = [engine.add_request(p, configs[i % 2]) for i, p in enumerate(prompts)]
+        engine.run_until_idle()
+        results.append([(o.token_ids, o.logprobs) for h in handles for o in h.result().outputs])
+        assert (engine.num_look_ahead_steps > before) == overlap
+    assert results[0] == results[1]
+    ours.stop()
+    engine.pool.check_idle()
