@@ -16,8 +16,9 @@ kernel when slopes are given.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
 import math
+from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -227,15 +228,30 @@ def _decode_tensors(kernels, meta: AttentionMetadata, device: torch.device) -> D
     return meta.decode
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def decode_splits(q: torch.Tensor, num_kv_heads: int, max_partitions: int) -> int:
+    """CTAs per (sequence, KV head) for the decode kernel: enough for about 8 per SM in all, never
+    more than the partitions. A big batch then gets one CTA per sequence and head however long the
+    longest possible context (a CUDA graph's max_partitions), instead of CTAs that find no keys."""
+    ctas = q.shape[0] * num_kv_heads
+    return max(1, min(max_partitions, math.ceil(8 * _sm_count(q.device.index or 0) / max(ctas, 1))))
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, max_partitions: int,
-                           sliding_window: Optional[int] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                           sliding_window: Optional[int] = None, out: Optional[torch.Tensor] = None,
+                           num_splits: Optional[int] = None) -> torch.Tensor:
     """The CUDA decode kernel alone (no fallback): q [seqs, heads, head_dim], one query per sequence.
 
     block_tables: [seqs, max_blocks] int32, seq_lens: [seqs] int32 (keys per sequence), both on q's
     device; max_partitions: at least decode_partitions() of every sequence (a fixed upper bound
-    keeps the launch shape stable for CUDA graphs). Block ids and lengths are not checked here
-    (that would need a host sync): the caller guarantees they are in range.
+    keeps the launch shape stable for CUDA graphs). num_splits: CTAs sharing a sequence's
+    partitions (default decode_splits; any value from 1 is correct). Block ids and lengths are not
+    checked here (that would need a host sync): the caller guarantees they are in range.
     """
     kernels = kernels_for(q, k_cache, v_cache, block_tables, seq_lens)
     if kernels is None:
@@ -253,6 +269,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if not 1 <= max_partitions <= 12288 or (sliding_window is not None and sliding_window < 1):
         raise ValueError(f"paged_decode_attention: max_partitions in [1, 12288] and sliding_window >= 1, got "
                          f"{max_partitions} and {sliding_window}")
+    splits = num_splits if num_splits is not None else decode_splits(q, k_cache.shape[2], max_partitions)
+    if not 1 <= splits <= 12288:
+        raise ValueError(f"paged_decode_attention: num_splits in [1, 12288], got {splits}")
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or not out.is_contiguous():
@@ -260,12 +279,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if seqs == 0:
         return out
     partials = [None, None, None]
-    if max_partitions > 1:  # flash-decoding workspace (the caching allocator makes this cheap)
+    if splits > 1:  # flash-decoding workspace (the caching allocator makes this cheap)
         heads, head_dim = q.shape[1], q.shape[2]
         f32 = dict(dtype=torch.float32, device=q.device)
-        partials = [torch.empty(seqs, heads, max_partitions, head_dim, **f32),
-                    torch.empty(seqs, heads, max_partitions, **f32), torch.empty(seqs, heads, max_partitions, **f32)]
+        partials = [torch.empty(seqs, heads, splits, head_dim, **f32),
+                    torch.empty(seqs, heads, splits, **f32), torch.empty(seqs, heads, splits, **f32)]
     status = kernels.paged_decode_attention(out, q, k_cache, v_cache, block_tables, seq_lens, *partials,
-                                            max_partitions, float(scale), int(sliding_window or 0))
+                                            splits, float(scale), int(sliding_window or 0))
     check_status(kernels, status, "paged_decode_attention")
     return out

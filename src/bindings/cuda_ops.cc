@@ -57,7 +57,7 @@ int write_kv_cache(const Tensor& k, const Tensor& v, Tensor& k_cache, Tensor& v_
 int paged_decode_attention(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                            const Tensor& block_tables, const Tensor& seq_lens, const c10::optional<Tensor>& partial_out,
                            const c10::optional<Tensor>& partial_max, const c10::optional<Tensor>& partial_sum,
-                           int64_t max_partitions, double scale, int64_t sliding_window) {
+                           int64_t num_splits, double scale, int64_t sliding_window) {
   const c10::cuda::CUDAGuard guard(q.device());
   kc::PagedDecodeParams p{};
   if (!to_dtype(q, &p.dtype)) return static_cast<int>(cudaErrorInvalidValue);
@@ -76,7 +76,7 @@ int paged_decode_attention(Tensor& out, const Tensor& q, const Tensor& k_cache, 
   p.num_kv_heads = static_cast<int>(k_cache.size(2));
   p.block_size = static_cast<int>(k_cache.size(1));
   p.max_blocks_per_seq = static_cast<int>(block_tables.size(1));
-  p.max_partitions = static_cast<int>(max_partitions);
+  p.num_splits = static_cast<int>(num_splits);
   p.q_seq_stride = q.stride(0);
   p.q_head_stride = q.stride(1);
   p.scale = static_cast<float>(scale);
@@ -154,7 +154,7 @@ void register_cuda_ops(pybind11::module_& m) {
         arg("k_cache"), arg("v_cache"), arg("slot_mapping"));
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over paged KV (flash-decoding)",
         arg("out"), arg("q"), arg("k_cache"), arg("v_cache"), arg("block_tables"), arg("seq_lens"),
-        arg("partial_out"), arg("partial_max"), arg("partial_sum"), arg("max_partitions"), arg("scale"),
+        arg("partial_out"), arg("partial_max"), arg("partial_sum"), arg("num_splits"), arg("scale"),
         arg("sliding_window"));
   m.def("rms_norm", &rms_norm, "out = weight * rmsnorm(x [+ residual]); residual_out = x + residual", arg("out"),
         arg("residual_out"), arg("x"), arg("residual"), arg("weight"), arg("eps"));

@@ -164,6 +164,30 @@ def test_paged_decode_attention(kernels, dtype, case):
 
 
 @gpu_test
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 7, 40, 400])
+def test_paged_decode_attention_any_split_count(kernels, num_splits):
+    """Fewer CTAs than partitions (each merges several, online softmax), as many, or more (the extra
+    ones find no keys): all give the same attention; windows and short sequences included."""
+    context_lens, window = [3000, 700, 1, 64, 2500], 1024
+    q, k_cache, v_cache, tables = _random_paged_batch(context_lens, 16, 4, 128, 16, torch.bfloat16, seed=num_splits)
+    meta = build_attention_metadata([1] * len(context_lens), context_lens, tables, 16, q.device, window)
+    decode = ops.attention._decode_tensors(kernels, meta, q.device)
+    out = torch.full_like(q, float("nan"))
+    ops.paged_decode_attention(q, k_cache, v_cache, decode.block_tables, decode.seq_lens, 0.08, decode.max_partitions,
+                               window, out=out, num_splits=num_splits)
+    assert torch.isfinite(out).all()
+    _assert_close(out, paged_attention_reference(q, k_cache, v_cache, meta, 0.08))
+    assert _rel_error(out, _decode_oracle(q, k_cache, v_cache, meta, 0.08)) < ORACLE_REL[torch.bfloat16]
+
+
+@gpu_test
+def test_decode_splits_fill_the_gpu_without_idle_ctas(kernels):
+    q = torch.empty(1, 32, 128, device="cuda")
+    assert ops.attention.decode_splits(q, 8, 64) == 64  # batch 1: every partition its own CTA
+    assert ops.attention.decode_splits(torch.empty(256, 32, 128, device="cuda"), 8, 64) == 1  # 2,048 CTAs already
+
+
+@gpu_test
 def test_paged_decode_attention_fp32_and_poisoned_output(kernels):
     context_lens = [4000, 77]
     q, k_cache, v_cache, tables = _random_paged_batch(context_lens, 8, 2, 128, 16, torch.float32, seed=3)

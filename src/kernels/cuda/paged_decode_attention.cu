@@ -185,12 +185,15 @@ constexpr int smem_floats() {
                                   : kWarps * kHeads * kHeadDim);
 }
 
-// Grid: (sequence, kv head x chunk of kHeads query heads sharing it, partition). Sharing the CTA
-// between the query heads of one KV head reads each key and value row once for all of them.
+// Grid: (sequence, kv head x chunk of kHeads query heads sharing it, split). Sharing the CTA
+// between the query heads of one KV head reads each key and value row once for all of them. Split
+// z takes partitions z, z + num_splits, ... and merges them in registers (online softmax).
 template <typename T, int kHeadDim, int kHeads>
 __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const PagedDecodeParams p) {
   extern __shared__ float smem[];
-  __shared__ float head_max[kHeads], head_sum[kHeads];
+  __shared__ float head_max[kHeads], head_sum[kHeads];  // this partition's
+  __shared__ float run_max[kHeads], run_sum[kHeads];    // the split's so far
+  constexpr int kPerThread = (kHeads * kHeadDim + kThreads - 1) / kThreads;
   float* q_s = smem;                     // [kHeads][kHeadDim], pre-scaled
   float* work = smem + kHeads * kHeadDim;  // logits, then per-warp outputs
   const int seq = blockIdx.x;
@@ -206,53 +209,85 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const PagedDecod
     return;
   }
   if (static_cast<int>(blockIdx.z) >= r.num_parts) return;
-  const int part = r.first_part + blockIdx.z;
-  const int t0 = max(part * kDecodePartitionSize, r.start);
-  const int n = min((part + 1) * kDecodePartitionSize, r.len) - t0;
 
   const T* q = static_cast<const T*>(p.q) + seq * p.q_seq_stride;
   for (int i = threadIdx.x; i < kHeads * kHeadDim; i += kThreads)
     q_s[i] = to_float(q[(head0 + i / kHeadDim) * p.q_head_stride + i % kHeadDim]) * p.scale;
   // A partition spans at most kDecodePartitionSize + 1 blocks (block_size 1, or a misaligned start).
   __shared__ int32_t block_ids[kDecodePartitionSize + 1];
-  const PartitionBlocks table{block_ids, t0 / p.block_size};
   const int32_t* row_table = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks_per_seq;
-  for (int j = threadIdx.x; j <= (t0 + n - 1) / p.block_size - table.first; j += kThreads)
-    block_ids[j] = row_table[table.first + j];
-  __syncthreads();
-  compute_logits<T, kHeadDim, kHeads>(p, q_s, table, kv_head, t0, n, work);
-  __syncthreads();
-  softmax_numerators<kHeads>(work, n, head_max, head_sum);
-  __syncthreads();
-  accumulate_values<T, kHeadDim, kHeads>(p, work, table, kv_head, t0, n, work);
-  __syncthreads();
-
-  const bool single = r.num_parts == 1;
-  const int64_t part_row = (static_cast<int64_t>(seq) * p.num_heads + head0) * p.max_partitions + blockIdx.z;
-  for (int i = threadIdx.x; i < kHeads * kHeadDim; i += kThreads) {
-    const int h = i / kHeadDim, d = i % kHeadDim;
-    float o = 0.f;
+  float o_run[kPerThread];  // this thread's elements i = threadIdx.x + k * kThreads of [kHeads][kHeadDim]
+  for (int rel = blockIdx.z; rel < r.num_parts; rel += gridDim.z) {
+    const bool first = rel == static_cast<int>(blockIdx.z);
+    const int part = r.first_part + rel;
+    const int t0 = max(part * kDecodePartitionSize, r.start);
+    const int n = min((part + 1) * kDecodePartitionSize, r.len) - t0;
+    const PartitionBlocks table{block_ids, t0 / p.block_size};
+    for (int j = threadIdx.x; j <= (t0 + n - 1) / p.block_size - table.first; j += kThreads)
+      block_ids[j] = row_table[table.first + j];
+    __syncthreads();
+    compute_logits<T, kHeadDim, kHeads>(p, q_s, table, kv_head, t0, n, work);
+    __syncthreads();
+    softmax_numerators<kHeads>(work, n, head_max, head_sum);
+    __syncthreads();
+    accumulate_values<T, kHeadDim, kHeads>(p, work, table, kv_head, t0, n, work);
+    __syncthreads();
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) o += work[(w * kHeads + h) * kHeadDim + d];
-    o /= head_sum[h];
+    for (int k = 0; k < kPerThread; ++k) {
+      const int i = threadIdx.x + k * kThreads;
+      if (i >= kHeads * kHeadDim) break;
+      const int h = i / kHeadDim, d = i % kHeadDim;
+      float o = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) o += work[(w * kHeads + h) * kHeadDim + d];
+      if (first) {
+        o_run[k] = o;
+      } else {
+        const float m = fmaxf(run_max[h], head_max[h]);
+        o_run[k] = o_run[k] * expf(run_max[h] - m) + o * expf(head_max[h] - m);
+      }
+    }
+    __syncthreads();  // every thread has read run_max before it moves
+    if (threadIdx.x < kHeads) {
+      const int h = threadIdx.x;
+      if (first) {
+        run_max[h] = head_max[h];
+        run_sum[h] = head_sum[h];
+      } else {
+        const float m = fmaxf(run_max[h], head_max[h]);
+        run_sum[h] = run_sum[h] * expf(run_max[h] - m) + head_sum[h] * expf(head_max[h] - m);
+        run_max[h] = m;
+      }
+    }
+    __syncthreads();  // before the next partition overwrites block_ids, work and head_max
+  }
+
+  const bool single = min(r.num_parts, static_cast<int>(gridDim.z)) == 1;
+  const int64_t part_row = (static_cast<int64_t>(seq) * p.num_heads + head0) * p.num_splits + blockIdx.z;
+#pragma unroll
+  for (int k = 0; k < kPerThread; ++k) {
+    const int i = threadIdx.x + k * kThreads;
+    if (i >= kHeads * kHeadDim) break;
+    const int h = i / kHeadDim, d = i % kHeadDim;
+    const float o = o_run[k] / run_sum[h];
     if (single) out[i] = from_float<T>(o);
-    else p.partial_out[(part_row + static_cast<int64_t>(h) * p.max_partitions) * kHeadDim + d] = o;
+    else p.partial_out[(part_row + static_cast<int64_t>(h) * p.num_splits) * kHeadDim + d] = o;
   }
   if (!single && threadIdx.x < kHeads) {
-    p.partial_max[part_row + threadIdx.x * p.max_partitions] = head_max[threadIdx.x];
-    p.partial_sum[part_row + threadIdx.x * p.max_partitions] = head_sum[threadIdx.x];
+    p.partial_max[part_row + threadIdx.x * p.num_splits] = run_max[threadIdx.x];
+    p.partial_sum[part_row + threadIdx.x * p.num_splits] = run_sum[threadIdx.x];
   }
 }
 
 template <typename T, int kHeadDim, int kHeads>
 cudaError_t launch(const PagedDecodeParams& p, cudaStream_t stream) {
   const int chunks_per_kv = p.num_heads / p.num_kv_heads / kHeads;
-  const dim3 grid(p.num_seqs, p.num_kv_heads * chunks_per_kv, p.max_partitions);
+  const dim3 grid(p.num_seqs, p.num_kv_heads * chunks_per_kv, p.num_splits);
   constexpr size_t smem = smem_floats<kHeadDim, kHeads>() * sizeof(float);
   static_assert(smem <= 48 * 1024, "keep under the default dynamic shared-memory limit");
   paged_decode_kernel<T, kHeadDim, kHeads><<<grid, kThreads, smem, stream>>>(p);
   cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess || p.max_partitions == 1) return err;
+  if (err != cudaSuccess || p.num_splits == 1) return err;
   return launch_paged_decode_reduce(p, stream);
 }
 
@@ -280,9 +315,9 @@ cudaError_t dispatch_head_dim(const PagedDecodeParams& p, cudaStream_t stream) {
 
 bool valid_params(const PagedDecodeParams& p) {
   const bool shapes = p.num_seqs > 0 && p.num_kv_heads > 0 && p.num_heads % p.num_kv_heads == 0 &&
-                      p.block_size > 0 && p.max_blocks_per_seq > 0 && p.max_partitions > 0 &&
-                      p.max_partitions <= 65535 && p.num_seqs <= 0x7fffffff;
-  const bool workspace = p.max_partitions == 1 || (p.partial_out && p.partial_max && p.partial_sum);
+                      p.block_size > 0 && p.max_blocks_per_seq > 0 && p.num_splits > 0 &&
+                      p.num_splits <= 65535 && p.num_seqs <= 0x7fffffff;
+  const bool workspace = p.num_splits == 1 || (p.partial_out && p.partial_max && p.partial_sum);
   return shapes && workspace && paged_decode_supports_head_dim(p.head_dim);
 }
 

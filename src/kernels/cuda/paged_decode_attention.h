@@ -1,9 +1,11 @@
 // Paged attention for decode: one query token per sequence against its cached keys and values.
 //
-// Flash-decoding: each sequence's context is cut into partitions of kDecodePartitionSize tokens,
-// each handled by its own CTA, so a long context at a small batch still fills the GPU; a second
-// kernel merges the partitions' partial softmax results. A sequence that fits one partition is
-// written straight to `out` and the merge skips it.
+// Flash-decoding: each sequence's context is cut into partitions of kDecodePartitionSize tokens.
+// `num_splits` CTAs share a sequence's partitions (CTA z takes partitions z, z + num_splits, ...
+// and merges them as it goes), so a long context at a small batch still fills the GPU while a big
+// batch launches no CTA without work (a CUDA graph's launch shape is fixed for the longest context);
+// a second kernel merges the splits' partial softmax results. A sequence whose partitions all fell
+// to one CTA is written straight to `out` and the merge skips it.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -32,13 +34,13 @@ struct PagedDecodeParams {
   const void* v_cache;
   const int32_t* block_tables;  // [seqs, max_blocks_per_seq]; any block ids, in any order
   const int32_t* seq_lens;      // [seqs]: keys per sequence (cached tokens + this step's token)
-  // Workspace for sequences longer than one partition (may be null when max_partitions == 1):
-  float* partial_out;       // [seqs, heads, max_partitions, head_dim]
-  float* partial_max;       // [seqs, heads, max_partitions]
-  float* partial_sum;       // [seqs, heads, max_partitions]
+  // Workspace for the splits' partial results (may be null when num_splits == 1):
+  float* partial_out;       // [seqs, heads, num_splits, head_dim]
+  float* partial_max;       // [seqs, heads, num_splits]
+  float* partial_sum;       // [seqs, heads, num_splits]
   int num_seqs, num_heads, num_kv_heads, head_dim;
   int block_size, max_blocks_per_seq;
-  int max_partitions;       // >= the partitions any sequence needs (see decode_partitions)
+  int num_splits;           // CTAs per (sequence, query-head group); any count >= 1 is correct
   int64_t q_seq_stride, q_head_stride;  // in elements
   float scale;
   int sliding_window;       // 0: none; else a query sees only the last `sliding_window` keys
