@@ -1,6 +1,6 @@
 """Where a decode step's GPU time goes (Llama-3-8B shape, bf16, random weights).
 
-    python3 benchmark/gpu_profile.py [--batch 1 64] [--context 256]
+    python3 benchmark/gpu_profile.py [--batch 1 64] [--context 256] [--prefill 16 512]
 
 Prints, per batch size: torch.profiler's CUDA kernel table for one eager decode forward (the same
 kernels the CUDA graph replays), and the achieved bandwidth of each linear layer shape alone.
@@ -63,10 +63,39 @@ def profile_decode(engine, batch: int, context: int, vocab: int) -> None:
         engine.step()
 
 
+def profile_prefill(engine, prompts: int, length: int, vocab: int) -> None:
+    """One step that prefills `prompts` fresh prompts of `length` tokens: its wall time, and where
+    its GPU and host time go."""
+    from maga_transformer.config import GenerateConfig
+    cfg = GenerateConfig(max_new_tokens=1, top_k=1, ignore_eos=True)
+
+    def one_step() -> float:
+        for p in random_prompts(prompts, length, vocab, seed=length + prompts + int(time.time() * 1000) % 997):
+            engine.add_request(p, cfg)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        engine.step()
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        engine.run_until_idle()
+        return elapsed
+
+    one_step()
+    times = [one_step() for _ in range(3)]
+    print(f"=== prefill of {prompts} x {length} tokens in one step: {min(times) * 1000:.1f} ms (best of 3) ===")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        one_step()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70))
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=70))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--batch", type=int, nargs="*", default=[1, 64])
     parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--prefill", type=int, nargs=2, metavar=("PROMPTS", "LENGTH"), action="append", default=[],
+                        help="also profile one prefill step of PROMPTS fresh prompts of LENGTH tokens")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     hf_model = build_hf(LLAMA3_8B)
@@ -77,6 +106,8 @@ def main() -> None:
     for batch in args.batch:
         linear_rates(model, batch)
         profile_decode(engine, batch, args.context, LLAMA3_8B["vocab_size"])
+    for prompts, length in args.prefill:
+        profile_prefill(engine, prompts, length, LLAMA3_8B["vocab_size"])
 
 
 if __name__ == "__main__":
