@@ -23,6 +23,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from maga_transformer.ops._cuda import KERNEL_DTYPES, aligned, check_status, kernels_for, same_device
 
@@ -144,6 +145,24 @@ def _alibi_mask(group: _PaddedGroup, slopes: torch.Tensor, dtype: torch.dtype) -
     return group.alibi[1]
 
 
+# cuDNN's attention (which SDPA tries first on Hopper) builds an execution plan for every new shape:
+# 0.1-0.4 s each time a step brings a new (group, query, key) size, which made a first token take
+# up to seconds on the H100. Flash (no mask) and the memory-efficient kernel (masks) need no plan.
+_CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """Attention of [G, H, Lq, D] queries over [G, KVH, Lk, D] keys and values (GQA when KVH < H)."""
+    gqa = k.shape[1] != q.shape[1]
+    if not q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    if gqa:  # the memory-efficient kernel takes no GQA flag: give every query head its keys
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    with sdpa_kernel(_CUDA_SDPA_BACKENDS):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
 def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                               meta: AttentionMetadata, scale: float,
                               alibi_slopes: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -160,8 +179,7 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         kg = flat_k[group.key_slots].transpose(1, 2).to(q.dtype)  # [G, KVH, Lk, D]
         vg = flat_v[group.key_slots].transpose(1, 2).to(q.dtype)
         mask = group.mask if alibi_slopes is None else _alibi_mask(group, alibi_slopes, q.dtype)
-        og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale,
-                                            enable_gqa=num_kv_heads != num_heads).transpose(1, 2)
+        og = _sdpa(qg, kg, vg, mask, scale).transpose(1, 2)
         if group.in_order:
             return og.reshape(q.shape)  # the only group, already in the batch's layout
         if out is None:
