@@ -127,7 +127,7 @@ def run_batch(engine, prompts: List[List[int]], output_len: int) -> Dict[str, fl
     cfg = GenerateConfig(max_new_tokens=output_len, top_k=1, ignore_eos=True)
     torch.cuda.synchronize()
     start = time.perf_counter()
-    handles = [engine.add_request(p, cfg) for p in prompts]
+    handles = [engine.add_request(p, cfg, stream=False) for p in prompts]  # offline: final outputs only
     peak_running = 0
     while engine.has_work():
         engine.step()

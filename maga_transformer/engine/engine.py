@@ -89,9 +89,13 @@ class Engine:
 
     # ---- public API (thread-safe) -------------------------------------------------------------
     def add_request(self, prompt_token_ids: List[int], config: GenerateConfig,
-                    request_id: Optional[str] = None, sink: Optional[queue.Queue] = None) -> RequestHandle:
-        """Validate and queue a request. Raises ValueError naming the bad field."""
+                    request_id: Optional[str] = None, sink: Optional[queue.Queue] = None,
+                    stream: bool = True) -> RequestHandle:
+        """Validate and queue a request. Raises ValueError naming the bad field. stream=False: the
+        handle gets only the final output (no per-step text or output objects: less host work per
+        step, for offline batches)."""
         request = self._make_request(prompt_token_ids, config, request_id)
+        request.stream = stream
         handle = RequestHandle(self, request.request_id, sink)
         with self._lock:
             if request.request_id in self._handles:

@@ -98,6 +98,7 @@ class Request:
     prompt_loss: Optional[Any] = None  # accumulated prompt log-probs when calculate_loss
     extras: Dict[str, Any] = field(default_factory=dict)  # logits / hidden states asked for
     error: Optional[str] = None
+    stream: bool = True  # emit an output every step; False: only the final one (offline batches)
 
     @property
     def prompt_len(self) -> int:

@@ -46,7 +46,7 @@ class StepProcessor:
         for request, rows in ready:
             if request.is_beam_search:
                 self._beam_step(request, result.logits[rows])
-        return [self._output(request) for request, _ in ready]
+        return [out for out in (self._output(request) for request, _ in ready) if out is not None]
 
     def advance(self, plan: SchedulerOutput, result: StepResult, register: bool = True) -> Ready:
         """Account for the tokens the step computed. With register=False the blocks they filled are
@@ -79,7 +79,8 @@ class StepProcessor:
     def outputs_of_live(self, ready: Ready) -> List[RequestOutput]:
         """Outputs of the requests of an overlapped step that are still running (an abort or the
         step before may have finished some: their outputs went out then)."""
-        return [self._output(request) for request, _ in ready if request.status != RequestStatus.FINISHED]
+        live = (self._output(request) for request, _ in ready if request.status != RequestStatus.FINISHED)
+        return [out for out in live if out is not None]
 
     # ---- sampling ---------------------------------------------------------------------------
     def _fork_samples(self, request: Request, rows: List[int]) -> List[int]:
@@ -204,11 +205,18 @@ class StepProcessor:
             return text[:found[1]] if request.config.print_stop_words else text[:found[0]]
         return text if seq.is_finished else hold_back_partial_stop(text, stops)
 
-    def _output(self, request: Request) -> RequestOutput:
-        texts = [self._seq_text(request, seq) for seq in request.seqs]
+    def _output(self, request: Request) -> Optional[RequestOutput]:
+        """The request's output after this step; None for a request that does not stream (only its
+        final output is wanted) while it runs. Its text is then decoded only to look for stop
+        strings, or once at the end."""
+        finished = all(seq.is_finished for seq in request.seqs)
+        if not request.stream and not finished and not request.config.stop_words_str:
+            return None
+        texts = [self._seq_text(request, seq) for seq in request.seqs]  # may finish a sequence (stop string)
         if all(seq.is_finished for seq in request.seqs):
             self.scheduler.finish_request(request)
-        return self._build(request, texts)
+            return self._build(request, texts)
+        return self._build(request, texts) if request.stream else None
 
     def finish(self, request: Request) -> RequestOutput:
         """Finish a request now (abort, timeout, error): release everything, final output."""

@@ -135,3 +135,25 @@ def test_prefix_cache_blocks_filled_under_overlap_are_reused(tiny):
         engine.pool.check_idle()
     assert results[0] == results[1]
     assert results[1][2] >= (len(first) + NEW - 1) // 4 * 4  # every full block of prompt + answer
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_non_streaming_requests_get_one_final_output_equal_to_the_streamed_one(tiny, overlap):
+    """stream=False (offline batches) skips the per-step outputs and detokenization, not any result:
+    stop strings still stop, beams and samples still finish the same."""
+    prompts = _prompts(10, seed=8)
+    configs = CONFIGS + [GenerateConfig(max_new_tokens=8, num_beams=2, num_return_sequences=2)]
+    finals = []
+    for stream in (True, False):
+        engine = _engine(tiny[1], overlap=overlap)
+        handles = [engine.add_request(p, configs[i % len(configs)], stream=stream) for i, p in enumerate(prompts)]
+        engine.run_until_idle()
+        outputs = [list(iter(lambda h=h: h.queue.get() if not h.queue.empty() else None, None)) for h in handles]
+        assert all(outs[-1].finished for outs in outputs)
+        if not stream:
+            assert all(len(outs) == 1 for outs in outputs)
+        finals.append([(_summary(outs[-1]), outs[-1].beam_responses) for outs in outputs])
+        engine.pool.check_idle()
+    for streamed, final in zip(*finals):
+        _assert_same([final[0]], [streamed[0]])
+        assert final[1] == streamed[1]
