@@ -1,6 +1,6 @@
 """Where a decode step's GPU time goes (Llama-3-8B shape, bf16, random weights).
 
-    python3 benchmark/gpu_profile.py [--batch 1 64] [--context 256] [--prefill 16 512]
+    python3 benchmark/gpu_profile.py [--batch 1 64] [--context 256] [--prefill 16 512] [--host 256]
 
 Prints, per batch size: torch.profiler's CUDA kernel table for one eager decode forward (the same
 kernels the CUDA graph replays), and the achieved bandwidth of each linear layer shape alone.
@@ -91,10 +91,60 @@ def profile_prefill(engine, prompts: int, length: int, vocab: int) -> None:
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=70))
 
 
+def profile_host(engine, batch: int, vocab: int, steps: int = 40) -> None:
+    """Where the host's time goes in overlapped decode steps at `batch` (cProfile), and how long the
+    host waits for the GPU (reading a draw back): a host-bound loop hardly waits."""
+    import cProfile
+    import io
+    import pstats
+
+    from maga_transformer.config import GenerateConfig
+    from maga_transformer.engine import transfer
+    cfg = GenerateConfig(max_new_tokens=steps + 20, top_k=1, ignore_eos=True)
+    for p in random_prompts(batch, 128, vocab, seed=3):
+        engine.add_request(p, cfg, stream=False)
+    for _ in range(5):
+        engine.step()
+    waited = [0.0]
+    original_get = transfer.HostCopy.get
+
+    def timed_get(self):
+        start = time.perf_counter()
+        try:
+            return original_get(self)
+        finally:
+            waited[0] += time.perf_counter() - start
+    transfer.HostCopy.get = timed_get
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    wall = (time.perf_counter() - start) / steps * 1000
+    print(f"=== host at batch {batch}: {wall:.2f} ms a step, {waited[0] / steps * 1000:.2f} ms of it waiting for "
+          f"the GPU; graph replay alone {engine.runner.graphs and _replay_ms(engine, batch):.2f} ms ===")
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(10):
+        engine.step()
+    profiler.disable()
+    transfer.HostCopy.get = original_get
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+    print(text.getvalue())
+    engine.run_until_idle()
+
+
+def _replay_ms(engine, batch: int) -> float:
+    from benchmark.gpu_bench import graph_replay_ms
+    return graph_replay_ms(engine, batch)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batch", type=int, nargs="*", default=[1, 64])
     parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--host", type=int, nargs="*", default=[], metavar="BATCH",
+                        help="also profile the host side of overlapped decode steps at these batch sizes")
     parser.add_argument("--prefill", type=int, nargs=2, metavar=("PROMPTS", "LENGTH"), action="append", default=[],
                         help="also profile one prefill step of PROMPTS fresh prompts of LENGTH tokens")
     args = parser.parse_args()
@@ -109,6 +159,8 @@ def main() -> None:
         profile_decode(engine, batch, args.context, LLAMA3_8B["vocab_size"])
     for prompts, length in args.prefill:
         profile_prefill(engine, prompts, length, LLAMA3_8B["vocab_size"])
+    for batch in args.host:
+        profile_host(engine, batch, LLAMA3_8B["vocab_size"])
 
 
 if __name__ == "__main__":
