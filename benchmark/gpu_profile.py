@@ -22,21 +22,36 @@ from benchmark.gpu_bench import LLAMA3_8B, build_engine, build_hf, build_ours, r
 logger = logging.getLogger("benchmark.gpu_profile")
 
 
+def _graph_time_us(fn, calls: int = 20, replays: int = 10) -> float:
+    """GPU time of one fn() call, from a CUDA graph of `calls` calls (no launch overhead in it)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(replays):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / (replays * calls) * 1e6
+
+
 def linear_rates(model, batch: int) -> None:
+    """Each linear shape of a layer alone, as cuBLAS runs it and as ops.linear does (our GEMV up to
+    4 rows), timed inside CUDA graphs: GB/s of weight streamed."""
+    from maga_transformer import ops
     layer = model.layers[0]
     for name, w in (("qkv", layer.qkv), ("o", layer.o), ("gate_up", layer.gate_up), ("down", layer.down),
                     ("lm_head", model.lm_head)):
         x = torch.randn(batch, w.in_features, dtype=torch.bfloat16, device="cuda")
-        torch.nn.functional.linear(x, w.weight)
-        torch.cuda.synchronize()
-        reps = 200
-        start = time.perf_counter()
-        for _ in range(reps):
-            torch.nn.functional.linear(x, w.weight)
-        torch.cuda.synchronize()
-        seconds = (time.perf_counter() - start) / reps
-        logger.info("linear %-8s batch %3d: %7.1f us, %6.0f GB/s", name, batch, seconds * 1e6,
-                    w.weight.numel() * 2 / seconds / 1e9)
+        cublas = _graph_time_us(lambda: torch.nn.functional.linear(x, w.weight))
+        ours = _graph_time_us(lambda: ops.linear(x, w))
+        gbs = lambda us: w.weight.numel() * 2 / us / 1e3  # noqa: E731
+        logger.info("linear %-8s batch %3d: cuBLAS %7.1f us %6.0f GB/s | ops.linear %7.1f us %6.0f GB/s", name, batch,
+                    cublas, gbs(cublas), ours, gbs(ours))
 
 
 def profile_decode(engine, batch: int, context: int, vocab: int) -> None:
