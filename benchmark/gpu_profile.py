@@ -40,8 +40,8 @@ def _graph_time_us(fn, calls: int = 20, replays: int = 10) -> float:
 
 
 def linear_rates(model, batch: int) -> None:
-    """Each linear shape of a layer alone, as cuBLAS runs it and as ops.linear does (our GEMV up to
-    4 rows), timed inside CUDA graphs: GB/s of weight streamed."""
+    """Each linear shape of a layer alone, as cuBLAS runs it and as ops.linear does, timed inside
+    CUDA graphs (as decode runs them: no launch overhead): GB/s of weight streamed."""
     from maga_transformer import ops
     layer = model.layers[0]
     for name, w in (("qkv", layer.qkv), ("o", layer.o), ("gate_up", layer.gate_up), ("down", layer.down),

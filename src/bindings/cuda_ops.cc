@@ -12,7 +12,6 @@
 
 #include "src/kernels/cuda/activation.h"
 #include "src/kernels/cuda/kv_cache_write.h"
-#include "src/kernels/cuda/gemv.h"
 #include "src/kernels/cuda/paged_decode_attention.h"
 #include "src/kernels/cuda/rms_norm.h"
 #include "src/kernels/cuda/rotary.h"
@@ -145,20 +144,6 @@ int gated_activation(Tensor& out, const Tensor& input, int64_t activation) {
   return static_cast<int>(kc::gated_activation(p, current_stream(input)));
 }
 
-int gemv(Tensor& out, const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  kc::GemvParams p{};
-  if (!to_dtype(x, &p.dtype)) return static_cast<int>(cudaErrorInvalidValue);
-  p.out = out.data_ptr();
-  p.x = x.data_ptr();
-  p.weight = weight.data_ptr();
-  p.bias = bias ? bias->data_ptr() : nullptr;
-  p.rows = static_cast<int>(x.size(0));
-  p.n = weight.size(0);
-  p.k = weight.size(1);
-  return static_cast<int>(kc::gemv(p, current_stream(x)));
-}
-
 std::string cuda_error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
 
 }  // namespace
@@ -177,9 +162,6 @@ void register_cuda_ops(pybind11::module_& m) {
         arg("in1"), arg("positions"), arg("cos"), arg("sin"), arg("rotary_dim"));
   m.def("gated_activation", &gated_activation, "act(gate) * up; 0 silu, 1 gelu, 2 gelu tanh", arg("out"),
         arg("input"), arg("activation"));
-  m.def("gemv", &gemv, "out = x @ weight.T (+ bias) for up to gemv_max_rows rows (fp16/bf16)", arg("out"),
-        arg("x"), arg("weight"), arg("bias"));
-  m.attr("gemv_max_rows") = kc::kGemvMaxRows;
   m.def("paged_decode_supports_head_dim", &kc::paged_decode_supports_head_dim, arg("head_dim"));
   m.def("cuda_error_string", &cuda_error_string, arg("code"));
   m.attr("decode_partition_size") = kc::kDecodePartitionSize;

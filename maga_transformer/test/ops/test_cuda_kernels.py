@@ -15,7 +15,6 @@ from typing import List
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from maga_transformer import ops
 from maga_transformer.ops.activation import gelu_and_mul_reference, silu_and_mul_reference
@@ -375,50 +374,3 @@ def test_prefill_attention_avoids_cudnn_plan_builds(kernels):
     names = [event.name for event in prof.events()]
     assert not [n for n in names if "cudnn" in n.lower()], "prefill attention went to cuDNN"
     assert _rel_error(out, _decode_oracle(q, k_cache, v_cache, meta, 0.09)) < ORACLE_REL[torch.bfloat16]
-
-
-# ---- decode GEMV --------------------------------------------------------------------------------
-
-@gpu_test
-@pytest.mark.parametrize("dtype", HALF_DTYPES)
-@pytest.mark.parametrize("rows", [1, 2, 3, 4])
-@pytest.mark.parametrize("n,k,bias", [(4099, 4096, False), (6144, 4096, True), (130, 14336, True), (7, 8, True),
-                                      (1000, 264, False)])
-def test_gemv_matches_the_float64_product(kernels, dtype, rows, n, k, bias):
-    gen = torch.Generator().manual_seed(n + k + rows)
-    x = torch.randn(rows, k, generator=gen).to("cuda", dtype)
-    w = (torch.randn(n, k, generator=gen) / k ** 0.5).to("cuda", dtype)
-    b = torch.randn(n, generator=gen).to("cuda", dtype) if bias else None
-    out = ops.gemv_cuda(x, w, b)
-    exact = x.double() @ w.double().T + (b.double() if bias else 0)
-    assert out.dtype == dtype and out.shape == (rows, n)
-    assert _rel_error(out, exact) < ORACLE_REL[dtype]
-    _assert_close(out, F.linear(x, w, b))  # and within rounding of cuBLAS
-
-
-@gpu_test
-def test_linear_takes_the_gemv_for_thin_half_batches_only(kernels, monkeypatch):
-    w = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16)
-    prepared = ops.prepare_linear(w)
-    assert prepared.cuda_gemv and not ops.prepare_linear(w.float()).cuda_gemv
-    from maga_transformer.ops import linear as linear_module
-    calls = []
-    run = linear_module._run_cuda_gemv
-    monkeypatch.setattr(linear_module, "_run_cuda_gemv", lambda k, x, *a: calls.append(x.shape[0]) or run(k, x, *a))
-    for rows in (1, 4, 5, 64):
-        x = torch.randn(rows, 256, device="cuda", dtype=torch.bfloat16)
-        _assert_close(ops.linear(x, prepared), F.linear(x, w))
-    strided = torch.randn(3, 512, device="cuda", dtype=torch.bfloat16)[:, ::2]  # a non-contiguous view
-    _assert_close(ops.linear(strided, prepared), F.linear(strided, w))
-    assert calls == [1, 4, 3]
-
-
-@gpu_test
-def test_gemv_rejects_what_it_cannot_do(kernels):
-    w = torch.randn(64, 32, device="cuda", dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="rows"):
-        ops.gemv_cuda(torch.randn(5, 32, device="cuda", dtype=torch.bfloat16), w)
-    with pytest.raises(ValueError, match="in % 8"):
-        ops.gemv_cuda(torch.randn(1, 30, device="cuda", dtype=torch.bfloat16), w[:, :30])
-    with pytest.raises(ValueError, match="fp16 / bf16"):
-        ops.gemv_cuda(torch.randn(1, 32, device="cuda"), w.float())
