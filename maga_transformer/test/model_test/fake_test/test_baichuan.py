@@ -16,25 +16,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from maga_transformer.models.baichuan import BaichuanModel
 from maga_transformer.models.registry import resolve_model_class
 from maga_transformer.test.fixtures import load_engine_model, load_engine_model_as, save_original_checkpoint
+from maga_transformer.test.model_test.original_layouts import baichuan_config, baichuan_tensors
 from maga_transformer.test.model_test.parity_tests import (  # noqa: F401  (collected here, on `case`)
     test_greedy_tokens_match_generate, test_prompt_logits_match)
 
 SIZES = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2, vocab_size=128)
-
-
-def baichuan_config(architecture: str) -> dict:
-    return dict(architectures=[architecture], model_type="baichuan", **SIZES, max_position_embeddings=128,
-                model_max_length=128, rms_norm_eps=1e-6, hidden_act="silu", bos_token_id=1, eos_token_id=2,
-                pad_token_id=0, tie_word_embeddings=False, torch_dtype="float32")
-
-
-def baichuan_tensors(llama: LlamaForCausalLM) -> dict:
-    """The LLaMA state dict under Baichuan's names: q/k/v stacked into W_pack."""
-    state = {k: v.clone() for k, v in llama.state_dict().items()}
-    for i in range(llama.config.num_hidden_layers):
-        prefix = f"model.layers.{i}.self_attn."
-        state[prefix + "W_pack.weight"] = torch.cat([state.pop(prefix + f"{p}_proj.weight") for p in "qkv"])
-    return state
 
 
 def build(name: str, directory: str):
@@ -48,7 +34,7 @@ def build(name: str, directory: str):
         tensors["lm_head.weight"] = tensors["lm_head.weight"] * torch.empty(SIZES["vocab_size"], 1).uniform_(0.2, 5)
         with torch.no_grad():
             llama.lm_head.weight.copy_(F.normalize(tensors["lm_head.weight"], dim=-1))
-    save_original_checkpoint(directory, baichuan_config(architecture), tensors, SIZES["vocab_size"])
+    save_original_checkpoint(directory, baichuan_config(architecture, SIZES), tensors, SIZES["vocab_size"])
     if name == "baichuan2_7b":
         return llama, load_engine_model_as(directory, "baichuan2", max_seq_len=128)
     return llama, load_engine_model(directory, max_seq_len=128)
@@ -65,7 +51,7 @@ def test_registry_and_variants():
     assert resolve_model_class("", {"model_type": "baichuan"}) is BaichuanModel
     assert resolve_model_class("baichuan2", {}).force_norm_head
     # Baichuan2's vocabulary marks a Baichuan2 checkpoint that says model_type "baichuan"
-    arch = BaichuanModel.arch_from_hf_config({**baichuan_config("BaichuanForCausalLM"), "vocab_size": 125696})
+    arch = BaichuanModel.arch_from_hf_config({**baichuan_config("BaichuanForCausalLM", SIZES), "vocab_size": 125696})
     assert BaichuanModel(arch, torch.float32, torch.device("cpu")).normalizes_lm_head()
     with pytest.raises(ValueError, match="ALiBi"):
-        BaichuanModel.arch_from_hf_config({**baichuan_config("BaichuanForCausalLM"), "num_hidden_layers": 40})
+        BaichuanModel.arch_from_hf_config({**baichuan_config("BaichuanForCausalLM", SIZES), "num_hidden_layers": 40})

@@ -11,81 +11,26 @@ fp32 prompt logits and NLL within 1e-4 and 32 greedy tokens equal to the referen
 """
 from __future__ import annotations
 
-import math
-from types import SimpleNamespace
-from typing import Dict, List
+from typing import Dict
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from maga_transformer.models.baichuan_13b import Baichuan2_13BModel, Baichuan13BModel
 from maga_transformer.models.registry import resolve_model_class
 from maga_transformer.test.fixtures import (PARITY_PROMPTS, assert_prompt_logits_match, load_engine_model_as,
-                                            perturb_vector_parameters, run_greedy, save_original_checkpoint,
-                                            truncate_at_eos)
+                                            perturb_vector_parameters, run_greedy, save_original_checkpoint)
+from maga_transformer.test.model_test.original_layouts import BAICHUAN_EOS as EOS
+from maga_transformer.test.model_test.original_layouts import BaichuanReference
 
 ATOL = 1e-4
 NEW_TOKENS = 32
-EOS = 2
 CASES = {  # model_type -> sizes (6 heads exercise the slopes' non-power-of-two tail)
     "baichuan_13b": dict(hidden_size=64, num_attention_heads=4),
     "baichuan2_13b": dict(hidden_size=96, num_attention_heads=6),
 }
 COMMON = dict(intermediate_size=128, num_hidden_layers=2, vocab_size=128)
-
-
-def get_interleave(n: int) -> List[float]:
-    """Baichuan-13B's slope schedule, as its modeling_baichuan.py writes it."""
-    def power_of_2(n: int) -> List[float]:
-        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
-        return [start * start ** i for i in range(n)]
-    if math.log2(n).is_integer():
-        return power_of_2(n)
-    closest = 2 ** math.floor(math.log2(n))
-    return power_of_2(closest) + get_interleave(2 * closest)[0::2][: n - closest]
-
-
-class BaichuanReference:
-    """The original forward in float64 over a Baichuan-named state dict; called like a transformers model."""
-
-    def __init__(self, state: Dict[str, torch.Tensor], heads: int, layers: int, norm_head: bool) -> None:
-        self.w = {k: v.double() for k, v in state.items()}
-        self.heads, self.layers, self.eps = heads, layers, 1e-6
-        if norm_head:
-            self.w["lm_head.weight"] = F.normalize(self.w["lm_head.weight"], dim=-1)
-        self.slopes = torch.tensor(get_interleave(heads), dtype=torch.float64)
-
-    def _rms(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        return self.w[name] * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-
-    def _attention(self, x: torch.Tensor, prefix: str) -> torch.Tensor:
-        length, hidden = x.shape
-        head_dim = hidden // self.heads
-        q, k, v = (x @ self.w[prefix + "W_pack.weight"].T).view(length, 3, self.heads, head_dim).permute(1, 2, 0, 3)
-        alibi = self.slopes.view(-1, 1, 1) * torch.arange(length).double().view(1, 1, -1)
-        future = torch.triu(torch.full((length, length), float("-inf"), dtype=torch.float64), 1)
-        scores = q @ k.transpose(-1, -2) / math.sqrt(head_dim) + alibi + future
-        out = (scores.softmax(-1) @ v).transpose(0, 1).reshape(length, hidden)
-        return out @ self.w[prefix + "o_proj.weight"].T
-
-    def __call__(self, ids: torch.Tensor) -> SimpleNamespace:
-        x = self.w["model.embed_tokens.weight"][ids[0]]
-        for i in range(self.layers):
-            p = f"model.layers.{i}."
-            x = x + self._attention(self._rms(x, p + "input_layernorm.weight"), p + "self_attn.")
-            h = self._rms(x, p + "post_attention_layernorm.weight")
-            gate, up = h @ self.w[p + "mlp.gate_proj.weight"].T, h @ self.w[p + "mlp.up_proj.weight"].T
-            x = x + (F.silu(gate) * up) @ self.w[p + "mlp.down_proj.weight"].T
-        logits = self._rms(x, "model.norm.weight") @ self.w["lm_head.weight"].T
-        return SimpleNamespace(logits=logits.unsqueeze(0))
-
-    def greedy(self, prompt: List[int], new_tokens: int) -> List[int]:
-        ids = list(prompt)
-        for _ in range(new_tokens):
-            ids.append(int(self(torch.tensor([ids])).logits[0, -1].argmax()))
-        return truncate_at_eos(ids[len(prompt):], [EOS])
 
 
 def baichuan_state(model_type: str) -> Dict[str, torch.Tensor]:

@@ -18,6 +18,7 @@ from transformers import GlmConfig, GlmForCausalLM
 from maga_transformer.models.chatglm import ChatGLMModel, interleaved_to_halves
 from maga_transformer.models.registry import resolve_model_class
 from maga_transformer.test.fixtures import load_engine_model, save_original_checkpoint
+from maga_transformer.test.model_test.original_layouts import chatglm_config, chatglm_tensors
 from maga_transformer.test.model_test.parity_tests import (  # noqa: F401  (collected here, on `case`)
     test_greedy_tokens_match_generate, test_prompt_logits_match)
 
@@ -25,34 +26,6 @@ CASES = {  # name: (kv groups, head_dim, rope_ratio, model_type)
     "chatglm2_two_groups": (2, 16, 1.0, "chatglm"),
     "chatglm3_one_group_rope_ratio": (1, 32, 3.0, "chatglm3"),
 }
-
-
-def chatglm_config(groups: int, head_dim: int, rope_ratio: float, model_type: str) -> dict:
-    return dict(architectures=["ChatGLMModel"], model_type=model_type, hidden_size=64, num_attention_heads=4,
-                num_layers=2, kv_channels=head_dim, ffn_hidden_size=96, padded_vocab_size=128, vocab_size=128,
-                multi_query_attention=True, multi_query_group_num=groups, add_bias_linear=False,
-                add_qkv_bias=True, rmsnorm=True, post_layer_norm=True, layernorm_epsilon=1e-5,
-                apply_residual_connection_post_layernorm=False, apply_query_key_layer_scaling=True,
-                attention_softmax_in_fp32=True, original_rope=True, rope_ratio=rope_ratio, seq_length=128,
-                tie_word_embeddings=False, eos_token_id=2, pad_token_id=0, torch_dtype="float32")
-
-
-def chatglm_tensors(glm: GlmForCausalLM) -> dict:
-    state = glm.state_dict()
-    out = {"transformer.embedding.word_embeddings.weight": state["model.embed_tokens.weight"],
-           "transformer.encoder.final_layernorm.weight": state["model.norm.weight"],
-           "transformer.output_layer.weight": state["lm_head.weight"]}
-    for i in range(glm.config.num_hidden_layers):
-        src, dst = f"model.layers.{i}.", f"transformer.encoder.layers.{i}."
-        for kind in ("weight", "bias"):
-            out[dst + f"self_attention.query_key_value.{kind}"] = torch.cat(
-                [state[src + f"self_attn.{p}_proj.{kind}"] for p in "qkv"])
-        out[dst + "self_attention.dense.weight"] = state[src + "self_attn.o_proj.weight"]
-        out[dst + "mlp.dense_h_to_4h.weight"] = state[src + "mlp.gate_up_proj.weight"]
-        out[dst + "mlp.dense_4h_to_h.weight"] = state[src + "mlp.down_proj.weight"]
-        out[dst + "input_layernorm.weight"] = state[src + "input_layernorm.weight"]
-        out[dst + "post_attention_layernorm.weight"] = state[src + "post_attention_layernorm.weight"]
-    return out
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))

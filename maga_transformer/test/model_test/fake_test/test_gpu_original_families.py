@@ -21,10 +21,9 @@ from maga_transformer.config.model_config import ACT_TYPE
 from maga_transformer.model_factory import ModelFactory
 from maga_transformer.test.fixtures import perturb_vector_parameters, save_original_checkpoint
 from maga_transformer.test.gpu_parity import assert_bf16_error_like_oracle, assert_logprob_aware_match
-from maga_transformer.test.model_test.fake_test.test_baichuan import baichuan_config, baichuan_tensors
-from maga_transformer.test.model_test.fake_test.test_baichuan_13b import BaichuanReference
-from maga_transformer.test.model_test.fake_test.test_chatglm import chatglm_config, chatglm_tensors
-from maga_transformer.test.model_test.fake_test.test_qwen_v1 import qwen_v1_config, qwen_v1_tensors
+from maga_transformer.test.model_test.original_layouts import (BaichuanReference, baichuan_config, baichuan_tensors,
+                                                               chatglm_config, chatglm_tensors, qwen_v1_config,
+                                                               qwen_v1_tensors)
 
 DEVICE = os.environ.get("MAGA_GPU_TEST_DEVICE", "cuda")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
@@ -44,14 +43,13 @@ def _perturbed(model):
 
 def baichuan_7b():
     llama = _perturbed(LlamaForCausalLM(LlamaConfig(**SIZES, num_key_value_heads=HEADS, rms_norm_eps=1e-6)))
-    config = {**baichuan_config("BaiChuanForCausalLM"), **SIZES, "model_max_length": CONTEXT}
+    config = baichuan_config("BaiChuanForCausalLM", SIZES, CONTEXT)
     return llama, config, baichuan_tensors(llama), True
 
 
 def qwen_v1():
     qwen2 = _perturbed(Qwen2ForCausalLM(Qwen2Config(**SIZES, num_key_value_heads=HEADS, rms_norm_eps=1e-6)))
-    config = {**qwen_v1_config(no_bias=True), "hidden_size": HIDDEN, "vocab_size": VOCAB, "kv_channels": HIDDEN // HEADS,
-              "intermediate_size": 2 * INTER, "max_position_embeddings": CONTEXT, "seq_length": CONTEXT}
+    config = qwen_v1_config(no_bias=True, hidden=HIDDEN, heads=HEADS, vocab=VOCAB, mlp_width=INTER, context=CONTEXT)
     return qwen2, config, qwen_v1_tensors(qwen2), True
 
 
@@ -59,8 +57,7 @@ def chatglm2():
     glm = _perturbed(GlmForCausalLM(GlmConfig(
         **SIZES, num_key_value_heads=2, head_dim=HIDDEN // HEADS, rms_norm_eps=1e-5, attention_bias=True, pad_token_id=0,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})))
-    config = {**chatglm_config(2, HIDDEN // HEADS, 1.0, "chatglm2"), "hidden_size": HIDDEN, "ffn_hidden_size": INTER,
-              "padded_vocab_size": VOCAB, "vocab_size": VOCAB, "seq_length": CONTEXT}
+    config = chatglm_config(2, HIDDEN // HEADS, 1.0, "chatglm2", hidden=HIDDEN, ffn=INTER, vocab=VOCAB, context=CONTEXT)
     return glm, config, chatglm_tensors(glm), True
 
 
@@ -68,8 +65,7 @@ def baichuan2_13b():
     llama = _perturbed(LlamaForCausalLM(LlamaConfig(**SIZES, rms_norm_eps=1e-6)))
     tensors = baichuan_tensors(llama)
     tensors["lm_head.weight"] = tensors["lm_head.weight"] * torch.empty(VOCAB, 1).uniform_(0.2, 5)
-    config = {**baichuan_config("BaichuanForCausalLM"), **SIZES, "model_max_length": CONTEXT,
-              "model_type": "baichuan2_13b"}
+    config = {**baichuan_config("BaichuanForCausalLM", SIZES, CONTEXT), "model_type": "baichuan2_13b"}
     return BaichuanReference(tensors, HEADS, 2, norm_head=True), config, tensors, False
 
 

@@ -17,42 +17,13 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 from maga_transformer.models.qwen_v1 import QWenModel, QWenVLModel
 from maga_transformer.models.registry import resolve_model_class
 from maga_transformer.test.fixtures import load_engine_model, save_original_checkpoint
+from maga_transformer.test.model_test.original_layouts import qwen_v1_config, qwen_v1_tensors
 from maga_transformer.test.model_test.parity_tests import (  # noqa: F401  (collected here, on `case`)
     test_greedy_tokens_match_generate, test_prompt_logits_match)
 
 SIZES = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=2, vocab_size=128,
              max_position_embeddings=128, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
 MLP_WIDTH = 96
-_RENAMES = {"input_layernorm.weight": "ln_1.weight", "post_attention_layernorm.weight": "ln_2.weight",
-            "self_attn.o_proj.weight": "attn.c_proj.weight", "self_attn.o_proj.bias": "attn.c_proj.bias",
-            "mlp.gate_proj.weight": "mlp.w2.weight", "mlp.up_proj.weight": "mlp.w1.weight",
-            "mlp.down_proj.weight": "mlp.c_proj.weight", "mlp.gate_proj.bias": "mlp.w2.bias",
-            "mlp.up_proj.bias": "mlp.w1.bias", "mlp.down_proj.bias": "mlp.c_proj.bias"}
-
-
-def qwen_v1_config(no_bias: bool) -> dict:
-    """Qwen v1's own keys; like the real ones it names no eos_token_id (the tokenizer's EOS applies)."""
-    return dict(architectures=["QWenLMHeadModel"], model_type="qwen", hidden_size=64, num_attention_heads=4,
-                num_hidden_layers=2, vocab_size=128, kv_channels=16, intermediate_size=2 * MLP_WIDTH,
-                layer_norm_epsilon=1e-6, max_position_embeddings=128, seq_length=128, rotary_emb_base=10000,
-                rotary_pct=1.0, no_bias=no_bias, scale_attn_weights=True, tie_word_embeddings=False,
-                use_dynamic_ntk=False, use_logn_attn=False)
-
-
-def qwen_v1_tensors(hf_model) -> dict:
-    state = hf_model.state_dict()
-    out = {"transformer.wte.weight": state["model.embed_tokens.weight"],
-           "transformer.ln_f.weight": state["model.norm.weight"], "lm_head.weight": state["lm_head.weight"]}
-    for i in range(hf_model.config.num_hidden_layers):
-        src, dst = f"model.layers.{i}.", f"transformer.h.{i}."
-        out[dst + "attn.c_attn.weight"] = torch.cat([state[src + f"self_attn.{p}_proj.weight"] for p in "qkv"])
-        out[dst + "attn.c_attn.bias"] = torch.cat([state[src + f"self_attn.{p}_proj.bias"] for p in "qkv"])
-        for ours, theirs in _RENAMES.items():
-            if src + ours in state:
-                out[dst + theirs] = state[src + ours]
-    return out
-
-
 VISUAL = {"image_size": 448, "patch_size": 14, "width": 32, "layers": 1, "heads": 2, "output_dim": 64}
 
 
