@@ -164,10 +164,28 @@ def graph_replay_ms(engine, batch: int, reps: int = 50) -> float:
     return (time.perf_counter() - start) / reps * 1000
 
 
+def step_until_decoding(engine) -> None:
+    """Step until every request is past its prefill and has decoded twice: the graphs' static
+    buffers then hold this batch (with fewer steps a big batch is still prefilling, and the buffers
+    hold the previous batch's rows and lengths)."""
+    def decoding() -> bool:
+        running = engine.scheduler.running
+        return not engine.scheduler.waiting and all(r.seqs[0].num_output_tokens >= 3 for r in running)
+    while not decoding():
+        engine.step()
+
+
 def step_breakdown(engine, batch: int, output_len: int, vocab: int) -> Dict[str, float]:
-    """A decode step's wall time (first token to last, so the prefill is left out) next to the GPU
-    time of its graph alone, with overlap scheduling as configured and with it off."""
+    """A decode step's wall time (first token to last, so the prefill is left out) with overlap
+    scheduling on and off, next to the GPU time of the batch's graph alone, replayed mid-run (the
+    graph's buffers then hold this batch's rows and lengths)."""
+    from maga_transformer.config import GenerateConfig
+    cfg = GenerateConfig(max_new_tokens=output_len, top_k=1, ignore_eos=True)
+    for p in random_prompts(batch, 128, vocab, 76):
+        engine.add_request(p, cfg, stream=False)
+    step_until_decoding(engine)
     out: Dict[str, float] = {"graph_replay_ms": graph_replay_ms(engine, batch)}
+    engine.run_until_idle()
     overlap = engine.overlap
     for name, enabled in (("overlap", True), ("no_overlap", False)):
         engine.overlap = enabled

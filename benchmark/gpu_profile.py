@@ -17,7 +17,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmark.gpu_bench import LLAMA3_8B, build_engine, build_hf, build_ours, random_prompts  # noqa: E402
+from benchmark.gpu_bench import (LLAMA3_8B, build_engine, build_hf, build_ours, random_prompts,  # noqa: E402
+                                 step_until_decoding)
 
 logger = logging.getLogger("benchmark.gpu_profile")
 
@@ -59,8 +60,7 @@ def profile_decode(engine, batch: int, context: int, vocab: int) -> None:
     cfg = GenerateConfig(max_new_tokens=context, top_k=1, ignore_eos=True)
     for p in random_prompts(batch, context, vocab, seed=batch):
         engine.add_request(p, cfg)
-    for _ in range(3):  # prefill, then decode steps: every sequence now sits in the graphs' buffers
-        engine.step()
+    step_until_decoding(engine)
     graphs = engine.runner.graphs
     size = graphs.bucket(batch)
     forward = lambda: graphs._forward(graphs._batch(size))  # noqa: E731  (eager: the graph's kernels)
@@ -118,8 +118,7 @@ def profile_host(engine, batch: int, vocab: int, steps: int = 40) -> None:
     cfg = GenerateConfig(max_new_tokens=steps + 20, top_k=1, ignore_eos=True)
     for p in random_prompts(batch, 128, vocab, seed=3):
         engine.add_request(p, cfg, stream=False)
-    for _ in range(5):
-        engine.step()
+    step_until_decoding(engine)
     waited = [0.0]
     original_get = transfer.HostCopy.get
 
