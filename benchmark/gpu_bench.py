@@ -169,8 +169,8 @@ def step_until_decoding(engine) -> None:
     buffers then hold this batch (with fewer steps a big batch is still prefilling, and the buffers
     hold the previous batch's rows and lengths)."""
     def decoding() -> bool:
-        running = engine.scheduler.running
-        return not engine.scheduler.waiting and all(r.seqs[0].num_output_tokens >= 3 for r in running)
+        running = engine.scheduler.running  # num_waiting counts requests added but not yet admitted
+        return not engine.num_waiting and bool(running) and all(r.seqs[0].num_output_tokens >= 3 for r in running)
     while not decoding():
         engine.step()
 
