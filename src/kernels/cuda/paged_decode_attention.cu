@@ -12,6 +12,10 @@ constexpr int kThreads = kWarps * 32;
 #define MAGA_DECODE_UNROLL 4
 #endif
 constexpr int kUnroll = MAGA_DECODE_UNROLL;
+// CTAs per SM the register allocation must allow (__launch_bounds__' second argument).
+#ifndef MAGA_DECODE_MIN_BLOCKS
+#define MAGA_DECODE_MIN_BLOCKS 1
+#endif
 
 constexpr int next_pow2(int x) { return x <= 1 ? 1 : 2 * next_pow2((x + 1) / 2); }
 
@@ -29,20 +33,26 @@ struct RowLayout {
   static constexpr int kElems = kChunksPerLane * kVec;  // row elements each lane holds
 };
 
-// Loads this lane's part of one cached row as floats (zeros for a row past the end).
+// Loads this lane's chunks of one cached row, raw (zeros for a row past the end). They are
+// converted to float where they are used: float copies would double the registers the loads in
+// flight hold, and registers bound how many CTAs share an SM (see MAGA_DECODE_MIN_BLOCKS).
 template <typename T, int kHeadDim>
 __device__ __forceinline__ void load_row(const T* cache, int64_t row_offset, bool valid, int lane_in_row,
-                                         float (&out)[RowLayout<T, kHeadDim>::kElems]) {
+                                         uint4 (&out)[RowLayout<T, kHeadDim>::kChunksPerLane]) {
   using L = RowLayout<T, kHeadDim>;
 #pragma unroll
   for (int j = 0; j < L::kChunksPerLane; ++j) {
     const int chunk = lane_in_row + j * L::kLanes;
-    uint4 raw = make_uint4(0, 0, 0, 0);
-    if (valid && chunk < L::kChunks) raw = *reinterpret_cast<const uint4*>(cache + row_offset + chunk * L::kVec);
-    const T* elems = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-    for (int e = 0; e < L::kVec; ++e) out[j * L::kVec + e] = to_float(elems[e]);
+    out[j] = make_uint4(0, 0, 0, 0);
+    if (valid && chunk < L::kChunks) out[j] = *reinterpret_cast<const uint4*>(cache + row_offset + chunk * L::kVec);
   }
+}
+
+// Element e of a lane's loaded row part, as float.
+template <typename T, int kHeadDim>
+__device__ __forceinline__ float row_element(const uint4 (&raw)[RowLayout<T, kHeadDim>::kChunksPerLane], int e) {
+  using L = RowLayout<T, kHeadDim>;
+  return to_float(reinterpret_cast<const T*>(&raw[e / L::kVec])[e % L::kVec]);
 }
 
 // The partition's slice of the block table, staged in shared memory once so that finding a row
@@ -82,7 +92,7 @@ __device__ __forceinline__ void compute_logits(const PagedDecodeParams& p, const
   constexpr int kStride = kWarps * L::kKeysPerWarp;  // rows between a warp's consecutive rows
   // The loop bound is uniform per warp so every lane reaches the shuffles below.
   for (int base = warp * L::kKeysPerWarp; base < n; base += kStride * kUnroll) {
-    float k[kUnroll][L::kElems];
+    uint4 k[kUnroll][L::kChunksPerLane];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int i = base + u * kStride + row_in_warp;
@@ -96,7 +106,7 @@ __device__ __forceinline__ void compute_logits(const PagedDecodeParams& p, const
       for (int h = 0; h < kHeads; ++h) {
         float dot = 0.f;
 #pragma unroll
-        for (int e = 0; e < L::kElems; ++e) dot += q[h][e] * k[u][e];
+        for (int e = 0; e < L::kElems; ++e) dot += q[h][e] * row_element<T, kHeadDim>(k[u], e);
 #pragma unroll
         for (int offset = L::kLanes / 2; offset > 0; offset >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
         if (i < n && lane_in_row == 0) logits[h * kDecodePartitionSize + i] = dot;
@@ -141,7 +151,7 @@ __device__ __forceinline__ void accumulate_values(const PagedDecodeParams& p, co
   const T* v_cache = static_cast<const T*>(p.v_cache);
   constexpr int kStride = kWarps * L::kKeysPerWarp;
   for (int base = warp * L::kKeysPerWarp; base < n; base += kStride * kUnroll) {
-    float v[kUnroll][L::kElems];
+    uint4 v[kUnroll][L::kChunksPerLane];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int i = base + u * kStride + row_in_warp;
@@ -155,7 +165,7 @@ __device__ __forceinline__ void accumulate_values(const PagedDecodeParams& p, co
       for (int h = 0; h < kHeads; ++h) {
         const float prob = i < n ? probs[h * kDecodePartitionSize + i] : 0.f;
 #pragma unroll
-        for (int e = 0; e < L::kElems; ++e) acc[h][e] += prob * v[u][e];
+        for (int e = 0; e < L::kElems; ++e) acc[h][e] += prob * row_element<T, kHeadDim>(v[u], e);
       }
     }
   }
@@ -189,7 +199,7 @@ constexpr int smem_floats() {
 // between the query heads of one KV head reads each key and value row once for all of them. Split
 // z takes partitions z, z + num_splits, ... and merges them in registers (online softmax).
 template <typename T, int kHeadDim, int kHeads>
-__global__ void __launch_bounds__(kThreads) paged_decode_kernel(const PagedDecodeParams p) {
+__global__ void __launch_bounds__(kThreads, MAGA_DECODE_MIN_BLOCKS) paged_decode_kernel(const PagedDecodeParams p) {
   extern __shared__ float smem[];
   __shared__ float head_max[kHeads], head_sum[kHeads];  // this partition's
   __shared__ float run_max[kHeads], run_sum[kHeads];    // the split's so far
