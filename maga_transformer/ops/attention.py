@@ -38,6 +38,9 @@ class _PaddedGroup:
     mask: torch.Tensor  # [G, 1, Lq, Lk] bool, True = attend
     query_pos: torch.Tensor  # [G, Lq] position of each padded query in its sequence (ALiBi distances)
     in_order: bool  # no padding and the batch's own token order: the output needs no scatter
+    # fresh prompts of one length, no window in reach: the mask is plain causal, and SDPA's is_causal
+    # (flash attention, no mask tensor to read) computes the same
+    plain_causal: bool = False
     alibi: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # (slopes, float mask): every layer reuses it
 
 
@@ -110,8 +113,10 @@ def _build_group(meta: AttentionMetadata, members: List[int], starts: List[int],
     mask[..., 0] |= ~query_valid
     in_order = bool(query_valid.all()) and len(members) * max_q == meta.num_tokens and bool(
         (query_index.flatten() == torch.arange(meta.num_tokens)).all())
+    plain_causal = (all(meta.context_lens[i] == 0 and meta.query_lens[i] == max_q for i in members)
+                    and (sliding_window is None or sliding_window >= max_q))
     return _PaddedGroup(query_index.to(device), query_valid.to(device), key_slots.to(device),
-                        mask.unsqueeze(1).to(device), query_pos.to(device), in_order)
+                        mask.unsqueeze(1).to(device), query_pos.to(device), in_order, plain_causal)
 
 
 def _slots(block_table: Sequence[int], block_size: int, length: int) -> torch.Tensor:
@@ -151,16 +156,18 @@ def _alibi_mask(group: _PaddedGroup, slopes: torch.Tensor, dtype: torch.dtype) -
 _CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
-    """Attention of [G, H, Lq, D] queries over [G, KVH, Lk, D] keys and values (GQA when KVH < H)."""
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
+          causal: bool = False) -> torch.Tensor:
+    """Attention of [G, H, Lq, D] queries over [G, KVH, Lk, D] keys and values (GQA when KVH < H):
+    under `mask`, or causal (mask None) when Lq == Lk."""
     gqa = k.shape[1] != q.shape[1]
     if not q.is_cuda:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, is_causal=causal, enable_gqa=gqa)
     if gqa:  # the memory-efficient kernel takes no GQA flag: give every query head its keys
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     with sdpa_kernel(_CUDA_SDPA_BACKENDS):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, is_causal=causal)
 
 
 def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -178,8 +185,11 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
             qg = q[group.query_index].transpose(1, 2)
         kg = flat_k[group.key_slots].transpose(1, 2).to(q.dtype)  # [G, KVH, Lk, D]
         vg = flat_v[group.key_slots].transpose(1, 2).to(q.dtype)
-        mask = group.mask if alibi_slopes is None else _alibi_mask(group, alibi_slopes, q.dtype)
-        og = _sdpa(qg, kg, vg, mask, scale).transpose(1, 2)
+        if alibi_slopes is None and group.plain_causal:
+            og = _sdpa(qg, kg, vg, None, scale, causal=True).transpose(1, 2)
+        else:
+            mask = group.mask if alibi_slopes is None else _alibi_mask(group, alibi_slopes, q.dtype)
+            og = _sdpa(qg, kg, vg, mask, scale).transpose(1, 2)
         if group.in_order:
             return og.reshape(q.shape)  # the only group, already in the batch's layout
         if out is None:

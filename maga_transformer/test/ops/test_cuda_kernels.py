@@ -360,17 +360,21 @@ def test_kernels_replay_in_a_cuda_graph(kernels):
 
 
 @gpu_test
-def test_prefill_attention_avoids_cudnn_plan_builds(kernels):
+@pytest.mark.parametrize("query_lens,context_lens", [([40, 7], [0, 30]), ([33, 33], [0, 0])],
+                         ids=["masked", "plain_causal"])
+def test_prefill_attention_avoids_cudnn_plan_builds(kernels, query_lens, context_lens):
     """cuDNN's SDPA builds a plan for every new shape (tenths of a second each), so prefill attention
-    must run flash / memory-efficient kernels instead; and it still matches the float64 oracle."""
-    # a fresh prompt of 40 tokens and 7 new ones after 30 cached (tables sized for 40 and 37 keys)
-    _, k_cache, v_cache, tables = _random_paged_batch([39, 36], 16, 4, 128, 16, torch.bfloat16, seed=21)
-    q = torch.randn(40 + 7, 16, 128, device="cuda", dtype=torch.bfloat16)
-    meta = build_attention_metadata([40, 7], [0, 30], tables, 16, q.device)
+    must run flash / memory-efficient kernels instead, under a mask (a prompt after cached tokens,
+    padded rows) or plain causal (fresh prompts of one length); both match the float64 oracle."""
+    tables_for = [q + c - 1 for q, c in zip(query_lens, context_lens)]  # tables sized for every key
+    _, k_cache, v_cache, tables = _random_paged_batch(tables_for, 16, 4, 128, 16, torch.bfloat16, seed=21)
+    q = torch.randn(sum(query_lens), 16, 128, device="cuda", dtype=torch.bfloat16)
+    meta = build_attention_metadata(query_lens, context_lens, tables, 16, q.device)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
                                             torch.profiler.ProfilerActivity.CPU]) as prof:
         out = ops.paged_attention(q, k_cache, v_cache, meta, 0.09)
         torch.cuda.synchronize()
     names = [event.name for event in prof.events()]
     assert not [n for n in names if "cudnn" in n.lower()], "prefill attention went to cuDNN"
+    assert [g.plain_causal for g in meta.groups] == [context_lens == [0, 0]]
     assert _rel_error(out, _decode_oracle(q, k_cache, v_cache, meta, 0.09)) < ORACLE_REL[torch.bfloat16]
