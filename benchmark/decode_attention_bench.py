@@ -1,0 +1,68 @@
+"""The paged decode attention kernel alone: random paged caches (blocks of 16 tokens scattered over
+the pool), B sequences of L keys each, Llama-3-8B heads (32 query / 8 KV heads, head_dim 128), bf16.
+
+    python3 benchmark/decode_attention_bench.py          # on the GPU machine, after build_gpu.sh
+
+Prints microseconds per call (CUDA graphs of 10 calls: no launch overhead) and the GB/s of keys and
+values read, to compare with the copy bandwidth gpu_bench.py measures. The launch shape is what a
+CUDA graph captured for max_seq_len 4,096 uses (64 partitions as the bound; splits chosen by
+ops.attention.decode_splits)."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from maga_transformer import ops  # noqa: E402
+from maga_transformer.ops.attention import decode_partitions  # noqa: E402
+
+logger = logging.getLogger("decode_attention_bench")
+HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
+CASES = [(1, 512), (1, 4096), (64, 512), (256, 512), (64, 2048), (256, 1024)]
+
+
+def time_case(batch: int, keys: int, calls: int = 10, replays: int = 5) -> float:
+    """Microseconds per call of the decode kernel for `batch` sequences of `keys` keys."""
+    blocks_per_seq = (keys + BLOCK) // BLOCK
+    pool = batch * blocks_per_seq + 8
+    k_cache = torch.randn(pool, BLOCK, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    v_cache = torch.randn_like(k_cache)
+    tables = torch.randperm(pool, device="cuda")[:batch * blocks_per_seq].view(batch, blocks_per_seq).int()
+    q = torch.randn(batch, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    lens = torch.full((batch,), keys, dtype=torch.int32, device="cuda")
+    bound = decode_partitions(4096, 64, None)
+
+    def call() -> None:
+        ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, HEAD_DIM ** -0.5, bound)
+
+    call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            call()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / (replays * calls) * 1000
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logger.info("%s", torch.cuda.get_device_name())
+    for batch, keys in CASES:
+        us = time_case(batch, keys)
+        gb = batch * keys * KV_HEADS * HEAD_DIM * 2 * 2 / 1e9  # keys and values, bf16
+        logger.info("batch %4d x %5d keys: %8.1f us, %6.0f GB/s of K+V", batch, keys, us, gb / us * 1e6)
+
+
+if __name__ == "__main__":
+    main()
