@@ -3,7 +3,7 @@ the pool), B sequences of L keys each, Llama-3-8B heads (32 query / 8 KV heads, 
 
     python3 benchmark/decode_attention_bench.py          # on the GPU machine, after build_gpu.sh
 
-Prints microseconds per call (CUDA graphs of 10 calls: no launch overhead) and the GB/s of keys and
+Prints microseconds per call (CUDA graphs of 20 calls: no launch overhead) and the GB/s of keys and
 values read, to compare with the copy bandwidth gpu_bench.py measures. The launch shape is what a
 CUDA graph captured for max_seq_len 4,096 uses (64 partitions as the bound; splits chosen by
 ops.attention.decode_splits)."""
@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmark.gpu_bench import graph_time_us  # noqa: E402
 from maga_transformer import ops  # noqa: E402
 from maga_transformer.ops.attention import decode_partitions  # noqa: E402
 
@@ -25,7 +26,7 @@ HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
 CASES = [(1, 512), (1, 4096), (64, 512), (256, 512), (64, 2048), (256, 1024)]
 
 
-def time_case(batch: int, keys: int, calls: int = 10, replays: int = 5) -> float:
+def time_case(batch: int, keys: int) -> float:
     """Microseconds per call of the decode kernel for `batch` sequences of `keys` keys."""
     blocks_per_seq = (keys + BLOCK) // BLOCK
     pool = batch * blocks_per_seq + 8
@@ -39,20 +40,7 @@ def time_case(batch: int, keys: int, calls: int = 10, replays: int = 5) -> float
     def call() -> None:
         ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, HEAD_DIM ** -0.5, bound)
 
-    call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            call()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / (replays * calls) * 1000
+    return graph_time_us(call)
 
 
 def main() -> None:

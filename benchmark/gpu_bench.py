@@ -151,6 +151,23 @@ def linear_params(model) -> int:
     return sum(w.weight.numel() for w in weights)
 
 
+def graph_time_us(fn, calls: int = 20, replays: int = 10) -> float:
+    """GPU time of one fn() call, from a CUDA graph of `calls` calls (no launch overhead in it)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(replays):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / (replays * calls) * 1e6
+
+
 def graph_replay_ms(engine, batch: int, reps: int = 50) -> float:
     """GPU time of one captured decode step alone (no host work between replays)."""
     graphs = engine.runner.graphs

@@ -17,27 +17,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmark.gpu_bench import (LLAMA3_8B, build_engine, build_hf, build_ours, random_prompts,  # noqa: E402
-                                 step_until_decoding)
+from benchmark.gpu_bench import (LLAMA3_8B, build_engine, build_hf, build_ours, graph_time_us,  # noqa: E402
+                                 random_prompts, step_until_decoding)
 
 logger = logging.getLogger("benchmark.gpu_profile")
-
-
-def _graph_time_us(fn, calls: int = 20, replays: int = 10) -> float:
-    """GPU time of one fn() call, from a CUDA graph of `calls` calls (no launch overhead in it)."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(replays):
-        graph.replay()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / (replays * calls) * 1e6
 
 
 def linear_rates(model, batch: int) -> None:
@@ -48,8 +31,8 @@ def linear_rates(model, batch: int) -> None:
     for name, w in (("qkv", layer.qkv), ("o", layer.o), ("gate_up", layer.gate_up), ("down", layer.down),
                     ("lm_head", model.lm_head)):
         x = torch.randn(batch, w.in_features, dtype=torch.bfloat16, device="cuda")
-        cublas = _graph_time_us(lambda: torch.nn.functional.linear(x, w.weight))
-        ours = _graph_time_us(lambda: ops.linear(x, w))
+        cublas = graph_time_us(lambda: torch.nn.functional.linear(x, w.weight))
+        ours = graph_time_us(lambda: ops.linear(x, w))
         gbs = lambda us: w.weight.numel() * 2 / us / 1e3  # noqa: E731
         logger.info("linear %-8s batch %3d: cuBLAS %7.1f us %6.0f GB/s | ops.linear %7.1f us %6.0f GB/s", name, batch,
                     cublas, gbs(cublas), ours, gbs(ours))
