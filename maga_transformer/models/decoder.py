@@ -16,12 +16,12 @@ import torch.nn.functional as F
 
 from maga_transformer import ops
 from maga_transformer.models.arch import ForwardBatch, ModelArch
+from maga_transformer.models.base import FamilyModel, WeightName  # noqa: F401  (WeightName: re-exported)
 from maga_transformer.models.rotary_embedding import RotaryEmbedding
 
 logger = logging.getLogger(__name__)
 
 KVCache = Tuple[torch.Tensor, torch.Tensor]
-WeightName = Tuple[Optional[int], str]  # (layer index or None for global weights, canonical name)
 
 
 @dataclass
@@ -42,39 +42,20 @@ class LayerWeights:
     mlp: Optional[object] = None
 
 
-class DecoderModel:
+class DecoderModel(FamilyModel):
     """Base class of the LLaMA-shaped families. Subclasses set how config.json and names map."""
 
     def __init__(self, arch: ModelArch, dtype: torch.dtype, device: torch.device) -> None:
-        self.arch = arch
-        self.dtype = dtype
-        self.device = device
+        super().__init__(arch, dtype, device)
         self.rotary = RotaryEmbedding(arch.rope, arch.max_position_embeddings, device)
-        self.scale = arch.head_dim ** -0.5
         self.embed: Optional[torch.Tensor] = None
         self.final_norm: Optional[torch.Tensor] = None
         self.lm_head: Optional[ops.LinearWeight] = None
         self.layers: List[LayerWeights] = []
 
-    # ---- family hooks -------------------------------------------------------------------------
-    @classmethod
-    def arch_from_hf_config(cls, hf: dict) -> ModelArch:
-        raise NotImplementedError
-
-    @classmethod
-    def map_weight_name(cls, name: str) -> Optional[WeightName]:
-        """Canonical (layer, name) of a checkpoint tensor, or None for tensors the model ignores."""
-        raise NotImplementedError
-
     # ---- loading --------------------------------------------------------------------------------
     def load_weights(self, tensors: Iterable[Tuple[str, torch.Tensor]]) -> None:
         self._assemble(*group_checkpoint_tensors(tensors, self.map_weight_name, self.arch.num_layers))
-
-    def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.to(device=self.device, dtype=self.dtype).contiguous()
-
-    def _linear(self, tensor: torch.Tensor) -> ops.LinearWeight:
-        return ops.prepare_linear(self._cast(tensor))
 
     def _assemble(self, globals_: Dict[str, torch.Tensor], per_layer: List[Dict[str, torch.Tensor]]) -> None:
         self.embed = self._cast(require_weight(globals_, "embed", None))

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from maga_transformer import ops
 from maga_transformer.models.arch import ForwardBatch, ModelArch
-from maga_transformer.models.decoder import KVCache, WeightName, group_checkpoint_tensors
+from maga_transformer.models.base import FamilyModel
+from maga_transformer.models.decoder import KVCache, group_checkpoint_tensors
 from maga_transformer.models.rotary_embedding import RotaryEmbedding
 
 logger = logging.getLogger(__name__)
@@ -68,19 +69,16 @@ class GptLayerWeights:
     down_bias: Optional[torch.Tensor]
 
 
-class GptDecoderModel:
+class GptDecoderModel(FamilyModel):
     """Base class of the GPT-style families. Subclasses set how config.json and names map."""
 
     # Fused qkv rows grouped per KV head (see ungroup_qkv) rather than [q | k | v].
     QKV_GROUPED_BY_KV_HEAD = False
 
     def __init__(self, arch: ModelArch, dtype: torch.dtype, device: torch.device) -> None:
-        self.arch = arch
-        self.dtype = dtype
-        self.device = device
+        super().__init__(arch, dtype, device)
         self.rotary = (RotaryEmbedding(arch.rope, arch.max_position_embeddings, device)
                        if arch.position_encoding == "rope" else None)
-        self.scale = arch.head_dim ** -0.5
         self.alibi = (self.alibi_slopes().to(device=device, dtype=torch.float32)
                       if arch.position_encoding == "alibi" else None)
         self.gelu_approximation = GELU_APPROXIMATION[arch.hidden_act]
@@ -92,16 +90,6 @@ class GptDecoderModel:
         self.lm_head_bias: Optional[torch.Tensor] = None
         self.layers: List[GptLayerWeights] = []
 
-    # ---- family hooks -------------------------------------------------------------------------
-    @classmethod
-    def arch_from_hf_config(cls, hf: dict) -> ModelArch:
-        raise NotImplementedError
-
-    @classmethod
-    def map_weight_name(cls, name: str) -> Optional[WeightName]:
-        """Canonical (layer, name) of a checkpoint tensor, or None for tensors the model ignores."""
-        raise NotImplementedError
-
     def alibi_slopes(self) -> torch.Tensor:
         """Per-head ALiBi slopes, added to the already scaled scores (Bloom's convention)."""
         return ops.alibi_slopes(self.arch.num_heads)
@@ -111,12 +99,6 @@ class GptDecoderModel:
         globals_, per_layer = group_checkpoint_tensors(tensors, self.map_weight_name, self.arch.num_layers)
         self._assemble_globals(globals_)
         self.layers = [self._assemble_layer(i, w) for i, w in enumerate(per_layer)]
-
-    def _cast(self, tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        return None if tensor is None else tensor.to(device=self.device, dtype=self.dtype).contiguous()
-
-    def _linear(self, tensor: torch.Tensor) -> ops.LinearWeight:
-        return ops.prepare_linear(self._cast(tensor))
 
     def _norm_weights(self, weights: Dict[str, torch.Tensor], key: str, layer: Optional[int]) -> Norm:
         return self._cast(_require(weights, key, layer)), self._cast(weights.get(key + "_bias"))
