@@ -35,6 +35,7 @@ struct RowLayout {
   static constexpr int kLanes = kChunks >= 32 ? 32 : next_pow2(kChunks);
   static constexpr int kChunksPerLane = (kChunks + kLanes - 1) / kLanes;
   static constexpr int kKeysPerWarp = 32 / kLanes;
+  static constexpr int kStride = kWarps * kKeysPerWarp;  // rows between a warp's consecutive rows
   static constexpr int kElems = kChunksPerLane * kVec;  // row elements each lane holds
 };
 
@@ -75,6 +76,21 @@ __device__ __forceinline__ int64_t row_offset(const PagedDecodeParams& p, const 
   return ((block * p.block_size + t % p.block_size) * p.num_kv_heads + kv_head) * kHeadDim;
 }
 
+// The kUnroll rows a lane reads from `base` on (rows base + u * kStride + row_in_warp of the
+// partition), raw; rows at or past n read as zeros. Both the key and the value pass use it.
+template <typename T, int kHeadDim>
+__device__ __forceinline__ void load_rows(const T* cache, const PagedDecodeParams& p, const PartitionBlocks& table,
+                                          int kv_head, int t0, int n, int base, int row_in_warp, int lane_in_row,
+                                          uint4 (&out)[kUnroll][RowLayout<T, kHeadDim>::kChunksPerLane]) {
+  using L = RowLayout<T, kHeadDim>;
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int i = base + u * L::kStride + row_in_warp;
+    load_row<T, kHeadDim>(cache, i < n ? row_offset<kHeadDim>(p, table, t0 + i, kv_head) : 0, i < n, lane_in_row,
+                          out[u]);
+  }
+}
+
 // Scores of this CTA's kHeads query heads against keys [t0, t0 + n): logits[h][i], scaled.
 template <typename T, int kHeadDim, int kHeads>
 __device__ __forceinline__ void compute_logits(const PagedDecodeParams& p, const float* q_s,
@@ -94,19 +110,13 @@ __device__ __forceinline__ void compute_logits(const PagedDecodeParams& p, const
       q[h][e] = d < kHeadDim ? q_s[h * kHeadDim + d] : 0.f;
     }
   const T* k_cache = static_cast<const T*>(p.k_cache);
-  constexpr int kStride = kWarps * L::kKeysPerWarp;  // rows between a warp's consecutive rows
   // The loop bound is uniform per warp so every lane reaches the shuffles below.
-  for (int base = warp * L::kKeysPerWarp; base < n; base += kStride * kUnroll) {
+  for (int base = warp * L::kKeysPerWarp; base < n; base += L::kStride * kUnroll) {
     uint4 k[kUnroll][L::kChunksPerLane];
+    load_rows<T, kHeadDim>(k_cache, p, table, kv_head, t0, n, base, row_in_warp, lane_in_row, k);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int i = base + u * kStride + row_in_warp;
-      load_row<T, kHeadDim>(k_cache, i < n ? row_offset<kHeadDim>(p, table, t0 + i, kv_head) : 0, i < n, lane_in_row,
-                            k[u]);
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int i = base + u * kStride + row_in_warp;
+      const int i = base + u * L::kStride + row_in_warp;
 #pragma unroll
       for (int h = 0; h < kHeads; ++h) {
         float dot = 0.f;
@@ -154,18 +164,12 @@ __device__ __forceinline__ void accumulate_values(const PagedDecodeParams& p, co
   const int row_in_warp = lane / L::kLanes, lane_in_row = lane % L::kLanes;
   float acc[kHeads][L::kElems] = {};
   const T* v_cache = static_cast<const T*>(p.v_cache);
-  constexpr int kStride = kWarps * L::kKeysPerWarp;
-  for (int base = warp * L::kKeysPerWarp; base < n; base += kStride * kUnroll) {
+  for (int base = warp * L::kKeysPerWarp; base < n; base += L::kStride * kUnroll) {
     uint4 v[kUnroll][L::kChunksPerLane];
+    load_rows<T, kHeadDim>(v_cache, p, table, kv_head, t0, n, base, row_in_warp, lane_in_row, v);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int i = base + u * kStride + row_in_warp;
-      load_row<T, kHeadDim>(v_cache, i < n ? row_offset<kHeadDim>(p, table, t0 + i, kv_head) : 0, i < n, lane_in_row,
-                            v[u]);
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int i = base + u * kStride + row_in_warp;
+      const int i = base + u * L::kStride + row_in_warp;
 #pragma unroll
       for (int h = 0; h < kHeads; ++h) {
         const float prob = i < n ? probs[h * kDecodePartitionSize + i] : 0.f;
