@@ -112,8 +112,8 @@ class ModelFactory:
 
 def _load(config: ModelConfig, engine_config: Optional[EngineConfig], device: torch.device) -> AsyncModel:
     hf_config = _read_json(os.path.join(config.ckpt_path, "config.json"))
-    if not hf_config:
-        raise ValueError(f"ckpt_path: {config.ckpt_path} has no config.json")
+    if not hf_config and not config.model_type:  # with a model_type, the family's defaults (GLM-130B's SAT release)
+        raise ValueError(f"ckpt_path: {config.ckpt_path} has no config.json (or give MODEL_TYPE)")
     model_cls = resolve_model_class(config.model_type, hf_config)
     arch = model_cls.arch_from_hf_config(hf_config)
     dtype = config.act_type.torch_dtype

@@ -52,6 +52,8 @@ def graphs_supported(model: DecoderModel) -> Optional[str]:
         return f"no decode kernel for head_dim {model.arch.head_dim}"
     if getattr(model.arch, "position_encoding", "rope") == "alibi":
         return "ALiBi attention runs the torch reference, which reads each step's lengths on the host"
+    if model.USES_PROMPT_LAYOUT:
+        return "positions depend on each prompt's layout (GLM v1), which the graphs do not carry"
     if model.arch.rope.rope_type == "dynamic":
         return "dynamic NTK rope depends on each step's lengths on the host"
     return None

@@ -70,7 +70,10 @@ class Engine:
         num_blocks = plan_num_blocks(
             model, block_size, engine_config, graph_reserve_mb=CUDA_GRAPH_RESERVE_MB,
             profile=lambda: profile_forward(model, block_size, step_tokens, min(engine_config.max_num_seqs, step_tokens)))
-        self.pool = BlockPool(num_blocks, engine_config.enable_prefix_cache)
+        prefix_cache = engine_config.enable_prefix_cache and not model.USES_PROMPT_LAYOUT
+        if engine_config.enable_prefix_cache and not prefix_cache:
+            logger.info("prefix cache off: %s's keys depend on the whole prompt", type(model).__name__)
+        self.pool = BlockPool(num_blocks, prefix_cache)
         self.scheduler = Scheduler(self.pool, block_size, engine_config.max_num_batched_tokens,
                                    engine_config.max_num_seqs, engine_config.enable_chunked_prefill)
         self.runner = ModelRunner(model, block_size, num_blocks, max_seq_len, engine_config.max_num_seqs)
@@ -155,7 +158,21 @@ class Engine:
                           prompt_token_ids=list(prompt_token_ids), config=config, max_new_tokens=max_new,
                           eos_token_ids=list(eos))
         request.seqs = [Sequence(token_ids=list(prompt_token_ids), prompt_len=prompt_len)]
+        self._set_unsplit_prefix(request)
         return request
+
+    def _set_unsplit_prefix(self, request: Request) -> None:
+        """The tokens the first prefill chunk must hold; refuse the request if no step can."""
+        request.prompt_layout = self.model.prompt_layout(request.prompt_token_ids)
+        if request.prompt_layout is not None:
+            request.unsplit_prefix_len = request.prompt_layout.bidirectional_len
+        unsplit = request.unsplit_prefix_len if self.config.enable_chunked_prefill else request.prompt_len
+        budget = self.config.max_num_batched_tokens
+        if unsplit > budget:
+            why = ("its first {} tokens attend both ways".format(unsplit) if self.config.enable_chunked_prefill
+                   else "chunked prefill is off")
+            raise ValueError(f"prompt: {request.prompt_len} tokens must be computed in one step ({why}) but "
+                             f"max_num_batched_tokens is {budget}")
 
     # ---- the step -----------------------------------------------------------------------------
     def _apply_pending(self) -> None:

@@ -19,7 +19,7 @@ from maga_transformer.engine.memory_plan import kv_bytes_per_block
 from maga_transformer.engine.request import Sequence
 from maga_transformer.engine.scheduler import SchedulerOutput
 from maga_transformer.engine.transfer import to_device
-from maga_transformer.models.arch import ForwardBatch
+from maga_transformer.models.arch import ForwardBatch, PromptLayout
 from maga_transformer.models.decoder import DecoderModel
 
 logger = logging.getLogger(__name__)
@@ -57,6 +57,30 @@ def profile_forward(model: DecoderModel, block_size: int, num_tokens: int, num_r
                          torch.full((num_tokens,), num_tokens, dtype=torch.long, device=model.device), attn)
     hidden = model.forward(batch, kv)
     model.compute_logits(hidden[:num_rows])
+
+
+class _LayoutColumns:
+    """The per-sequence attention spans and per-token second positions of a step's prompt layouts
+    (GLM v1); both stay None while no sequence of the step has a layout."""
+
+    def __init__(self) -> None:
+        self.bidirectional_lens: Optional[List[int]] = None
+        self.block_positions: Optional[List[int]] = None
+        self._rows = 0
+        self._tokens = 0
+
+    def add(self, layout: Optional[PromptLayout], start: int, end: int) -> None:
+        if layout is not None and self.bidirectional_lens is None:
+            self.bidirectional_lens = [0] * self._rows
+        if self.bidirectional_lens is not None:
+            self.bidirectional_lens.append(layout.bidirectional_len if layout is not None else 0)
+        second = layout.block_positions(start, end) if layout is not None else None
+        if second is not None and self.block_positions is None:
+            self.block_positions = [0] * self._tokens
+        if self.block_positions is not None:
+            self.block_positions.extend(second if second is not None else [0] * (end - start))
+        self._rows += 1
+        self._tokens += end - start
 
 
 class ModelRunner:
@@ -128,11 +152,14 @@ class ModelRunner:
         tables: List[List[int]] = []
         seqs: List[Sequence] = []
         loss_seqs: List[Sequence] = []
+        layouts = _LayoutColumns()
         for item in plan.scheduled:
+            layout = item.request.prompt_layout
             for seq in item.request.live_seqs:
                 start, end = seq.num_computed_tokens, seq.num_computed_tokens + item.num_tokens
                 input_ids.extend(seq.token_ids[start:end] if not pending else [0])  # pending: filled on the device
-                positions.extend(range(start, end))
+                positions.extend(range(start, end) if layout is None else layout.positions(start, end))
+                layouts.add(layout, start, end)
                 table = seq.block_table
                 slots.extend(table[p // self.block_size] * self.block_size + p % self.block_size
                              for p in range(start, end))
@@ -145,9 +172,11 @@ class ModelRunner:
                     loss_seqs.append(seq)
         as_tensor = lambda values: to_device(values, torch.long, self.device)  # noqa: E731
         attn = ops.build_attention_metadata(query_lens, context_lens, tables, self.block_size, self.device,
-                                            self.model.arch.sliding_window)
+                                            self.model.arch.sliding_window, layouts.bidirectional_lens)
         batch = ForwardBatch(as_tensor(input_ids), as_tensor(positions), as_tensor(slots), as_tensor(rope_lens),
                              attn)
+        if layouts.block_positions is not None:
+            batch.block_positions = as_tensor(layouts.block_positions)
         return batch, seqs, loss_seqs
 
     def _gather_outputs(self, hidden: torch.Tensor, batch: ForwardBatch, seqs: List[Sequence],

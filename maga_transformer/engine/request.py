@@ -99,6 +99,10 @@ class Request:
     extras: Dict[str, Any] = field(default_factory=dict)  # logits / hidden states asked for
     error: Optional[str] = None
     stream: bool = True  # emit an output every step; False: only the final one (offline batches)
+    # models.arch.PromptLayout of families whose positions / attention depend on the prompt (GLM v1)
+    prompt_layout: Optional[Any] = None
+    # the first prefill chunk (also after a preemption) must compute at least this many tokens
+    unsplit_prefix_len: int = 0
 
     @property
     def prompt_len(self) -> int:

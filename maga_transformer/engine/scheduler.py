@@ -136,7 +136,7 @@ class Scheduler:
                 break
             self._match_prefix(request)
             num_tokens = self._tokens_for(request, budget)
-            too_long = not self.enable_chunked_prefill and num_tokens < request.live_seqs[0].num_uncomputed_tokens
+            too_long = self._split_too_early(request, num_tokens)
             if num_tokens == 0 or too_long or self._blocks_needed(request, num_tokens) > self.pool.num_free_blocks:
                 if not self.running and not out.scheduled and self._blocks_needed(request, 1) > self.pool.num_blocks:
                     raise RuntimeError("KV cache too small for a single request")  # guarded at admission
@@ -148,6 +148,13 @@ class Scheduler:
             self.running.append(request)
             self._allocate(out, request, num_tokens)
             budget -= num_tokens * len(request.live_seqs)
+
+    def _split_too_early(self, request: Request, num_tokens: int) -> bool:
+        """A first chunk must hold the whole prompt without chunked prefill, and GLM's bidirectional
+        prefix always (admission guarantees either fits one step's budget)."""
+        seq = request.live_seqs[0]
+        unsplit = request.unsplit_prefix_len if self.enable_chunked_prefill else request.prompt_len
+        return seq.num_computed_tokens + num_tokens < min(unsplit, len(seq.token_ids))
 
     def _match_prefix(self, request: Request) -> None:
         """Reuse cached full blocks; all sequences of the request keep the same number of tokens."""

@@ -1,4 +1,5 @@
-"""Find and stream the weight tensors of a Hugging Face checkpoint directory (safetensors or PyTorch .bin)."""
+"""Find and stream the weight tensors of a Hugging Face checkpoint directory (safetensors or PyTorch .bin),
+or of GLM-130B's SwissArmyTransformer shards (sat_checkpoint.py)."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,8 @@ import sys
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
+
+from maga_transformer.model_loader.sat_checkpoint import iter_sat_tensors, sat_shard_files
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +117,10 @@ def _iter_file(path: str) -> Iterator[Tuple[str, torch.Tensor]]:
 def iter_checkpoint_tensors(ckpt_dir: str, show_progress: bool = True) -> Iterator[Tuple[str, torch.Tensor]]:
     """Yield (name, tensor) for every tensor of every weight file, one at a time (bounded memory)."""
     from tqdm.auto import tqdm
+    shards = sat_shard_files(ckpt_dir)
+    if shards:
+        yield from iter_sat_tensors(shards)
+        return
     paths = find_weight_files(ckpt_dir)
     disabled = _progress_disabled(show_progress)
     total = None if disabled else _count_safetensors(paths)

@@ -7,7 +7,8 @@ from maga_transformer.models import mixtral  # noqa: F401  (Mixtral MoE)
 from maga_transformer.models import qwen_moe  # noqa: F401  (Qwen2-MoE, Qwen3-MoE)
 from maga_transformer.models import baichuan  # noqa: F401  (Baichuan-7B, Baichuan2-7B)
 from maga_transformer.models import qwen_v1  # noqa: F401  (Qwen v1: QWenLMHeadModel)
-from maga_transformer.models import chatglm  # noqa: F401  (ChatGLM2, ChatGLM3)
+from maga_transformer.models import chatglm  # noqa: F401  (ChatGLM2, ChatGLM3; ChatGLM-6B v1 via glm)
+from maga_transformer.models import glm  # noqa: F401  (GLM v1: ChatGLM-6B, GLM-130B)
 
 __all__ = ["register_model", "resolve_model_class", "supported_architectures", "supported_model_types"]
 from maga_transformer.models import gpt_neox  # noqa: F401,E402  (GPT-NeoX)

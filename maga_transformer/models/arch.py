@@ -67,6 +67,27 @@ class ModelArch:
         return self.max_position_embeddings
 
 
+@dataclass(frozen=True)
+class PromptLayout:
+    """Positions and attention that depend on what the prompt holds, for families that have them
+    (GLM v1: the prompt before <sop> attends both ways and later positions come from its [MASK] /
+    [gMASK] token; see models/glm.py). Families without one (prompt_layout() returns None) run plain
+    causal attention over positions 0, 1, 2, ...
+
+    bidirectional_len: tokens [0, n) see each other in both directions, so one prefill chunk must
+    compute them all and their KV depends on the whole prefix (no prefix cache for such models)."""
+
+    bidirectional_len: int
+
+    def positions(self, start: int, end: int) -> List[int]:
+        """Rotary positions of tokens [start, end)."""
+        return list(range(start, end))
+
+    def block_positions(self, start: int, end: int) -> Optional[List[int]]:
+        """A second rotary position stream (GLM's 2D positions), or None."""
+        return None
+
+
 @dataclass
 class ForwardBatch:
     """One step's flat, variable-length batch: the form the GPU kernels take."""
@@ -76,3 +97,4 @@ class ForwardBatch:
     slot_mapping: torch.Tensor  # [tokens] KV slot each new token is written to
     rope_seq_lens: torch.Tensor  # [tokens] its sequence's length after this step (dynamic NTK rope)
     attn: AttentionMetadata
+    block_positions: Optional[torch.Tensor] = None  # [tokens] GLM's second rotary stream (PromptLayout)

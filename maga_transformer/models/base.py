@@ -3,17 +3,21 @@ must fill in, the model's arch / dtype / device, and turning checkpoint tensors 
 DecoderModel (LLaMA-shaped families) and GptDecoderModel (GPT-style families) build on it."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
 from maga_transformer import ops
-from maga_transformer.models.arch import ModelArch
+from maga_transformer.models.arch import ModelArch, PromptLayout
 
 WeightName = Tuple[Optional[int], str]  # (layer index or None for global weights, canonical name)
 
 
 class FamilyModel:
+    # True when prompt_layout() may return a layout: such models run without the prefix cache and
+    # without CUDA graphs (their positions are not the token indices)
+    USES_PROMPT_LAYOUT = False
+
     def __init__(self, arch: ModelArch, dtype: torch.dtype, device: torch.device) -> None:
         self.arch = arch
         self.dtype = dtype
@@ -29,6 +33,10 @@ class FamilyModel:
     def map_weight_name(cls, name: str) -> Optional[WeightName]:
         """Canonical (layer, name) of a checkpoint tensor, or None for tensors the model ignores."""
         raise NotImplementedError
+
+    def prompt_layout(self, prompt_token_ids: List[int]) -> Optional[PromptLayout]:
+        """Positions / attention that depend on the prompt (GLM v1), or None: plain causal."""
+        return None
 
     # ---- loading helpers ------------------------------------------------------------------------
     def _cast(self, tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

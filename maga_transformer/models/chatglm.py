@@ -8,7 +8,8 @@ product, so permuting the same channels of both changes nothing; at load the rot
 every q and k head are reordered evens-then-odds, which turns interleaved pairs into the
 rotate-halves layout our rotary op implements.
 
-ChatGLM-6B v1 (2D positions, LayerNorm, GeLU) shares model_type "chatglm" and is refused.
+ChatGLM-6B v1 (2D positions, LayerNorm, GeLU) shares model_type "chatglm"; its config.json (with
+position_encoding_2d, without ffn_hidden_size) is sent to models/glm.py.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 
 from maga_transformer.models.arch import ModelArch, RopeConfig
 from maga_transformer.models.decoder import DecoderModel, LayerWeights, WeightName, eos_ids, map_with_tables
+from maga_transformer.models.glm import GlmV1Model
 from maga_transformer.models.registry import register_model
 
 _LAYER_NAME = re.compile(r"^transformer\.encoder\.layers\.(\d+)\.(.+)$")
@@ -39,10 +41,12 @@ _REQUIRED_FLAGS = {"rmsnorm": True, "post_layer_norm": True, "add_bias_linear": 
 
 
 
+def is_glm_v1(hf: dict) -> bool:
+    """ChatGLM-6B's config.json: 2D positions and inner_hidden_size where ChatGLM2 says ffn_hidden_size."""
+    return "position_encoding_2d" in hf or ("inner_hidden_size" in hf and "ffn_hidden_size" not in hf)
+
+
 def _check_supported(hf: dict) -> None:
-    if "position_encoding_2d" in hf or "ffn_hidden_size" not in hf:
-        raise ValueError("ChatGLM-6B v1 checkpoints (2D position encoding) are not supported; "
-                         "ChatGLM2, ChatGLM3 and GLM-4 (chatglm code) are")
     for key, value in _REQUIRED_FLAGS.items():
         if bool(hf.get(key, value)) != value:
             raise ValueError(f"ChatGLM checkpoints with {key}={hf[key]!r} are not supported yet")
@@ -57,6 +61,10 @@ def interleaved_to_halves(heads: torch.Tensor, head_dim: int, rotary_dim: int) -
 
 
 class ChatGLMModel(DecoderModel):
+    @classmethod
+    def specialize(cls, hf: dict) -> type:
+        return GlmV1Model if is_glm_v1(hf) else cls
+
     @classmethod
     def arch_from_hf_config(cls, hf: dict) -> ModelArch:
         _check_supported(hf)

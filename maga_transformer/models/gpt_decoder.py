@@ -147,10 +147,18 @@ class GptDecoderModel(FamilyModel):
             hidden = hidden + F.embedding(batch.positions, self.pos_embed)
         if self.embed_norm is not None:
             hidden = self._norm(hidden, self.embed_norm)
-        cos_sin = self.rotary.cos_sin(batch.positions, batch.rope_seq_lens) if self.rotary is not None else None
+        cos_sin = self._rotary_tables(batch)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             hidden = self._block(layer, hidden, cos_sin, batch, k_cache, v_cache)
         return self._norm(hidden, self.final_norm)
+
+    def _rotary_tables(self, batch: ForwardBatch):
+        """What _rotate needs for this step (computed once, shared by the layers), or None."""
+        return self.rotary.cos_sin(batch.positions, batch.rope_seq_lens) if self.rotary is not None else None
+
+    def _rotate(self, qk: torch.Tensor, tables) -> torch.Tensor:
+        """Queries and keys side by side, [tokens, q_heads + kv_heads, head_dim], rotated in one call."""
+        return ops.apply_rotary(qk, tables[0], tables[1], self.arch.rope.rotary_dim)
 
     def _norm(self, x: torch.Tensor, norm: Norm) -> torch.Tensor:
         return ops.layer_norm(x, norm[0], norm[1], self.arch.norm_eps)
@@ -174,8 +182,8 @@ class GptDecoderModel(FamilyModel):
         tokens = qkv.shape[0]
         qk_heads = arch.num_heads + arch.num_kv_heads
         qk = qkv[:, :qk_heads * arch.head_dim].view(tokens, qk_heads, arch.head_dim)
-        if cos_sin is not None:  # queries and keys rotate in one call: they sit side by side
-            qk = ops.apply_rotary(qk, cos_sin[0], cos_sin[1], arch.rope.rotary_dim)
+        if cos_sin is not None:
+            qk = self._rotate(qk, cos_sin)
         q, k = qk[:, :arch.num_heads], qk[:, arch.num_heads:]
         v = qkv[:, qk_heads * arch.head_dim:].view(tokens, arch.num_kv_heads, arch.head_dim)
         ops.write_kv_cache(k, v, k_cache, v_cache, batch.slot_mapping)

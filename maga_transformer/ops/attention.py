@@ -55,6 +55,9 @@ class AttentionMetadata:
     num_tokens: int
     device: torch.device = torch.device("cpu")
     sliding_window: Optional[int] = None
+    # GLM v1 (models/glm.py): per sequence, the first n tokens attend to each other in both
+    # directions (the prompt before <sop>); None or 0 = plain causal
+    bidirectional_lens: Optional[List[int]] = None
     # Built on first use: the padded groups for the reference, the block tables for the kernel.
     groups: Optional[List[_PaddedGroup]] = None
     decode: Optional["DecodeTensors"] = None
@@ -71,9 +74,11 @@ class DecodeTensors:
 
 def build_attention_metadata(query_lens: Sequence[int], context_lens: Sequence[int],
                              block_tables: Sequence[Sequence[int]], block_size: int,
-                             device: torch.device, sliding_window: Optional[int] = None) -> AttentionMetadata:
+                             device: torch.device, sliding_window: Optional[int] = None,
+                             bidirectional_lens: Optional[Sequence[int]] = None) -> AttentionMetadata:
     return AttentionMetadata(list(query_lens), list(context_lens), [list(b) for b in block_tables], block_size,
-                             int(sum(query_lens)), torch.device(device), sliding_window)
+                             int(sum(query_lens)), torch.device(device), sliding_window,
+                             list(bidirectional_lens) if bidirectional_lens is not None else None)
 
 
 def _padded_groups(meta: AttentionMetadata) -> List[_PaddedGroup]:
@@ -97,6 +102,7 @@ def _build_group(meta: AttentionMetadata, members: List[int], starts: List[int],
     key_slots = torch.zeros(len(members), max_k, dtype=torch.long)
     key_len = torch.zeros(len(members), 1, dtype=torch.long)
     query_pos = torch.zeros(len(members), max_q, dtype=torch.long)
+    both_ways = torch.zeros(len(members), 1, 1, dtype=torch.long)  # keys every query of the row sees
     for row, i in enumerate(members):
         q_len, ctx = meta.query_lens[i], meta.context_lens[i]
         query_index[row, :q_len] = torch.arange(starts[i], starts[i] + q_len)
@@ -104,8 +110,10 @@ def _build_group(meta: AttentionMetadata, members: List[int], starts: List[int],
         query_pos[row, :q_len] = torch.arange(ctx, ctx + q_len)
         key_slots[row, :ctx + q_len] = _slots(meta.block_tables[i], meta.block_size, ctx + q_len)
         key_len[row] = ctx + q_len
+        if meta.bidirectional_lens:
+            both_ways[row] = meta.bidirectional_lens[i]
     key_pos = torch.arange(max_k).view(1, 1, max_k)
-    mask = (key_pos <= query_pos.unsqueeze(-1)) & (key_pos < key_len.unsqueeze(-1))
+    mask = ((key_pos <= query_pos.unsqueeze(-1)) | (key_pos < both_ways)) & (key_pos < key_len.unsqueeze(-1))
     if sliding_window is not None:
         mask &= (query_pos.unsqueeze(-1) - key_pos) < sliding_window
     mask &= query_valid.unsqueeze(-1)
@@ -114,7 +122,7 @@ def _build_group(meta: AttentionMetadata, members: List[int], starts: List[int],
     in_order = bool(query_valid.all()) and len(members) * max_q == meta.num_tokens and bool(
         (query_index.flatten() == torch.arange(meta.num_tokens)).all())
     plain_causal = (all(meta.context_lens[i] == 0 and meta.query_lens[i] == max_q for i in members)
-                    and (sliding_window is None or sliding_window >= max_q))
+                    and (sliding_window is None or sliding_window >= max_q) and int(both_ways.max()) <= 1)
     return _PaddedGroup(query_index.to(device), query_valid.to(device), key_slots.to(device),
                         mask.unsqueeze(1).to(device), query_pos.to(device), in_order, plain_causal)
 

@@ -152,3 +152,138 @@ def chatglm_tensors(glm) -> dict:
         out[dst + "input_layernorm.weight"] = state[src + "input_layernorm.weight"]
         out[dst + "post_attention_layernorm.weight"] = state[src + "post_attention_layernorm.weight"]
     return out
+
+
+# ---- GLM v1 (ChatGLM-6B, GLM-130B): the original forward in float64 ----
+
+GLM_SOP, GLM_MASK, GLM_GMASK, GLM_EOS = 125, 126, 127, 124  # special ids of the tiny vocab of 128
+
+
+def glm_v1_config(two_d: bool, hidden: int = 64, heads: int = 4, inner: int = 96, vocab: int = 128,
+                  layers: int = 2, context: int = 128) -> dict:
+    """ChatGLM-6B's config.json keys (GLM-130B ships no config: its test names them the same way)."""
+    config = dict(architectures=["ChatGLMModel"], model_type="chatglm", hidden_size=hidden, num_attention_heads=heads,
+                  num_layers=layers, inner_hidden_size=inner, vocab_size=vocab, layernorm_epsilon=1e-5,
+                  max_sequence_length=context, position_encoding_2d=two_d, bos_token_id=GLM_SOP,
+                  eos_token_id=GLM_EOS, mask_token_id=GLM_MASK, gmask_token_id=GLM_GMASK, pad_token_id=0)
+    if not two_d:
+        config.update(model_type="glm_130b", architectures=["GLM130B"], geglu=True)
+    return config
+
+
+def glm_v1_tensors(hidden: int, heads: int, inner: int, vocab: int, layers: int, geglu: bool, tied: bool,
+                   seed: int = 1234) -> Dict[str, torch.Tensor]:
+    """Random weights under ChatGLM-6B's names; q/k/v rows per head [q_h; k_h; v_h]."""
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *shape, std=1.0: torch.randn(*shape, generator=gen) * std  # noqa: E731
+    # the embedding is the head when tied: keep logits O(1) so bf16 rounding of them stays small
+    state = {"transformer.word_embeddings.weight": rand(vocab, hidden, std=2 * hidden ** -0.5),
+             "transformer.final_layernorm.weight": 1 + rand(hidden, std=0.1),
+             "transformer.final_layernorm.bias": rand(hidden, std=0.1)}
+    if not tied:
+        state["lm_head.weight"] = rand(vocab, hidden, std=hidden ** -0.5)
+    up_rows = 2 * inner if geglu else inner
+    shapes = {"attention.query_key_value": (3 * hidden, hidden), "attention.dense": (hidden, hidden),
+              "mlp.dense_h_to_4h": (up_rows, hidden), "mlp.dense_4h_to_h": (hidden, inner)}
+    for i in range(layers):
+        p = f"transformer.layers.{i}."
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            state[p + norm + ".weight"] = 1 + rand(hidden, std=0.1)
+            state[p + norm + ".bias"] = rand(hidden, std=0.1)
+        for name, (rows, cols) in shapes.items():
+            state[p + name + ".weight"] = rand(rows, cols, std=cols ** -0.5)
+            state[p + name + ".bias"] = rand(rows, std=0.1)
+    return state
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """ChatGLM-6B's gelu_impl."""
+    return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * x * (1.0 + 0.044715 * x * x)))
+
+
+def _rotate(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """x [heads, length, d] rotated halves-style at positions (base 10000), as GLM's RotaryEmbedding."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    freqs = positions.double().unsqueeze(-1) * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return x * emb.cos() + torch.cat([-x2, x1], dim=-1) * emb.sin()
+
+
+class GlmV1Reference:
+    """The original GLM v1 forward in float64 over a ChatGLM-6B-named state dict, written from
+    modeling_chatglm.py (ChatGLM-6B) and GLM-130B's published description: the context before <sop>
+    attends both ways, positions from the [MASK] / [gMASK] token, DeepNorm blocks."""
+
+    def __init__(self, state: Dict[str, torch.Tensor], heads: int, layers: int, two_d: bool, geglu: bool) -> None:
+        self.w = {k: v.double() for k, v in state.items()}
+        self.heads, self.layers, self.two_d, self.geglu = heads, layers, two_d, geglu
+        self.alpha = math.sqrt(2 * layers)
+
+    def _ln(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return F.layer_norm(x, x.shape[-1:], self.w[name + ".weight"], self.w[name + ".bias"], 1e-5)
+
+    def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return x @ self.w[name + ".weight"].T + self.w[name + ".bias"]
+
+    def _layout(self, prompt: List[int]):
+        sop = prompt.index(GLM_SOP) if GLM_SOP in prompt else len(prompt) - 1
+        mask_token = GLM_GMASK if GLM_GMASK in prompt else GLM_MASK if GLM_MASK in prompt else None
+        mask_pos = prompt.index(mask_token) if mask_token is not None else max(sop - 1, 0)
+        return sop, mask_pos, mask_token == GLM_MASK
+
+    def _positions(self, length: int, sop: int, mask_pos: int, pinned: bool):
+        idx = torch.arange(length)
+        if self.two_d:  # (position, block position)
+            return torch.where(idx < sop, idx, mask_pos), torch.where(idx < sop, 0, idx - sop + 1)
+        return (torch.where(idx < sop, idx, mask_pos) if pinned else idx), None
+
+    def _attention(self, x: torch.Tensor, prefix: str, allowed: torch.Tensor, pos, block) -> torch.Tensor:
+        length, hidden = x.shape
+        hd = hidden // self.heads
+        qkv = self._linear(x, prefix + "query_key_value").view(length, self.heads, 3 * hd).transpose(0, 1)
+        q, k, v = qkv.split(hd, dim=-1)
+        if self.two_d:
+            q = torch.cat([_rotate(q[..., : hd // 2], pos), _rotate(q[..., hd // 2:], block)], dim=-1)
+            k = torch.cat([_rotate(k[..., : hd // 2], pos), _rotate(k[..., hd // 2:], block)], dim=-1)
+        else:
+            q, k = _rotate(q, pos), _rotate(k, pos)
+        scores = (q @ k.transpose(-1, -2) / math.sqrt(hd)).masked_fill(~allowed, float("-inf"))
+        out = (scores.softmax(-1) @ v).transpose(0, 1).reshape(length, hidden)
+        return self._linear(out, prefix + "dense")
+
+    def _mlp(self, x: torch.Tensor, prefix: str) -> torch.Tensor:
+        h = self._linear(x, prefix + "dense_h_to_4h")
+        if self.geglu:
+            a, b = h.chunk(2, dim=-1)
+            h = a * F.gelu(b)
+        else:
+            h = _gelu_tanh(h)
+        return self._linear(h, prefix + "dense_4h_to_h")
+
+    def logits(self, ids: List[int], prompt_len: int) -> torch.Tensor:
+        sop, mask_pos, pinned = self._layout(ids[:prompt_len])
+        length = len(ids)
+        pos, block = self._positions(length, sop, mask_pos, pinned)
+        idx = torch.arange(length)
+        allowed = (idx.view(1, -1) <= idx.view(-1, 1)) | (idx.view(1, -1) < sop)
+        x = self.w["transformer.word_embeddings.weight"][torch.tensor(ids)]
+        for i in range(self.layers):
+            p = f"transformer.layers.{i}."
+            attn_in = self._ln(x, p + "input_layernorm")
+            x = attn_in * self.alpha + self._attention(attn_in, p + "attention.", allowed, pos, block)
+            mlp_in = self._ln(x, p + "post_attention_layernorm")
+            x = mlp_in * self.alpha + self._mlp(mlp_in, p + "mlp.")
+        head = self.w.get("lm_head.weight", self.w["transformer.word_embeddings.weight"])
+        return self._ln(x, "transformer.final_layernorm") @ head.T
+
+    def __call__(self, ids: torch.Tensor) -> SimpleNamespace:
+        prompt = ids[0].tolist()
+        return SimpleNamespace(logits=self.logits(prompt, len(prompt)).unsqueeze(0))
+
+    def greedy(self, prompt: List[int], new_tokens: int) -> List[int]:
+        ids = list(prompt)
+        for _ in range(new_tokens):
+            ids.append(int(self.logits(ids, len(prompt))[-1].argmax()))
+        return truncate_at_eos(ids[len(prompt):], [GLM_EOS])

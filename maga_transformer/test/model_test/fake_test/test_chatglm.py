@@ -15,6 +15,7 @@ import pytest
 import torch
 from transformers import GlmConfig, GlmForCausalLM
 
+from maga_transformer.models.glm import GlmV1Model
 from maga_transformer.models.chatglm import ChatGLMModel, interleaved_to_halves
 from maga_transformer.models.registry import resolve_model_class
 from maga_transformer.test.fixtures import load_engine_model, save_original_checkpoint
@@ -55,11 +56,11 @@ def test_registry_names():
         assert resolve_model_class("", {"architectures": [architecture]}) is ChatGLMModel
 
 
-def test_chatglm_v1_is_refused():
+def test_chatglm_v1_config_goes_to_the_glm_v1_family():
     v1 = dict(model_type="chatglm", hidden_size=64, num_attention_heads=4, num_layers=2, vocab_size=128,
               inner_hidden_size=256, position_encoding_2d=True)
-    with pytest.raises(ValueError, match="v1"):
-        ChatGLMModel.arch_from_hf_config(v1)
+    assert resolve_model_class("chatglm", v1) is GlmV1Model
+    assert resolve_model_class("", {**v1, "architectures": ["ChatGLMModel"]}) is GlmV1Model
 
 
 def test_interleaved_to_halves_keeps_the_unrotated_channels():

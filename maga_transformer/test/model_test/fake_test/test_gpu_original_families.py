@@ -5,7 +5,9 @@ same oracle as their fp32 CPU test, logprob-aware (test/gpu_parity.py):
 - Qwen v1: transformers' Qwen2 in bf16, q/k/v fused into c_attn, MLP renamed;
 - ChatGLM2: transformers' GLM in bf16 (two multi-query groups, half-head interleaved rotary);
 - Baichuan2-13B: the independent float64 transcription of its modeling code (ALiBi, NormHead;
-  decodes without graphs, as every ALiBi family).
+  decodes without graphs, as every ALiBi family);
+- ChatGLM-6B v1 and GLM-130B: the float64 GLM v1 transcription (bidirectional context, 2D / 1D
+  positions, DeepNorm; decode without graphs, their positions follow each prompt's layout).
 Skipped without CUDA; MAGA_GPU_TEST_DEVICE=cpu runs the same comparison on the CPU."""
 from __future__ import annotations
 
@@ -21,9 +23,10 @@ from maga_transformer.config.model_config import ACT_TYPE
 from maga_transformer.model_factory import ModelFactory
 from maga_transformer.test.fixtures import perturb_vector_parameters, save_original_checkpoint
 from maga_transformer.test.gpu_parity import assert_bf16_error_like_oracle, assert_logprob_aware_match
-from maga_transformer.test.model_test.original_layouts import (BaichuanReference, baichuan_config, baichuan_tensors,
-                                                               chatglm_config, chatglm_tensors, qwen_v1_config,
-                                                               qwen_v1_tensors)
+from maga_transformer.test.model_test.original_layouts import (GLM_GMASK, GLM_SOP, BaichuanReference,
+                                                               GlmV1Reference, baichuan_config, baichuan_tensors,
+                                                               chatglm_config, chatglm_tensors, glm_v1_config,
+                                                               glm_v1_tensors, qwen_v1_config, qwen_v1_tensors)
 
 DEVICE = os.environ.get("MAGA_GPU_TEST_DEVICE", "cuda")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
@@ -69,7 +72,19 @@ def baichuan2_13b():
     return BaichuanReference(tensors, HEADS, 2, norm_head=True), config, tensors, False
 
 
-CASES = {"baichuan_7b": baichuan_7b, "qwen_v1": qwen_v1, "chatglm2": chatglm2, "baichuan2_13b": baichuan2_13b}
+def glm_v1(two_d: bool):
+    # untied: a tied head makes this random model repeat its input token with logits near 30, where
+    # bf16's rounding alone moves the NLL by ~0.1 (the CPU test covers the tied head in fp32)
+    tensors = glm_v1_tensors(hidden=HIDDEN, heads=HEADS, inner=INTER, vocab=VOCAB, layers=2, geglu=not two_d,
+                             tied=False)
+    config = glm_v1_config(two_d, HIDDEN, HEADS, INTER, VOCAB, 2, CONTEXT)
+    return GlmV1Reference(tensors, HEADS, 2, two_d=two_d, geglu=not two_d), config, tensors, False
+
+
+CASES = {"baichuan_7b": baichuan_7b, "qwen_v1": qwen_v1, "chatglm2": chatglm2, "baichuan2_13b": baichuan2_13b,
+         "chatglm_6b": lambda: glm_v1(True), "glm_130b": lambda: glm_v1(False)}
+# GLM prompts end as GLM's tokenizers end them ([gMASK] <sop>): the reference reads the layout from them
+GLM_PROMPTS = [p + [GLM_GMASK, GLM_SOP] for p in PROMPTS]
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -83,13 +98,14 @@ def test_original_layout_bf16_matches_oracle_logprob_aware(name, tmp_path):
                                          device=DEVICE)
     if DEVICE == "cuda":
         assert (ours.engine.runner.graphs is not None) == graphs_expected, name
+    prompts = GLM_PROMPTS if isinstance(oracle, GlmV1Reference) else PROMPTS
     if isinstance(oracle, torch.nn.Module):
         truth = copy.deepcopy(oracle).to(device=DEVICE)
         oracle = oracle.to(device=DEVICE, dtype=torch.bfloat16)
-        sequences = assert_logprob_aware_match(name, oracle, ours, PROMPTS, NEW_TOKENS, DEVICE)
+        sequences = assert_logprob_aware_match(name, oracle, ours, prompts, NEW_TOKENS, DEVICE)
         assert_bf16_error_like_oracle(name, ours, truth, oracle, sequences, DEVICE)
     else:  # the float64 transcription, on the CPU: it is the truth and has no bf16 run
-        sequences = assert_logprob_aware_match(name, oracle, ours, PROMPTS, NEW_TOKENS, DEVICE)
+        sequences = assert_logprob_aware_match(name, oracle, ours, prompts, NEW_TOKENS, DEVICE)
         assert_bf16_error_like_oracle(name, ours, lambda ids: oracle(ids.cpu()), None, sequences, DEVICE)
     ours.stop()
     ours.engine.pool.check_idle()
