@@ -11,7 +11,8 @@ What sets GLM v1 apart from the other GPT-style families:
     <sop> are at (i, 0); <sop> and later at (mask_position, i - sop + 1).
   - GLM-130B (1D): with [gMASK] positions are the token indices; with [MASK] the tokens from <sop> on
     all sit at the mask's position.
-  Rotary rotates halves (NeoX style) within each stream.
+  Rotary rotates halves (NeoX style) within each stream, at angles rounded to fp16 as the original
+  code computes them (see GlmV1Model._cos_sin).
 - q/k/v fused per head ([q_h; k_h; v_h] rows), biases everywhere; ChatGLM-6B's MLP is GeLU (tanh
   approximation), GLM-130B's GeGLU: dense_h_to_4h = [a; b], out = a * gelu(b).
 
@@ -120,6 +121,7 @@ class GlmV1Model(GptDecoderModel):
     def __init__(self, arch: GlmArch, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__(arch, dtype, device)
         self.alpha = math.sqrt(2 * arch.num_layers)
+        self.inv_freq_fp16 = self.rotary.inv_freq.to(torch.float16)
 
     @classmethod
     def arch_from_hf_config(cls, hf: dict) -> GlmArch:
@@ -151,12 +153,20 @@ class GlmV1Model(GptDecoderModel):
         return glm_prompt_layout(prompt_token_ids, self.arch.glm_tokens, self.arch.two_d_positions)
 
     # ---- forward --------------------------------------------------------------------------------
+    def _cos_sin(self, positions: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """cos / sin of the angles the original computes: inv_freq and positions in fp16 and their
+        product rounded to fp16 (GLM's RotaryEmbedding under .half(), the released precision). Exact
+        fp32 angles differ by up to ~0.4 rad at position 1,000; the checkpoints expect these."""
+        angles = positions.to(torch.float16).unsqueeze(-1) * self.inv_freq_fp16
+        angles = angles.float().unsqueeze(1)
+        return angles.cos(), angles.sin()
+
     def _rotary_tables(self, batch: ForwardBatch):
-        first = self.rotary.cos_sin(batch.positions, batch.rope_seq_lens)
+        first = self._cos_sin(batch.positions)
         if not self.arch.two_d_positions:
             return first, None
         block = batch.block_positions if batch.block_positions is not None else torch.zeros_like(batch.positions)
-        return first, self.rotary.cos_sin(block, batch.rope_seq_lens)
+        return first, self._cos_sin(block)
 
     def _rotate(self, qk: torch.Tensor, tables) -> torch.Tensor:
         (cos, sin), second = tables

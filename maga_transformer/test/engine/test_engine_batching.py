@@ -88,6 +88,22 @@ def test_chunked_prefill(tiny, reference):
     engine.pool.check_idle()
 
 
+def test_without_chunked_prefill_prompts_run_whole_and_longer_ones_are_refused(tiny, reference):
+    """Chunked prefill off: every prompt is computed in one step; a prompt no step can hold is refused
+    at admission (before, it waited forever), and the engine keeps serving the others."""
+    prompts, expected = reference
+    budget = 30
+    engine = _engine(tiny[1], max_num_batched_tokens=budget, enable_chunked_prefill=False)
+    fitting = [(p, e) for p, e in zip(prompts, expected) if len(p) <= budget]
+    too_long = [p for p in prompts if len(p) > budget]
+    assert fitting and too_long
+    for prompt in too_long:
+        with pytest.raises(ValueError, match=f"prompt: {len(prompt)} tokens .*chunked prefill is off"):
+            engine.add_request(prompt, GenerateConfig(max_new_tokens=NEW))
+    assert run_greedy(engine, [p for p, _ in fitting], NEW) == [e for _, e in fitting]
+    engine.pool.check_idle()
+
+
 def test_preemption_under_small_kv_budget(tiny, reference):
     prompts, expected = reference
     # 40 blocks of 4 tokens: one request fits (<= 64 tokens = 16 blocks), twelve do not

@@ -202,10 +202,11 @@ def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 
 def _rotate(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """x [heads, length, d] rotated halves-style at positions (base 10000), as GLM's RotaryEmbedding."""
+    """x [heads, length, d] rotated halves-style at positions (base 10000), as GLM's RotaryEmbedding
+    does under .half(): inv_freq stored in fp16, positions in fp16, their products rounded to fp16."""
     d = x.shape[-1]
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-    freqs = positions.double().unsqueeze(-1) * inv_freq
+    inv_freq = (1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))).half()
+    freqs = torch.einsum("i,j->ij", positions.half(), inv_freq).double()
     emb = torch.cat([freqs, freqs], dim=-1)
     x1, x2 = x[..., : d // 2], x[..., d // 2:]
     return x * emb.cos() + torch.cat([-x2, x1], dim=-1) * emb.sin()
