@@ -4,9 +4,10 @@
 
 In one run, on one GPU:
 1. the measured device-to-device copy bandwidth (the floor's denominator);
-2. transformers' `generate` (the peer): batch 1, 128 in / 256 out; batch 64, 512 in / 128 out;
+2. transformers' `generate` (the peer): batch 1, 128 in / 256 out; batch 64, 512 in / 128 out and
+   128 in / 256 out (batch 1's lengths);
 3. ours, the same model's weights loaded into our engine (CUDA graphs for decode, KV pool planned
-   from free memory): the same two workloads, a batch sweep 1..256 (128 in / 128 out), offline
+   from free memory): the same three workloads, a batch sweep 1..256 (128 in / 128 out), offline
    throughput of 1,000 requests of 128 in / 128 out (EOS ignored), and the time to first token of
    one 1,024-token prompt;
 4. the roofline: bytes a batch-1 decode step must read (every weight but the embedding table, plus
@@ -240,6 +241,7 @@ def main() -> None:
     if not args.skip_hf:
         report["hf_batch1_tok_s"] = hf_generate_rate(hf_model, 1, 128, 256, vocab)
         report["hf_batch64_tok_s"] = hf_generate_rate(hf_model, 64, 512, 128, vocab)
+        report["hf_batch64_128x256_tok_s"] = hf_generate_rate(hf_model, 64, 128, 256, vocab)
         logger.info("transformers: batch 1 %.1f tok/s, batch 64 %.1f tok/s", report["hf_batch1_tok_s"],
                     report["hf_batch64_tok_s"])
     model = build_ours(hf_model)
@@ -258,9 +260,12 @@ def main() -> None:
                                  "achieved_gbs": ours1["decode_tok_s"] * step_bytes / 1e9,
                                  "share_of_floor": ours1["decode_tok_s"] / floor}
     report["ours_batch64"] = run_batch(engine, random_prompts(64, 512, vocab, 64), 128)
+    report["ours_batch64_128x256"] = run_batch(engine, random_prompts(64, 128, vocab, 65), 256)
     if "hf_batch1_tok_s" in report:
         report["speedup_batch1"] = ours1["output_tok_s"] / report["hf_batch1_tok_s"]
         report["speedup_batch64"] = report["ours_batch64"]["output_tok_s"] / report["hf_batch64_tok_s"]
+        report["speedup_batch64_128x256"] = (report["ours_batch64_128x256"]["output_tok_s"]
+                                             / report["hf_batch64_128x256_tok_s"])
     logger.info(json.dumps({k: report[k] for k in report if k.startswith(("roofline", "speedup"))}))
     report["step_breakdown"] = {b: step_breakdown(engine, b, 128, vocab) for b in (1, 64, 256)}
     logger.info(json.dumps(report["step_breakdown"]))
