@@ -108,15 +108,16 @@ def build_ours(hf_model):
     return model
 
 
-def build_engine(model, max_seq_len: int):
+def build_engine(model, max_seq_len: int, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192):
     from maga_transformer.config import EngineConfig
     from maga_transformer.engine.engine import Engine
     from maga_transformer.test.fixtures import _tiny_tokenizer_dir
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(_tiny_tokenizer_dir(model.arch.vocab_size))
     start = time.perf_counter()
-    engine = Engine(model, tokenizer, EngineConfig(max_num_seqs=256, max_num_batched_tokens=8192,
-                                                   enable_prefix_cache=False),
+    config = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                          enable_prefix_cache=False)
+    engine = Engine(model, tokenizer, config,
                     max_seq_len=max_seq_len, block_size=16, eos_token_ids=[])
     logger.info("engine ready in %.1f s (memory plan + KV pool + CUDA graphs)", time.perf_counter() - start)
     return engine

@@ -144,13 +144,15 @@ def main() -> None:
                         help="also profile the host side of overlapped decode steps at these batch sizes")
     parser.add_argument("--prefill", type=int, nargs=2, metavar=("PROMPTS", "LENGTH"), action="append", default=[],
                         help="also profile one prefill step of PROMPTS fresh prompts of LENGTH tokens")
+    parser.add_argument("--max-seqs", type=int, default=256, help="the engine's max_num_seqs (graph buckets)")
+    parser.add_argument("--step-tokens", type=int, default=8192, help="the engine's max_num_batched_tokens")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     hf_model = build_hf(LLAMA3_8B)
     model = build_ours(hf_model)
     del hf_model
     torch.cuda.empty_cache()
-    engine = build_engine(model, max_seq_len=4096)
+    engine = build_engine(model, max_seq_len=4096, max_num_seqs=args.max_seqs, max_num_batched_tokens=args.step_tokens)
     for batch in args.batch:
         linear_rates(model, batch)
         profile_decode(engine, batch, args.context, LLAMA3_8B["vocab_size"])

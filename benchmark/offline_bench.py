@@ -5,7 +5,8 @@
 Each config is max_num_seqs:max_num_batched_tokens. One engine per config (the previous one freed
 first: the KV pool is planned from free memory); 1,000 requests of 128 in / 128 out, EOS ignored,
 submitted at once with stream=False. Steps are timed on the host and split by kind: steps that
-carry a prefill chunk, and pure decode steps (graph replays, overlapped when possible).
+carry a prefill chunk (decodes ride along in them), and pure decode steps (graph replays,
+overlapped when possible; with overlap a step's host time covers launching the next one).
 """
 from __future__ import annotations
 
@@ -22,31 +23,30 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmark.gpu_bench import LLAMA3_8B, build_hf, build_ours, linear_params, random_prompts  # noqa: E402
+from benchmark.gpu_bench import (LLAMA3_8B, build_engine, build_hf, build_ours, linear_params,  # noqa: E402
+                                 random_prompts)
 
 logger = logging.getLogger("benchmark.offline")
 
 
-def build_engine(model, max_num_seqs: int, max_num_batched_tokens: int):
-    from maga_transformer.config import EngineConfig
-    from maga_transformer.engine.engine import Engine
-    from maga_transformer.test.fixtures import _tiny_tokenizer_dir
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(_tiny_tokenizer_dir(model.arch.vocab_size))
-    config = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                          enable_prefix_cache=False)
-    return Engine(model, tokenizer, config, max_seq_len=4096, block_size=16, eos_token_ids=[])
+class PlanRecorder:
+    """Wraps the scheduler's schedule() to see what each step carries (prefill tokens or not)."""
 
+    def __init__(self, engine) -> None:
+        self.prefill_tokens = 0
+        original = engine.scheduler.schedule
 
-def _prefilling(engine) -> bool:
-    if engine.num_waiting:
-        return True
-    return any(r.seqs[0].num_computed_tokens < r.prompt_len for r in engine.scheduler.running)
+        def schedule():
+            plan = original()
+            self.prefill_tokens += sum(item.num_tokens for item in plan.scheduled if item.num_tokens > 1)
+            return plan
+        engine.scheduler.schedule = schedule
 
 
 def run_offline(engine, prompts: List[List[int]], output_len: int) -> Dict[str, float]:
     from maga_transformer.config import GenerateConfig
     cfg = GenerateConfig(max_new_tokens=output_len, top_k=1, ignore_eos=True)
+    recorder = PlanRecorder(engine)
     torch.cuda.synchronize()
     start = time.perf_counter()
     handles = [engine.add_request(p, cfg, stream=False) for p in prompts]
@@ -54,9 +54,10 @@ def run_offline(engine, prompts: List[List[int]], output_len: int) -> Dict[str, 
     counts = {"prefill_steps": 0, "decode_steps": 0}
     peak = 0
     while engine.has_work():
-        kind = "prefill" if _prefilling(engine) else "decode"
+        before = recorder.prefill_tokens
         t0 = time.perf_counter()
         engine.step()
+        kind = "prefill" if recorder.prefill_tokens > before else "decode"
         times[f"{kind}_steps_s"] += time.perf_counter() - t0
         counts[f"{kind}_steps"] += 1
         peak = max(peak, engine.num_running)
@@ -83,7 +84,7 @@ def main() -> None:
                                  "flops_per_token": 2 * linear_params(model), "runs": {}}
     for spec in args.configs:
         seqs, tokens = (int(x) for x in spec.split(":"))
-        engine = build_engine(model, seqs, tokens)
+        engine = build_engine(model, 4096, seqs, tokens)
         gc.freeze()
         run_offline(engine, random_prompts(2 * seqs, 16, vocab, 3), 4)  # warm-up: every graph bucket's path
         result = run_offline(engine, random_prompts(args.count, 128, vocab, 5), 128)
