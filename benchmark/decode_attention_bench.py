@@ -2,6 +2,7 @@
 the pool), B sequences of L keys each, Llama-3-8B heads (32 query / 8 KV heads, head_dim 128), bf16.
 
     python3 benchmark/decode_attention_bench.py          # on the GPU machine, after build_gpu.sh
+    ncu ... python3 benchmark/decode_attention_bench.py --eager 256 512   # one case, no graphs
 
 Prints microseconds per call (CUDA graphs of 20 calls: no launch overhead) and the GB/s of keys and
 values read, to compare with the copy bandwidth gpu_bench.py measures. The launch shape is what a
@@ -26,8 +27,8 @@ HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
 CASES = [(1, 512), (1, 4096), (64, 512), (256, 512), (64, 2048), (256, 1024)]
 
 
-def time_case(batch: int, keys: int) -> float:
-    """Microseconds per call of the decode kernel for `batch` sequences of `keys` keys."""
+def make_call(batch: int, keys: int):
+    """One decode-kernel call on `batch` sequences of `keys` keys (random scattered blocks)."""
     blocks_per_seq = (keys + BLOCK) // BLOCK
     pool = batch * blocks_per_seq + 8
     k_cache = torch.randn(pool, BLOCK, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
@@ -40,11 +41,22 @@ def time_case(batch: int, keys: int) -> float:
     def call() -> None:
         ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, HEAD_DIM ** -0.5, bound)
 
-    return graph_time_us(call)
+    return call
+
+
+def time_case(batch: int, keys: int) -> float:
+    """Microseconds per call of the decode kernel for `batch` sequences of `keys` keys."""
+    return graph_time_us(make_call(batch, keys))
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if len(sys.argv) == 4 and sys.argv[1] == "--eager":  # --eager B L: three plain calls, for ncu
+        call = make_call(int(sys.argv[2]), int(sys.argv[3]))
+        for _ in range(3):
+            call()
+        torch.cuda.synchronize()
+        return
     logger.info("%s", torch.cuda.get_device_name())
     for batch, keys in CASES:
         us = time_case(batch, keys)
