@@ -1,3 +1,5 @@
+#include <type_traits>
+
 #include "src/kernels/cuda/paged_decode_common.cuh"
 
 namespace th_transformer {
@@ -54,11 +56,48 @@ __device__ __forceinline__ void load_row(const T* cache, int64_t row_offset, boo
   }
 }
 
-// Element e of a lane's loaded row part, as float.
+// Element e of a lane's loaded row part, as float (bf16 widens by a shift of its 32-bit word).
 template <typename T, int kHeadDim>
 __device__ __forceinline__ float row_element(const uint4 (&raw)[RowLayout<T, kHeadDim>::kChunksPerLane], int e) {
   using L = RowLayout<T, kHeadDim>;
-  return to_float(reinterpret_cast<const T*>(&raw[e / L::kVec])[e % L::kVec]);
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    const uint32_t word = reinterpret_cast<const uint32_t*>(&raw[e / L::kVec])[(e % L::kVec) / 2];
+    return __uint_as_float(e % 2 == 0 ? word << 16 : word & 0xffff0000u);
+  } else {
+    return to_float(reinterpret_cast<const T*>(&raw[e / L::kVec])[e % L::kVec]);
+  }
+}
+
+// Sums each of the N values over the kLanes lanes of a row group, scattering the results: a lane
+// ends with max(1, N / kLanes) sums, v[0..), of the values numbered `first` on (the return value).
+// Each halving step sends half of what a lane still holds and keeps the other half, so N = kLanes
+// values take kLanes - 1 shuffles instead of N * log2(kLanes) for separate butterflies. With
+// N < kLanes the last steps are plain butterflies and several lanes hold the same sum; `writer`
+// says whether this lane is the one to store it.
+template <int N, int kLanes>
+__device__ __forceinline__ int reduce_scatter(float (&v)[N], int lane_in_row, bool& writer) {
+  int first = 0;
+  writer = true;
+  int held = N;
+#pragma unroll
+  for (int offset = kLanes / 2; offset > 0; offset >>= 1) {
+    const bool upper = (lane_in_row & offset) != 0;
+    if (held > 1) {
+      held /= 2;
+#pragma unroll
+      for (int j = 0; j < N / 2; ++j) {
+        if (j >= held) break;
+        const float send = upper ? v[j] : v[j + held];
+        const float keep = upper ? v[j + held] : v[j];
+        v[j] = keep + __shfl_xor_sync(0xffffffffu, send, offset);
+      }
+      if (upper) first += held;
+    } else {
+      v[0] += __shfl_xor_sync(0xffffffffu, v[0], offset);
+      writer = writer && !upper;
+    }
+  }
+  return first;
 }
 
 // The partition's slice of the block table, staged in shared memory once so that finding a row
@@ -114,18 +153,24 @@ __device__ __forceinline__ void compute_logits(const PagedDecodeParams& p, const
   for (int base = warp * L::kKeysPerWarp; base < n; base += L::kStride * kUnroll) {
     uint4 k[kUnroll][L::kChunksPerLane];
     load_rows<T, kHeadDim>(k_cache, p, table, kv_head, t0, n, base, row_in_warp, lane_in_row, k);
+    float dots[kUnroll * kHeads];  // this lane's share of row u's dot with head h at [u * kHeads + h]
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int i = base + u * L::kStride + row_in_warp;
+    for (int u = 0; u < kUnroll; ++u)
 #pragma unroll
       for (int h = 0; h < kHeads; ++h) {
         float dot = 0.f;
 #pragma unroll
         for (int e = 0; e < L::kElems; ++e) dot += q[h][e] * row_element<T, kHeadDim>(k[u], e);
-#pragma unroll
-        for (int offset = L::kLanes / 2; offset > 0; offset >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
-        if (i < n && lane_in_row == 0) logits[h * kDecodePartitionSize + i] = dot;
+        dots[u * kHeads + h] = dot;
       }
+    bool writer;
+    const int first = reduce_scatter<kUnroll * kHeads, L::kLanes>(dots, lane_in_row, writer);
+    constexpr int kSums = kUnroll * kHeads > L::kLanes ? kUnroll * kHeads / L::kLanes : 1;
+#pragma unroll
+    for (int j = 0; j < kSums; ++j) {
+      const int u = (first + j) / kHeads, h = (first + j) % kHeads;
+      const int i = base + u * L::kStride + row_in_warp;
+      if (i < n && writer) logits[h * kDecodePartitionSize + i] = dots[j];
     }
   }
 }
