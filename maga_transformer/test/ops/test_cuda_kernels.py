@@ -142,6 +142,8 @@ DECODE_CASES = [
     ([2100, 3], 8, 4, 256, 8, None),                        # head_dim 256
     ([9000, 100, 4000, 1023], 32, 8, 128, 16, 1024),        # sliding window, long
     ([700, 512, 513], 8, 2, 64, 16, 512),                   # window at partition edges
+    ([300, 77, 130], 8, 2, 128, 12, None),                  # block size not a power of two (division)
+    ([70, 3], 8, 8, 64, 1, None),                           # one-token blocks: 65 blocks a partition
 ]
 
 

@@ -100,41 +100,42 @@ __device__ __forceinline__ int reduce_scatter(float (&v)[N], int lane_in_row, bo
   return first;
 }
 
-// The partition's slice of the block table, staged in shared memory once so that finding a row
-// costs no dependent global load inside the key loops.
+// The partition's slice of the block table, staged in shared memory once as row offsets, so that
+// finding a row inside the key loops costs no dependent global load, no 64-bit multiply and (for
+// power-of-two block sizes, the usual case) no integer division.
 struct PartitionBlocks {
-  const int32_t* ids;  // ids[j] = block of tokens [(first + j) * block_size, ...)
+  const int64_t* base;  // base[j]: offset of the CTA's KV head in row 0 of the block of tokens
+                        // [(first + j) * block_size, ...)
   int first;
+  int block_size;
+  int block_shift;      // log2(block_size), or -1 when it is not a power of two
+  int64_t token_stride;  // elements between consecutive tokens of a block (kv_heads * head_dim)
 };
 
-// Offset of key `t`'s row for `kv_head`.
-template <int kHeadDim>
-__device__ __forceinline__ int64_t row_offset(const PagedDecodeParams& p, const PartitionBlocks& blocks, int t,
-                                              int kv_head) {
-  const int64_t block = blocks.ids[t / p.block_size - blocks.first];
-  return ((block * p.block_size + t % p.block_size) * p.num_kv_heads + kv_head) * kHeadDim;
+// Offset of key `t`'s row for the CTA's KV head.
+__device__ __forceinline__ int64_t row_offset(const PartitionBlocks& blocks, int t) {
+  const int j = blocks.block_shift >= 0 ? t >> blocks.block_shift : t / blocks.block_size;
+  return blocks.base[j - blocks.first] + static_cast<int64_t>(t - j * blocks.block_size) * blocks.token_stride;
 }
 
 // The kUnroll rows a lane reads from `base` on (rows base + u * kStride + row_in_warp of the
 // partition), raw; rows at or past n read as zeros. Both the key and the value pass use it.
 template <typename T, int kHeadDim>
-__device__ __forceinline__ void load_rows(const T* cache, const PagedDecodeParams& p, const PartitionBlocks& table,
-                                          int kv_head, int t0, int n, int base, int row_in_warp, int lane_in_row,
+__device__ __forceinline__ void load_rows(const T* cache, const PartitionBlocks& table, int t0, int n, int base,
+                                          int row_in_warp, int lane_in_row,
                                           uint4 (&out)[kUnroll][RowLayout<T, kHeadDim>::kChunksPerLane]) {
   using L = RowLayout<T, kHeadDim>;
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u) {
     const int i = base + u * L::kStride + row_in_warp;
-    load_row<T, kHeadDim>(cache, i < n ? row_offset<kHeadDim>(p, table, t0 + i, kv_head) : 0, i < n, lane_in_row,
-                          out[u]);
+    load_row<T, kHeadDim>(cache, i < n ? row_offset(table, t0 + i) : 0, i < n, lane_in_row, out[u]);
   }
 }
 
 // Scores of this CTA's kHeads query heads against keys [t0, t0 + n): logits[h][i], scaled.
 template <typename T, int kHeadDim, int kHeads>
 __device__ __forceinline__ void compute_logits(const PagedDecodeParams& p, const float* q_s,
-                                               const PartitionBlocks& table, int kv_head, int t0, int n,
-                                               float* logits) {
+                                               const PartitionBlocks& table, int t0, int n, float* logits) {
   using L = RowLayout<T, kHeadDim>;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row_in_warp = lane / L::kLanes, lane_in_row = lane % L::kLanes;
@@ -152,7 +153,7 @@ __device__ __forceinline__ void compute_logits(const PagedDecodeParams& p, const
   // The loop bound is uniform per warp so every lane reaches the shuffles below.
   for (int base = warp * L::kKeysPerWarp; base < n; base += L::kStride * kUnroll) {
     uint4 k[kUnroll][L::kChunksPerLane];
-    load_rows<T, kHeadDim>(k_cache, p, table, kv_head, t0, n, base, row_in_warp, lane_in_row, k);
+    load_rows<T, kHeadDim>(k_cache, table, t0, n, base, row_in_warp, lane_in_row, k);
     float dots[kUnroll * kHeads];  // this lane's share of row u's dot with head h at [u * kHeads + h]
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u)
@@ -202,8 +203,7 @@ __device__ __forceinline__ void softmax_numerators(float* logits, int n, float* 
 // stored per warp into `warp_out` [kWarps][kHeads][kHeadDim] (which may alias `probs`).
 template <typename T, int kHeadDim, int kHeads>
 __device__ __forceinline__ void accumulate_values(const PagedDecodeParams& p, const float* probs,
-                                                  const PartitionBlocks& table, int kv_head, int t0, int n,
-                                                  float* warp_out) {
+                                                  const PartitionBlocks& table, int t0, int n, float* warp_out) {
   using L = RowLayout<T, kHeadDim>;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row_in_warp = lane / L::kLanes, lane_in_row = lane % L::kLanes;
@@ -211,7 +211,7 @@ __device__ __forceinline__ void accumulate_values(const PagedDecodeParams& p, co
   const T* v_cache = static_cast<const T*>(p.v_cache);
   for (int base = warp * L::kKeysPerWarp; base < n; base += L::kStride * kUnroll) {
     uint4 v[kUnroll][L::kChunksPerLane];
-    load_rows<T, kHeadDim>(v_cache, p, table, kv_head, t0, n, base, row_in_warp, lane_in_row, v);
+    load_rows<T, kHeadDim>(v_cache, table, t0, n, base, row_in_warp, lane_in_row, v);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int i = base + u * L::kStride + row_in_warp;
@@ -278,23 +278,26 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) paged_decode_kernel(cons
   for (int i = threadIdx.x; i < kHeads * kHeadDim; i += kThreads)
     q_s[i] = to_float(q[(head0 + i / kHeadDim) * p.q_head_stride + i % kHeadDim]) * p.scale;
   // A partition spans at most kDecodePartitionSize + 1 blocks (block_size 1, or a misaligned start).
-  __shared__ int32_t block_ids[kDecodePartitionSize + 1];
+  __shared__ int64_t block_base[kDecodePartitionSize + 1];
   const int32_t* row_table = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks_per_seq;
+  const int64_t token_stride = static_cast<int64_t>(p.num_kv_heads) * kHeadDim;
+  const int block_shift = (p.block_size & (p.block_size - 1)) == 0 ? __ffs(p.block_size) - 1 : -1;
   float o_run[kPerThread];  // this thread's elements i = threadIdx.x + k * kThreads of [kHeads][kHeadDim]
   for (int rel = blockIdx.z; rel < r.num_parts; rel += gridDim.z) {
     const bool first = rel == static_cast<int>(blockIdx.z);
     const int part = r.first_part + rel;
     const int t0 = max(part * kDecodePartitionSize, r.start);
     const int n = min((part + 1) * kDecodePartitionSize, r.len) - t0;
-    const PartitionBlocks table{block_ids, t0 / p.block_size};
+    const PartitionBlocks table{block_base, t0 / p.block_size, p.block_size, block_shift, token_stride};
     for (int j = threadIdx.x; j <= (t0 + n - 1) / p.block_size - table.first; j += kThreads)
-      block_ids[j] = row_table[table.first + j];
+      block_base[j] = static_cast<int64_t>(row_table[table.first + j]) * p.block_size * token_stride +
+                      static_cast<int64_t>(kv_head) * kHeadDim;
     __syncthreads();
-    compute_logits<T, kHeadDim, kHeads>(p, q_s, table, kv_head, t0, n, work);
+    compute_logits<T, kHeadDim, kHeads>(p, q_s, table, t0, n, work);
     __syncthreads();
     softmax_numerators<kHeads>(work, n, head_max, head_sum);
     __syncthreads();
-    accumulate_values<T, kHeadDim, kHeads>(p, work, table, kv_head, t0, n, work);
+    accumulate_values<T, kHeadDim, kHeads>(p, work, table, t0, n, work);
     __syncthreads();
 #pragma unroll
     for (int k = 0; k < kPerThread; ++k) {
@@ -323,7 +326,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) paged_decode_kernel(cons
         run_max[h] = m;
       }
     }
-    __syncthreads();  // before the next partition overwrites block_ids, work and head_max
+    __syncthreads();  // before the next partition overwrites block_base, work and head_max
   }
 
   const bool single = min(r.num_parts, static_cast<int>(gridDim.z)) == 1;
