@@ -27,8 +27,8 @@ from maga_transformer.ops._compiled import cuda_kernels
 
 logger = logging.getLogger(__name__)
 
-# up to max_num_seqs (64 by default); offline batches of up to 512 sequences decode in graphs too
-_BUCKETS = [1, 2, 4, 8] + list(range(16, 257, 16)) + list(range(288, 513, 32))
+# up to max_num_seqs (64 by default); offline batches of up to 1,024 sequences decode in graphs too
+_BUCKETS = [1, 2, 4, 8] + list(range(16, 257, 16)) + list(range(288, 513, 32)) + list(range(576, 1025, 64))
 
 
 @dataclass
