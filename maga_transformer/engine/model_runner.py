@@ -17,6 +17,7 @@ from maga_transformer import ops
 from maga_transformer.engine.cuda_graph import DecodeGraphs, DecodeRow, graphs_supported
 from maga_transformer.engine.memory_plan import kv_bytes_per_block
 from maga_transformer.engine.request import Sequence
+from maga_transformer.engine.sampler import SamplingRow, sample
 from maga_transformer.engine.scheduler import SchedulerOutput
 from maga_transformer.engine.transfer import to_device
 from maga_transformer.models.arch import ForwardBatch, PromptLayout
@@ -45,8 +46,9 @@ def _allocate_kv(model: DecoderModel, block_size: int, num_blocks: int) -> List[
 
 @torch.inference_mode()
 def profile_forward(model: DecoderModel, block_size: int, num_tokens: int, num_rows: int) -> None:
-    """The largest step the scheduler may build: one sequence of num_tokens prompt tokens and the
-    logits of num_rows rows, over a KV cache just big enough (memory planning measures its peak)."""
+    """The largest step the scheduler may build: one sequence of num_tokens prompt tokens, the logits
+    of num_rows rows and their sampling, over a KV cache just big enough (memory planning measures
+    its peak)."""
     blocks = math.ceil(num_tokens / block_size)
     kv = _allocate_kv(model, block_size, blocks)
     table = list(range(blocks))
@@ -56,7 +58,12 @@ def profile_forward(model: DecoderModel, block_size: int, num_tokens: int, num_r
     batch = ForwardBatch(torch.zeros(num_tokens, dtype=torch.long, device=model.device), positions, positions.clone(),
                          torch.full((num_tokens,), num_tokens, dtype=torch.long, device=model.device), attn)
     hidden = model.forward(batch, kv)
-    model.compute_logits(hidden[:num_rows])
+    logits = model.compute_logits(hidden[:num_rows])
+    # the sampler's worst case for as many rows: fp32 copies, top-p's sort and its int64 indices
+    # (~5 GB for 1,024 rows of a 128k vocabulary; leaving it out of the plan ran such batches out of memory)
+    worst = SamplingRow(temperature=0.7, top_k=50, top_p=0.9, repetition_penalty=1.1, history_token_ids=(0,),
+                        top_logprobs=20)
+    sample(logits, [worst] * num_rows)
 
 
 class _LayoutColumns:
