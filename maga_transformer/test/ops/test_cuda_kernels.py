@@ -305,7 +305,8 @@ def test_apply_rotary(kernels, dtype, tokens, q_heads, kv_heads, head_dim, rotar
 
 # ---- gated activations ------------------------------------------------------------------------
 
-ACT_SHAPES = [(1, 2 * 14336), (5, 2 * 1000), (2, 3, 2 * 64), (64, 2 * 4864)]
+# widths of whole 16-byte chunks take the vectorized kernel, 999 the one-element one
+ACT_SHAPES = [(1, 2 * 14336), (5, 2 * 1000), (2, 3, 2 * 64), (64, 2 * 4864), (3, 2 * 999)]
 
 
 @gpu_test
@@ -321,6 +322,15 @@ def test_gated_activation(kernels, dtype, shape, kind):
         approximate = "tanh" if kind == "gelu_tanh" else "none"
         out, ref = ops.gelu_and_mul(gate_up, approximate), gelu_and_mul_reference(gate_up, approximate)
     _assert_close(out, ref)
+
+
+@gpu_test
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_gated_activation_of_a_strided_view(kernels, dtype):
+    """Rows 2 * 512 + 3 elements apart (not whole 16-byte chunks): the one-element kernel, right."""
+    wide = (3 * torch.randn(6, 2 * 512 + 3, generator=torch.Generator().manual_seed(5))).to("cuda", dtype)
+    gate_up = wide[:, 1:1 + 2 * 512]
+    _assert_close(ops.silu_and_mul(gate_up), silu_and_mul_reference(gate_up))
 
 
 # ---- CUDA graphs ------------------------------------------------------------------------------

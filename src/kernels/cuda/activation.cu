@@ -28,19 +28,53 @@ __global__ void __launch_bounds__(kThreads) gated_activation_kernel(const GatedA
   static_cast<T*>(p.out)[row * p.width + col] = from_float<T>(gate * to_float(in[p.width + col]));
 }
 
+// The same, 16 bytes per thread (whole chunks of kVec columns): one-element accesses left a
+// prefill's activation at ~1.1 TB/s on the H100 (10 % of a 8,192-token prefill step).
+template <typename T, GateActivation kAct>
+__global__ void __launch_bounds__(kThreads) gated_activation_vec_kernel(const GatedActivationParams p) {
+  constexpr int kVec = 16 / sizeof(T);
+  const int64_t row = blockIdx.x;
+  const int64_t col = (static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x) * kVec;
+  if (col >= p.width) return;
+  const T* in = static_cast<const T*>(p.input) + row * p.input_row_stride;
+  const uint4 gate_raw = *reinterpret_cast<const uint4*>(in + col);
+  const uint4 up_raw = *reinterpret_cast<const uint4*>(in + p.width + col);
+  const T* gate = reinterpret_cast<const T*>(&gate_raw);
+  const T* up = reinterpret_cast<const T*>(&up_raw);
+  uint4 out_raw;
+  T* out = reinterpret_cast<T*>(&out_raw);
+#pragma unroll
+  for (int i = 0; i < kVec; ++i)
+    out[i] = from_float<T>(round_to<T>(activate<kAct>(to_float(gate[i]))) * to_float(up[i]));
+  *reinterpret_cast<uint4*>(static_cast<T*>(p.out) + row * p.width + col) = out_raw;
+}
+
+// Whole 16-byte chunks everywhere: the width, the input's row stride and both base addresses.
+template <typename T>
+bool vectorizable(const GatedActivationParams& p) {
+  constexpr int kVec = 16 / sizeof(T);
+  return p.width % kVec == 0 && p.input_row_stride % kVec == 0 &&
+         reinterpret_cast<uintptr_t>(p.input) % 16 == 0 && reinterpret_cast<uintptr_t>(p.out) % 16 == 0;
+}
+
+template <typename T, GateActivation kAct>
+void launch_activation(const GatedActivationParams& p, cudaStream_t stream) {
+  if (vectorizable<T>(p)) {
+    const int64_t chunks = p.width / (16 / sizeof(T));
+    const dim3 grid(static_cast<unsigned>(p.rows), static_cast<unsigned>((chunks + kThreads - 1) / kThreads));
+    gated_activation_vec_kernel<T, kAct><<<grid, kThreads, 0, stream>>>(p);
+  } else {
+    const dim3 grid(static_cast<unsigned>(p.rows), static_cast<unsigned>((p.width + kThreads - 1) / kThreads));
+    gated_activation_kernel<T, kAct><<<grid, kThreads, 0, stream>>>(p);
+  }
+}
+
 template <typename T>
 cudaError_t launch(const GatedActivationParams& p, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(p.rows), static_cast<unsigned>((p.width + kThreads - 1) / kThreads));
   switch (p.activation) {
-    case GateActivation::kSilu:
-      gated_activation_kernel<T, GateActivation::kSilu><<<grid, kThreads, 0, stream>>>(p);
-      break;
-    case GateActivation::kGelu:
-      gated_activation_kernel<T, GateActivation::kGelu><<<grid, kThreads, 0, stream>>>(p);
-      break;
-    case GateActivation::kGeluTanh:
-      gated_activation_kernel<T, GateActivation::kGeluTanh><<<grid, kThreads, 0, stream>>>(p);
-      break;
+    case GateActivation::kSilu: launch_activation<T, GateActivation::kSilu>(p, stream); break;
+    case GateActivation::kGelu: launch_activation<T, GateActivation::kGelu>(p, stream); break;
+    case GateActivation::kGeluTanh: launch_activation<T, GateActivation::kGeluTanh>(p, stream); break;
     default: return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
