@@ -6,7 +6,9 @@ machine's memory bandwidth (about 2x oneDNN at one row). From 4 rows on, oneDNN'
 re-laid out once into its blocked format wins (it reuses each weight load across rows); it also
 streams about twice as fast as torch's default path. So on CPU fp32 both layouts are kept: twice
 the weight memory, the price of fast batch-1 and fast batched decode (docs/benchmarks.md).
-Other dtypes and devices use oneDNN or F.linear.
+Other dtypes and devices use oneDNN or F.linear, except one fp16 / bf16 row on the GPU without bias
+(batch-1 decode): our CUDA GEMV (src/kernels/cuda/gemv.cu), measured against cuBLAS in
+docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -19,11 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from maga_transformer.ops._compiled import cpu_kernels
+from maga_transformer.ops._cuda import aligned, check_status, kernels_for
 
 logger = logging.getLogger(__name__)
 
 _PACK_BATCH_HINT = 16  # oneDNN picks its blocking for this many rows; measured on 1..64 rows
 _GEMV_MAX_ROWS = 3  # measured crossover with oneDNN on the 2-core build machine (SmolLM2 shapes)
+_CUDA_GEMV_OFF = os.environ.get("MAGA_DISABLE_CUDA_GEMV") == "1"
 
 
 def _onednn_linear_available() -> bool:
@@ -91,7 +95,28 @@ def gemv_f32(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = No
     return kernels.gemv_f32(x, w, bias)
 
 
+def _cuda_gemv(x: torch.Tensor, w: LinearWeight) -> Optional[torch.Tensor]:
+    """One fp16 / bf16 row on the GPU through our GEMV kernel (src/kernels/cuda/gemv.cu), or None
+    where it does not apply. MAGA_DISABLE_CUDA_GEMV=1 keeps cuBLAS (for A/B measurements)."""
+    weight = w.weight
+    if weight is None or not x.is_cuda or _CUDA_GEMV_OFF or x.dim() != 2 or x.shape[0] != 1:
+        return None
+    kernels = kernels_for(x, weight)
+    if (kernels is None or weight.dtype not in (torch.float16, torch.bfloat16) or x.dtype != weight.dtype
+            or x.device != weight.device or not x.is_contiguous() or not weight.is_contiguous()
+            or w.in_features % 8 or w.in_features > kernels.gemv_max_in_features or x.shape[1] != w.in_features
+            or not aligned(x) or not aligned(weight)):
+        return None
+    out = torch.empty(1, w.out_features, dtype=x.dtype, device=x.device)
+    check_status(kernels, kernels.gemv(out, x, weight), "gemv")
+    return out
+
+
 def linear(x: torch.Tensor, w: LinearWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    if bias is None and x.is_cuda:
+        out = _cuda_gemv(x, w)
+        if out is not None:
+            return out
     if w.gemv and x.dim() == 2 and x.shape[0] <= _GEMV_MAX_ROWS and x.dtype == torch.float32:
         return cpu_kernels().gemv_f32(x, w.weight, bias)
     if w.packed is not None:

@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "src/kernels/cuda/activation.h"
+#include "src/kernels/cuda/gemv.h"
 #include "src/kernels/cuda/kv_cache_write.h"
 #include "src/kernels/cuda/paged_decode_attention.h"
 #include "src/kernels/cuda/rms_norm.h"
@@ -144,6 +145,27 @@ int gated_activation(Tensor& out, const Tensor& input, int64_t activation) {
   return static_cast<int>(kc::gated_activation(p, current_stream(input)));
 }
 
+// Multiprocessors of a device, asked once (an attribute query, no sync; cached for graph capture).
+int sm_count(int device) {
+  static int counts[64] = {};
+  if (device < 0 || device >= 64) return 0;
+  if (counts[device] == 0) cudaDeviceGetAttribute(&counts[device], cudaDevAttrMultiProcessorCount, device);
+  return counts[device];
+}
+
+int gemv(Tensor& out, const Tensor& x, const Tensor& weight) {
+  const c10::cuda::CUDAGuard guard(weight.device());
+  kc::GemvParams p{};
+  if (!to_dtype(weight, &p.dtype)) return static_cast<int>(cudaErrorInvalidValue);
+  p.out = out.data_ptr();
+  p.x = x.data_ptr();
+  p.weight = weight.data_ptr();
+  p.out_features = weight.size(0);
+  p.in_features = weight.size(1);
+  p.num_sms = sm_count(weight.get_device());
+  return static_cast<int>(kc::gemv(p, current_stream(weight)));
+}
+
 std::string cuda_error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
 
 }  // namespace
@@ -162,6 +184,8 @@ void register_cuda_ops(pybind11::module_& m) {
         arg("in1"), arg("positions"), arg("cos"), arg("sin"), arg("rotary_dim"));
   m.def("gated_activation", &gated_activation, "act(gate) * up; 0 silu, 1 gelu, 2 gelu tanh", arg("out"),
         arg("input"), arg("activation"));
+  m.def("gemv", &gemv, "out = x @ weight.T for one row (fp16 / bf16)", arg("out"), arg("x"), arg("weight"));
+  m.attr("gemv_max_in_features") = kc::kGemvMaxInFeatures;
   m.def("paged_decode_supports_head_dim", &kc::paged_decode_supports_head_dim, arg("head_dim"));
   m.def("cuda_error_string", &cuda_error_string, arg("code"));
   m.attr("decode_partition_size") = kc::kDecodePartitionSize;

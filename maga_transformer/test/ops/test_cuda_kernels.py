@@ -333,6 +333,46 @@ def test_gated_activation_of_a_strided_view(kernels, dtype):
     _assert_close(ops.silu_and_mul(gate_up), silu_and_mul_reference(gate_up))
 
 
+# ---- GEMV (one row) ---------------------------------------------------------------------------
+
+GEMV_SHAPES = [(6144, 4096), (4096, 14336), (4097, 4096), (100, 64), (7, 8), (1000, 16384)]
+
+
+@gpu_test
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("shape", GEMV_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_gemv_matches_the_float64_product(kernels, dtype, shape):
+    """One row against [out, in] weights (narrow and wide outputs take 1, 2 or 4 rows a warp; 4097
+    leaves a partial last warp): within bf16 / fp16 rounding of the float64 product, like cuBLAS."""
+    out_features, in_features = shape
+    gen = torch.Generator().manual_seed(out_features + in_features)
+    x = torch.randn(1, in_features, generator=gen).to("cuda", dtype)
+    weight = (torch.randn(out_features, in_features, generator=gen) / in_features ** 0.5).to("cuda", dtype)
+    out = torch.empty(1, out_features, dtype=dtype, device="cuda")
+    assert kernels.gemv(out, x, weight) == 0
+    exact = x.double() @ weight.double().T
+    cublas = torch.nn.functional.linear(x, weight)
+    assert _rel_error(out, exact) <= 1.5 * _rel_error(cublas, exact) + 1e-3
+
+
+@gpu_test
+def test_linear_takes_the_gemv_for_one_row_only(kernels):
+    from maga_transformer.ops.linear import prepare_linear
+    w = prepare_linear(torch.randn(512, 256, device="cuda", dtype=torch.bfloat16))
+
+    def kernel_names(x):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            ops.linear(x, w)
+            torch.cuda.synchronize()
+        return " ".join(e.key for e in prof.key_averages())
+
+    assert "gemv_kernel" in kernel_names(torch.randn(1, 256, device="cuda", dtype=torch.bfloat16))
+    assert "gemv_kernel" not in kernel_names(torch.randn(2, 256, device="cuda", dtype=torch.bfloat16))
+    bias = torch.randn(512, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(1, 256, device="cuda", dtype=torch.bfloat16)
+    _assert_close(ops.linear(x, w, bias), torch.nn.functional.linear(x, w.weight, bias))  # cuBLAS with a bias
+
+
 # ---- CUDA graphs ------------------------------------------------------------------------------
 
 @gpu_test

@@ -68,38 +68,6 @@ __device__ __forceinline__ float row_element(const uint4 (&raw)[RowLayout<T, kHe
   }
 }
 
-// Sums each of the N values over the kLanes lanes of a row group, scattering the results: a lane
-// ends with max(1, N / kLanes) sums, v[0..), of the values numbered `first` on (the return value).
-// Each halving step sends half of what a lane still holds and keeps the other half, so N = kLanes
-// values take kLanes - 1 shuffles instead of N * log2(kLanes) for separate butterflies. With
-// N < kLanes the last steps are plain butterflies and several lanes hold the same sum; `writer`
-// says whether this lane is the one to store it.
-template <int N, int kLanes>
-__device__ __forceinline__ int reduce_scatter(float (&v)[N], int lane_in_row, bool& writer) {
-  int first = 0;
-  writer = true;
-  int held = N;
-#pragma unroll
-  for (int offset = kLanes / 2; offset > 0; offset >>= 1) {
-    const bool upper = (lane_in_row & offset) != 0;
-    if (held > 1) {
-      held /= 2;
-#pragma unroll
-      for (int j = 0; j < N / 2; ++j) {
-        if (j >= held) break;
-        const float send = upper ? v[j] : v[j + held];
-        const float keep = upper ? v[j + held] : v[j];
-        v[j] = keep + __shfl_xor_sync(0xffffffffu, send, offset);
-      }
-      if (upper) first += held;
-    } else {
-      v[0] += __shfl_xor_sync(0xffffffffu, v[0], offset);
-      writer = writer && !upper;
-    }
-  }
-  return first;
-}
-
 // The partition's slice of the block table, staged in shared memory once as row offsets, so that
 // finding a row inside the key loops costs no dependent global load, no 64-bit multiply and (for
 // power-of-two block sizes, the usual case) no integer division.

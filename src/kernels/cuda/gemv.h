@@ -1,0 +1,31 @@
+// out = x @ weight.T for one row x (batch-1 decode projections): bandwidth-bound, the weight streamed
+// once. cuBLAS reaches 80-88 % of the copy bandwidth on these shapes in CUDA graphs and adds a split-K
+// reduction kernel for the long-K ones; this kernel keeps many 16-byte weight loads in flight per
+// lane and sums each output row inside one warp.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "src/kernels/cuda/dtype.h"
+
+namespace th_transformer {
+namespace cuda {
+
+struct GemvParams {
+  void* out;           // [out_features], contiguous
+  const void* x;       // [in_features], contiguous, 16-byte aligned
+  const void* weight;  // [out_features, in_features], contiguous, 16-byte aligned
+  int64_t out_features;
+  int64_t in_features;  // a multiple of 16 bytes' worth of elements, at most kGemvMaxInFeatures
+  int num_sms;          // multiprocessors: rows per warp are chosen to keep them all busy
+  DType dtype;          // fp16 or bf16
+};
+
+constexpr int64_t kGemvMaxInFeatures = 16384;  // x is staged in shared memory (32 KB)
+
+cudaError_t gemv(const GemvParams& params, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace th_transformer
