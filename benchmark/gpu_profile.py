@@ -131,6 +131,26 @@ def profile_host(engine, batch: int, vocab: int, steps: int = 40) -> None:
     engine.run_until_idle()
 
 
+def profile_steps(engine, batch: int, vocab: int, steps: int = 10) -> None:
+    """GPU kernels of `steps` whole engine decode steps (overlapped as the engine runs them): the
+    graph's kernels and everything around it (sampling, copies)."""
+    from maga_transformer.config import GenerateConfig
+    cfg = GenerateConfig(max_new_tokens=steps + 20, top_k=1, ignore_eos=True)
+    for p in random_prompts(batch, 128, vocab, seed=4):
+        engine.add_request(p, cfg, stream=False)
+    step_until_decoding(engine)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    wall = (time.perf_counter() - start) / steps * 1000
+    print(f"=== {steps} engine steps at batch {batch}: {wall:.2f} ms a step (profiled) ===")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
+    engine.run_until_idle()
+
+
 def _replay_ms(engine, batch: int) -> float:
     from benchmark.gpu_bench import graph_replay_ms
     return graph_replay_ms(engine, batch)
@@ -144,6 +164,8 @@ def main() -> None:
                         help="also profile the host side of overlapped decode steps at these batch sizes")
     parser.add_argument("--prefill", type=int, nargs=2, metavar=("PROMPTS", "LENGTH"), action="append", default=[],
                         help="also profile one prefill step of PROMPTS fresh prompts of LENGTH tokens")
+    parser.add_argument("--steps", type=int, nargs="*", default=[], metavar="BATCH",
+                        help="also list the GPU kernels of whole engine steps at these batch sizes")
     parser.add_argument("--max-seqs", type=int, default=256, help="the engine's max_num_seqs (graph buckets)")
     parser.add_argument("--step-tokens", type=int, default=8192, help="the engine's max_num_batched_tokens")
     args = parser.parse_args()
@@ -160,6 +182,8 @@ def main() -> None:
         profile_prefill(engine, prompts, length, LLAMA3_8B["vocab_size"])
     for batch in args.host:
         profile_host(engine, batch, LLAMA3_8B["vocab_size"])
+    for batch in args.steps:
+        profile_steps(engine, batch, LLAMA3_8B["vocab_size"])
 
 
 if __name__ == "__main__":

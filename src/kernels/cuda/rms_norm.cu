@@ -26,12 +26,16 @@ __global__ void __launch_bounds__(kThreads) rms_norm_vec_kernel(const RmsNormPar
       p.residual ? reinterpret_cast<const uint4*>(static_cast<const T*>(p.residual) + row * p.residual_row_stride)
                  : nullptr;
   uint4* summed = p.residual ? reinterpret_cast<uint4*>(static_cast<T*>(p.residual_out) + row * p.hidden) : nullptr;
-  uint4 raw[kMaxVecs], res_raw[kMaxVecs];
+  // The weight is loaded with the row, not after the reduction: one dependent memory round trip
+  // less in a kernel that is all latency at batch 1.
+  const uint4* weight = static_cast<const uint4*>(p.weight);
+  uint4 raw[kMaxVecs], res_raw[kMaxVecs], w_raw[kMaxVecs];
 #pragma unroll
   for (int j = 0; j < kMaxVecs; ++j) {
     const int v = threadIdx.x + j * kThreads;
     if (v < nvec) {
       raw[j] = x[v];
+      w_raw[j] = weight[v];
       if (residual) res_raw[j] = residual[v];
     }
   }
@@ -58,14 +62,12 @@ __global__ void __launch_bounds__(kThreads) rms_norm_vec_kernel(const RmsNormPar
     if (residual) summed[v] = sum_raw;
   }
   const float rstd = rsqrtf(block_reduce<false>(sq, scratch) / p.hidden + p.eps);
-  const uint4* weight = static_cast<const uint4*>(p.weight);
   uint4* out = reinterpret_cast<uint4*>(static_cast<T*>(p.out) + row * p.hidden);
 #pragma unroll
   for (int j = 0; j < kMaxVecs; ++j) {
     const int v = threadIdx.x + j * kThreads;
     if (v >= nvec) continue;
-    const uint4 w_raw = weight[v];
-    const T* we = reinterpret_cast<const T*>(&w_raw);
+    const T* we = reinterpret_cast<const T*>(&w_raw[j]);
     uint4 o_raw;
     T* oe = reinterpret_cast<T*>(&o_raw);
 #pragma unroll
