@@ -300,23 +300,6 @@ def decode_splits(q: torch.Tensor, num_kv_heads: int, max_partitions: int) -> in
     return max(1, min(max_partitions, math.ceil(8 * _sm_count(q.device.index or 0) / max(ctas, 1))))
 
 
-_counters: dict = {}  # device -> zeroed int32 counters the decode kernel leaves at zero
-_retired_counters: list = []  # outgrown buffers: graphs captured with them still write there
-
-
-def _split_counters(device: torch.device, needed: int) -> torch.Tensor:
-    """Counters for the decode kernel's in-place merge of its splits (the last CTA of a sequence to
-    finish merges and zeroes its counter). One buffer per device, kept for the process: CUDA
-    graphs bake its address in. Sized generously on first use, so that capture never grows it."""
-    buffer = _counters.get(device)
-    if buffer is None or buffer.numel() < needed:
-        if buffer is not None:
-            _retired_counters.append(buffer)
-        buffer = torch.zeros(max(needed, 1 << 16), dtype=torch.int32, device=device)
-        _counters[device] = buffer
-    return buffer
-
-
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, max_partitions: int,
                            sliding_window: Optional[int] = None, out: Optional[torch.Tensor] = None,
@@ -354,13 +337,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError("paged_decode_attention: out must be contiguous, with q's shape, dtype and device")
     if seqs == 0:
         return out
-    partials = [None, None, None, None]
+    partials = [None, None, None]
     if splits > 1:  # flash-decoding workspace (the caching allocator makes this cheap)
         heads, head_dim = q.shape[1], q.shape[2]
         f32 = dict(dtype=torch.float32, device=q.device)
         partials = [torch.empty(seqs, heads, splits, head_dim, **f32),
-                    torch.empty(seqs, heads, splits, **f32), torch.empty(seqs, heads, splits, **f32),
-                    _split_counters(q.device, seqs * heads)]
+                    torch.empty(seqs, heads, splits, **f32), torch.empty(seqs, heads, splits, **f32)]
     status = kernels.paged_decode_attention(out, q, k_cache, v_cache, block_tables, seq_lens, *partials,
                                             splits, float(scale), int(sliding_window or 0))
     check_status(kernels, status, "paged_decode_attention")

@@ -58,8 +58,7 @@ int write_kv_cache(const Tensor& k, const Tensor& v, Tensor& k_cache, Tensor& v_
 int paged_decode_attention(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                            const Tensor& block_tables, const Tensor& seq_lens, const c10::optional<Tensor>& partial_out,
                            const c10::optional<Tensor>& partial_max, const c10::optional<Tensor>& partial_sum,
-                           const c10::optional<Tensor>& split_counters, int64_t num_splits, double scale,
-                           int64_t sliding_window) {
+                           int64_t num_splits, double scale, int64_t sliding_window) {
   const c10::cuda::CUDAGuard guard(q.device());
   kc::PagedDecodeParams p{};
   if (!to_dtype(q, &p.dtype)) return static_cast<int>(cudaErrorInvalidValue);
@@ -72,7 +71,6 @@ int paged_decode_attention(Tensor& out, const Tensor& q, const Tensor& k_cache, 
   p.partial_out = partial_out ? partial_out->data_ptr<float>() : nullptr;
   p.partial_max = partial_max ? partial_max->data_ptr<float>() : nullptr;
   p.partial_sum = partial_sum ? partial_sum->data_ptr<float>() : nullptr;
-  p.split_counters = split_counters ? split_counters->data_ptr<int32_t>() : nullptr;
   p.num_seqs = static_cast<int>(q.size(0));
   p.num_heads = static_cast<int>(q.size(1));
   p.head_dim = static_cast<int>(q.size(2));
@@ -178,8 +176,7 @@ void register_cuda_ops(pybind11::module_& m) {
         arg("k_cache"), arg("v_cache"), arg("slot_mapping"));
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over paged KV (flash-decoding)",
         arg("out"), arg("q"), arg("k_cache"), arg("v_cache"), arg("block_tables"), arg("seq_lens"),
-        arg("partial_out"), arg("partial_max"), arg("partial_sum"), arg("split_counters"), arg("num_splits"),
-        arg("scale"),
+        arg("partial_out"), arg("partial_max"), arg("partial_sum"), arg("num_splits"), arg("scale"),
         arg("sliding_window"));
   m.def("rms_norm", &rms_norm, "out = weight * rmsnorm(x [+ residual]); residual_out = x + residual", arg("out"),
         arg("residual_out"), arg("x"), arg("residual"), arg("weight"), arg("eps"));

@@ -210,58 +210,6 @@ __device__ __forceinline__ void accumulate_values(const PagedDecodeParams& p, co
   }
 }
 
-// Called by every thread after the CTA stored its partial results: true in the CTA that finished
-// last among the `count` splits of its (sequence, heads), whose partials are then all visible. That
-// CTA also puts the counter back to zero for the next launch (CUDA graph replays reuse it).
-__device__ __forceinline__ bool last_split_to_finish(int32_t* counter, int count) {
-  __shared__ bool last;
-  __threadfence();  // this CTA's partials reach device scope before the count says so
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    last = atomicAdd(counter, 1) == count - 1;
-    if (last) *counter = 0;
-  }
-  __syncthreads();
-  if (last) __threadfence();
-  return last;
-}
-
-// The merge paged_decode_reduce.cu does, for this CTA's kHeads heads, by the CTA that finished
-// last: out = sum_s w_s o_s / sum_s w_s with w_s = sum_s * exp(max_s - max). `weights` is shared
-// memory for kHeads * count floats (count <= kMaxMergedSplits). Partials written by other CTAs
-// are read through L2 (__ldcg), never a stale L1 line.
-template <typename T, int kHeadDim, int kHeads>
-__device__ __forceinline__ void merge_splits(const PagedDecodeParams& p, int seq, int head0, int count,
-                                             float* weights) {
-  __shared__ float inv_total[kHeads];
-  const int64_t row0 = static_cast<int64_t>(seq) * p.num_heads + head0;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int h = warp; h < kHeads; h += kWarps) {
-    const float* part_max = p.partial_max + (row0 + h) * p.num_splits;
-    const float* part_sum = p.partial_sum + (row0 + h) * p.num_splits;
-    float m = -INFINITY;
-    for (int i = lane; i < count; i += 32) m = fmaxf(m, __ldcg(part_max + i));
-    m = warp_max(m);
-    float total = 0.f;
-    for (int i = lane; i < count; i += 32) {
-      const float w = __ldcg(part_sum + i) * expf(__ldcg(part_max + i) - m);
-      weights[h * kMaxMergedSplits + i] = w;
-      total += w;
-    }
-    total = warp_sum(total);
-    if (lane == 0) inv_total[h] = 1.f / total;
-  }
-  __syncthreads();
-  T* out = static_cast<T*>(p.out) + row0 * kHeadDim;
-  for (int i = threadIdx.x; i < kHeads * kHeadDim; i += kThreads) {
-    const int h = i / kHeadDim, d = i % kHeadDim;
-    const float* part_out = p.partial_out + (row0 + h) * p.num_splits * kHeadDim + d;
-    float acc = 0.f;
-    for (int s = 0; s < count; ++s) acc += weights[h * kMaxMergedSplits + s] * __ldcg(part_out + s * kHeadDim);
-    out[i] = from_float<T>(acc * inv_total[h]);
-  }
-}
-
 template <int kHeadDim, int kHeads>
 constexpr int smem_floats() {
   return kHeads * kHeadDim + (kHeads * kDecodePartitionSize > kWarps * kHeads * kHeadDim
@@ -364,21 +312,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) paged_decode_kernel(cons
     p.partial_max[part_row + threadIdx.x * p.num_splits] = run_max[threadIdx.x];
     p.partial_sum[part_row + threadIdx.x * p.num_splits] = run_sum[threadIdx.x];
   }
-  if (!single && p.split_counters != nullptr && p.num_splits <= kMaxMergedSplits) {
-    const int count = min(r.num_parts, static_cast<int>(gridDim.z));
-    if (last_split_to_finish(p.split_counters + static_cast<int64_t>(seq) * gridDim.y + blockIdx.y, count))
-      merge_splits<T, kHeadDim, kHeads>(p, seq, head0, count, work);
-  }
-}
-
-bool merges_in_place(const PagedDecodeParams& p) {
-  return p.split_counters != nullptr && p.num_splits <= kMaxMergedSplits;
 }
 
 template <typename T, int kHeadDim, int kHeads>
 cudaError_t launch(const PagedDecodeParams& p, cudaStream_t stream) {
-  static_assert(smem_floats<kHeadDim, kHeads>() - kHeads * kHeadDim >= kHeads * kMaxMergedSplits,
-                "the work area holds the merge weights");
   const int chunks_per_kv = p.num_heads / p.num_kv_heads / kHeads;
   const dim3 grid(p.num_seqs, p.num_kv_heads * chunks_per_kv, p.num_splits);
   constexpr size_t smem = smem_floats<kHeadDim, kHeads>() * sizeof(float);
@@ -388,7 +325,7 @@ cudaError_t launch(const PagedDecodeParams& p, cudaStream_t stream) {
   else
     paged_decode_kernel<T, kHeadDim, kHeads, 1><<<grid, kThreads, smem, stream>>>(p);
   cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess || p.num_splits == 1 || merges_in_place(p)) return err;
+  if (err != cudaSuccess || p.num_splits == 1) return err;
   return launch_paged_decode_reduce(p, stream);
 }
 

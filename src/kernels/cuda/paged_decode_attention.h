@@ -26,7 +26,6 @@ namespace cuda {
 #define MAGA_DECODE_PARTITION_SIZE 64
 #endif
 constexpr int kDecodePartitionSize = MAGA_DECODE_PARTITION_SIZE;
-constexpr int kMaxMergedSplits = 256;  // splits the attention kernel merges in place (shared memory)
 
 struct PagedDecodeParams {
   void* out;                // [seqs, heads, head_dim], contiguous
@@ -39,10 +38,6 @@ struct PagedDecodeParams {
   float* partial_out;       // [seqs, heads, num_splits, head_dim]
   float* partial_max;       // [seqs, heads, num_splits]
   float* partial_sum;       // [seqs, heads, num_splits]
-  // Zeroed counters, one per (sequence, CTA column): with them the last split CTA of a sequence to
-  // finish merges the splits itself (no second kernel; up to kMaxMergedSplits splits) and puts
-  // its counter back to zero. Null: the separate merge kernel runs.
-  int32_t* split_counters;  // [seqs * num_heads] at least
   int num_seqs, num_heads, num_kv_heads, head_dim;
   int block_size, max_blocks_per_seq;
   int num_splits;           // CTAs per (sequence, query-head group); any count >= 1 is correct
