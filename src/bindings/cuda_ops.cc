@@ -16,6 +16,7 @@
 #include "src/kernels/cuda/paged_decode_attention.h"
 #include "src/kernels/cuda/rms_norm.h"
 #include "src/kernels/cuda/rotary.h"
+#include "src/kernels/cuda/row_stats.h"
 
 namespace th_transformer {
 namespace {
@@ -166,6 +167,18 @@ int gemv(Tensor& out, const Tensor& x, const Tensor& weight) {
   return static_cast<int>(kc::gemv(p, current_stream(weight)));
 }
 
+int row_argmax_logsumexp(Tensor& argmax, Tensor& logsumexp, const Tensor& logits) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  kc::RowStatsParams p{};
+  p.logits = logits.data_ptr<float>();
+  p.argmax = argmax.data_ptr<int64_t>();
+  p.logsumexp = logsumexp.data_ptr<float>();
+  p.rows = logits.size(0);
+  p.vocab = logits.size(1);
+  p.row_stride = logits.stride(0);
+  return static_cast<int>(kc::row_argmax_logsumexp(p, current_stream(logits)));
+}
+
 std::string cuda_error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
 
 }  // namespace
@@ -186,6 +199,8 @@ void register_cuda_ops(pybind11::module_& m) {
         arg("input"), arg("activation"));
   m.def("gemv", &gemv, "out = x @ weight.T for one row (fp16 / bf16)", arg("out"), arg("x"), arg("weight"));
   m.attr("gemv_max_in_features") = kc::kGemvMaxInFeatures;
+  m.def("row_argmax_logsumexp", &row_argmax_logsumexp, "per fp32 row: first argmax and logsumexp",
+        arg("argmax"), arg("logsumexp"), arg("logits"));
   m.def("paged_decode_supports_head_dim", &kc::paged_decode_supports_head_dim, arg("head_dim"));
   m.def("cuda_error_string", &cuda_error_string, arg("code"));
   m.attr("decode_partition_size") = kc::kDecodePartitionSize;

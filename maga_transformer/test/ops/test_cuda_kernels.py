@@ -373,6 +373,29 @@ def test_linear_takes_the_gemv_for_one_row_only(kernels):
     _assert_close(ops.linear(x, w, bias), torch.nn.functional.linear(x, w.weight, bias))  # cuBLAS with a bias
 
 
+# ---- sampling row statistics ------------------------------------------------------------------
+
+@gpu_test
+@pytest.mark.parametrize("rows,vocab", [(1, 128256), (7, 1001), (300, 4096)])
+def test_row_argmax_logsumexp_matches_torch(kernels, rows, vocab):
+    """First argmax and logsumexp per row: ties (the first index wins, as torch.argmax), masked -inf
+    entries, a fully masked row, vocabularies not a multiple of 4, rows of a wider (strided) tensor."""
+    from maga_transformer.ops.sampling import row_argmax_logsumexp, row_argmax_logsumexp_reference
+    gen = torch.Generator().manual_seed(rows + vocab)
+    wide = torch.randn(rows, vocab + 3, generator=gen) * 4
+    logits = wide[:, :vocab]
+    logits[0, vocab // 3] = logits[0, vocab // 2] = logits[0].max() + 1  # a tie for the max
+    if rows > 1:
+        logits[1, ::2] = float("-inf")
+        logits[-1] = float("-inf")
+    logits = logits.cuda()
+    argmax, lse = row_argmax_logsumexp(logits)
+    ref_argmax, ref_lse = row_argmax_logsumexp_reference(logits)
+    assert argmax.tolist() == ref_argmax.tolist()
+    assert int(argmax[0]) == vocab // 3
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-6, atol=1e-5)
+
+
 # ---- CUDA graphs ------------------------------------------------------------------------------
 
 @gpu_test
