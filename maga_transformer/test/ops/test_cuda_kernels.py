@@ -376,19 +376,17 @@ def test_linear_takes_the_gemv_for_one_row_only(kernels):
 # ---- sampling row statistics ------------------------------------------------------------------
 
 @gpu_test
-@pytest.mark.parametrize("rows,vocab", [(1, 128256), (7, 1001), (300, 4096)])
-def test_row_argmax_logsumexp_matches_torch(kernels, rows, vocab):
+@pytest.mark.parametrize("rows,vocab,pad", [(1, 128256, 0), (7, 1001, 3), (300, 4096, 0), (5, 4096, 4)])
+def test_row_argmax_logsumexp_matches_torch(kernels, rows, vocab, pad):
     """First argmax and logsumexp per row: ties (the first index wins, as torch.argmax), masked -inf
-    entries, a fully masked row, vocabularies not a multiple of 4, rows of a wider (strided) tensor."""
+    entries, a fully masked row, a vocabulary not a multiple of 4, rows of a wider tensor (pad)."""
     from maga_transformer.ops.sampling import row_argmax_logsumexp, row_argmax_logsumexp_reference
     gen = torch.Generator().manual_seed(rows + vocab)
-    wide = torch.randn(rows, vocab + 3, generator=gen) * 4
-    logits = wide[:, :vocab]
+    logits = (torch.randn(rows, vocab + pad, generator=gen) * 4).cuda()[:, :vocab]
     logits[0, vocab // 3] = logits[0, vocab // 2] = logits[0].max() + 1  # a tie for the max
     if rows > 1:
         logits[1, ::2] = float("-inf")
         logits[-1] = float("-inf")
-    logits = logits.cuda()
     argmax, lse = row_argmax_logsumexp(logits)
     ref_argmax, ref_lse = row_argmax_logsumexp_reference(logits)
     assert argmax.tolist() == ref_argmax.tolist()
