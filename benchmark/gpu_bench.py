@@ -230,6 +230,8 @@ def main() -> None:
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
     parser.add_argument("--out", default="")
+    parser.add_argument("--batch1-only", action="store_true",
+                        help="stop after batch 1's decode, roofline and step breakdown (A/B runs)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     report: Dict[str, object] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -260,6 +262,10 @@ def main() -> None:
     report["roofline_batch1"] = {"bytes_per_step": step_bytes, "floor_tok_s": floor,
                                  "achieved_gbs": ours1["decode_tok_s"] * step_bytes / 1e9,
                                  "share_of_floor": ours1["decode_tok_s"] / floor}
+    if args.batch1_only:
+        report["step_breakdown"] = {1: step_breakdown(engine, 1, 128, vocab)}
+        print(json.dumps(report, indent=1))
+        return
     report["ours_batch64"] = run_batch(engine, random_prompts(64, 512, vocab, 64), 128)
     report["ours_batch64_128x256"] = run_batch(engine, random_prompts(64, 128, vocab, 65), 256)
     if "hf_batch1_tok_s" in report:
