@@ -10,15 +10,10 @@ constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 // Rows each lane group loads before using the first: decode attention is bound by memory latency
 // at small batches (one CTA per SM), so several independent 16-byte loads must be in flight.
-// Big batches (the register-capped build below) read 4 rows deep; small ones, whose few CTAs are
-// bound by the latency of each dependent load round, 8 deep: a 64-token partition's keys (and then
-// its values) in one round instead of two.
 #ifndef MAGA_DECODE_UNROLL
 #define MAGA_DECODE_UNROLL 4
 #endif
-#ifndef MAGA_DECODE_SMALL_BATCH_UNROLL
-#define MAGA_DECODE_SMALL_BATCH_UNROLL 8
-#endif
+constexpr int kUnroll = MAGA_DECODE_UNROLL;
 // CTAs per SM the register allocation must allow (__launch_bounds__' second argument) for big
 // batches (at least kBandwidthBoundPairs (sequence, KV head) pairs), which are bound by memory
 // parallelism, i.e. by how many CTAs share an SM: unconstrained, the kernel's 96 registers left room
@@ -93,7 +88,7 @@ __device__ __forceinline__ int64_t row_offset(const PartitionBlocks& blocks, int
 
 // The kUnroll rows a lane reads from `base` on (rows base + u * kStride + row_in_warp of the
 // partition), raw; rows at or past n read as zeros. Both the key and the value pass use it.
-template <typename T, int kHeadDim, int kUnroll>
+template <typename T, int kHeadDim>
 __device__ __forceinline__ void load_rows(const T* cache, const PartitionBlocks& table, int t0, int n, int base,
                                           int row_in_warp, int lane_in_row,
                                           uint4 (&out)[kUnroll][RowLayout<T, kHeadDim>::kChunksPerLane]) {
@@ -106,7 +101,7 @@ __device__ __forceinline__ void load_rows(const T* cache, const PartitionBlocks&
 }
 
 // Scores of this CTA's kHeads query heads against keys [t0, t0 + n): logits[h][i], scaled.
-template <typename T, int kHeadDim, int kHeads, int kUnroll>
+template <typename T, int kHeadDim, int kHeads>
 __device__ __forceinline__ void compute_logits(const PagedDecodeParams& p, const float* q_s,
                                                const PartitionBlocks& table, int t0, int n, float* logits) {
   using L = RowLayout<T, kHeadDim>;
@@ -126,7 +121,7 @@ __device__ __forceinline__ void compute_logits(const PagedDecodeParams& p, const
   // The loop bound is uniform per warp so every lane reaches the shuffles below.
   for (int base = warp * L::kKeysPerWarp; base < n; base += L::kStride * kUnroll) {
     uint4 k[kUnroll][L::kChunksPerLane];
-    load_rows<T, kHeadDim, kUnroll>(k_cache, table, t0, n, base, row_in_warp, lane_in_row, k);
+    load_rows<T, kHeadDim>(k_cache, table, t0, n, base, row_in_warp, lane_in_row, k);
     float dots[kUnroll * kHeads];  // this lane's share of row u's dot with head h at [u * kHeads + h]
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u)
@@ -174,7 +169,7 @@ __device__ __forceinline__ void softmax_numerators(float* logits, int n, float* 
 
 // sum_i probs[h][i] * v_i for this warp's rows, reduced over the rows a warp reads at once, and
 // stored per warp into `warp_out` [kWarps][kHeads][kHeadDim] (which may alias `probs`).
-template <typename T, int kHeadDim, int kHeads, int kUnroll>
+template <typename T, int kHeadDim, int kHeads>
 __device__ __forceinline__ void accumulate_values(const PagedDecodeParams& p, const float* probs,
                                                   const PartitionBlocks& table, int t0, int n, float* warp_out) {
   using L = RowLayout<T, kHeadDim>;
@@ -184,7 +179,7 @@ __device__ __forceinline__ void accumulate_values(const PagedDecodeParams& p, co
   const T* v_cache = static_cast<const T*>(p.v_cache);
   for (int base = warp * L::kKeysPerWarp; base < n; base += L::kStride * kUnroll) {
     uint4 v[kUnroll][L::kChunksPerLane];
-    load_rows<T, kHeadDim, kUnroll>(v_cache, table, t0, n, base, row_in_warp, lane_in_row, v);
+    load_rows<T, kHeadDim>(v_cache, table, t0, n, base, row_in_warp, lane_in_row, v);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int i = base + u * L::kStride + row_in_warp;
@@ -227,7 +222,6 @@ constexpr int smem_floats() {
 // z takes partitions z, z + num_splits, ... and merges them in registers (online softmax).
 template <typename T, int kHeadDim, int kHeads, int kMinBlocks>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) paged_decode_kernel(const PagedDecodeParams p) {
-  constexpr int kUnroll = kMinBlocks == 1 ? MAGA_DECODE_SMALL_BATCH_UNROLL : MAGA_DECODE_UNROLL;
   extern __shared__ float smem[];
   __shared__ float head_max[kHeads], head_sum[kHeads];  // this partition's
   __shared__ float run_max[kHeads], run_sum[kHeads];    // the split's so far
@@ -267,11 +261,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) paged_decode_kernel(cons
       block_base[j] = static_cast<int64_t>(row_table[table.first + j]) * p.block_size * token_stride +
                       static_cast<int64_t>(kv_head) * kHeadDim;
     __syncthreads();
-    compute_logits<T, kHeadDim, kHeads, kUnroll>(p, q_s, table, t0, n, work);
+    compute_logits<T, kHeadDim, kHeads>(p, q_s, table, t0, n, work);
     __syncthreads();
     softmax_numerators<kHeads>(work, n, head_max, head_sum);
     __syncthreads();
-    accumulate_values<T, kHeadDim, kHeads, kUnroll>(p, work, table, t0, n, work);
+    accumulate_values<T, kHeadDim, kHeads>(p, work, table, t0, n, work);
     __syncthreads();
 #pragma unroll
     for (int k = 0; k < kPerThread; ++k) {
