@@ -22,7 +22,6 @@ import torch.nn.functional as F
 
 from maga_transformer.ops._compiled import cpu_kernels
 from maga_transformer.ops._cuda import aligned, check_status, kernels_for
-from maga_transformer.ops.activation import GATE_KINDS, gated_activation
 
 logger = logging.getLogger(__name__)
 
@@ -96,35 +95,21 @@ def gemv_f32(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = No
     return kernels.gemv_f32(x, w, bias)
 
 
-def _cuda_gemv(x: torch.Tensor, w: LinearWeight, activation: int = -1) -> Optional[torch.Tensor]:
+def _cuda_gemv(x: torch.Tensor, w: LinearWeight) -> Optional[torch.Tensor]:
     """One fp16 / bf16 row on the GPU through our GEMV kernel (src/kernels/cuda/gemv.cu), or None
-    where it does not apply. activation >= 0: x is a [gate | up] row and the kernel multiplies by
-    act(gate) * up (ops/activation.py GATE_KINDS). MAGA_DISABLE_CUDA_GEMV=1 keeps cuBLAS (A/B runs)."""
+    where it does not apply. MAGA_DISABLE_CUDA_GEMV=1 keeps cuBLAS (for A/B measurements)."""
     weight = w.weight
     if weight is None or not x.is_cuda or _CUDA_GEMV_OFF or x.dim() != 2 or x.shape[0] != 1:
         return None
     kernels = kernels_for(x, weight)
-    width = w.in_features * (2 if activation >= 0 else 1)
     if (kernels is None or weight.dtype not in (torch.float16, torch.bfloat16) or x.dtype != weight.dtype
             or x.device != weight.device or not x.is_contiguous() or not weight.is_contiguous()
-            or w.in_features % 8 or w.in_features > kernels.gemv_max_in_features or x.shape[1] != width
+            or w.in_features % 8 or w.in_features > kernels.gemv_max_in_features or x.shape[1] != w.in_features
             or not aligned(x) or not aligned(weight)):
         return None
     out = torch.empty(1, w.out_features, dtype=x.dtype, device=x.device)
-    check_status(kernels, kernels.gemv(out, x, weight, activation), "gemv")
+    check_status(kernels, kernels.gemv(out, x, weight), "gemv")
     return out
-
-
-def gated_linear(gate_up: torch.Tensor, w: LinearWeight, kind: str,
-                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """linear(act(gate) * up) for a fused [gate | up] projection (kind: silu, gelu, gelu_tanh). One
-    GPU row runs as one GEMV that computes the activation while it stages its input (no kernel of
-    its own: 1.7 us a layer at batch 1 on the H100); elsewhere the two ops."""
-    if bias is None and gate_up.is_cuda:
-        out = _cuda_gemv(gate_up, w, GATE_KINDS[kind])
-        if out is not None:
-            return out
-    return linear(gated_activation(gate_up, kind), w, bias)
 
 
 def linear(x: torch.Tensor, w: LinearWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

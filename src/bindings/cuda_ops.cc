@@ -154,8 +154,7 @@ int sm_count(int device) {
   return counts[device];
 }
 
-// activation < 0: out = x @ weight.T; else x is [gate | up] and the input is act(gate) * up
-int gemv(Tensor& out, const Tensor& x, const Tensor& weight, int64_t activation) {
+int gemv(Tensor& out, const Tensor& x, const Tensor& weight) {
   const c10::cuda::CUDAGuard guard(weight.device());
   kc::GemvParams p{};
   if (!to_dtype(weight, &p.dtype)) return static_cast<int>(cudaErrorInvalidValue);
@@ -165,8 +164,6 @@ int gemv(Tensor& out, const Tensor& x, const Tensor& weight, int64_t activation)
   p.out_features = weight.size(0);
   p.in_features = weight.size(1);
   p.num_sms = sm_count(weight.get_device());
-  p.gated = activation >= 0;
-  p.activation = static_cast<kc::GateActivation>(activation < 0 ? 0 : activation);
   return static_cast<int>(kc::gemv(p, current_stream(weight)));
 }
 
@@ -200,8 +197,7 @@ void register_cuda_ops(pybind11::module_& m) {
         arg("in1"), arg("positions"), arg("cos"), arg("sin"), arg("rotary_dim"));
   m.def("gated_activation", &gated_activation, "act(gate) * up; 0 silu, 1 gelu, 2 gelu tanh", arg("out"),
         arg("input"), arg("activation"));
-  m.def("gemv", &gemv, "out = x @ weight.T for one row (fp16 / bf16); activation >= 0: x = act(gate) * up",
-        arg("out"), arg("x"), arg("weight"), arg("activation") = -1);
+  m.def("gemv", &gemv, "out = x @ weight.T for one row (fp16 / bf16)", arg("out"), arg("x"), arg("weight"));
   m.attr("gemv_max_in_features") = kc::kGemvMaxInFeatures;
   m.def("row_argmax_logsumexp", &row_argmax_logsumexp, "per fp32 row: first argmax and logsumexp",
         arg("argmax"), arg("logsumexp"), arg("logits"));

@@ -1,5 +1,5 @@
 #include "src/kernels/cuda/activation.h"
-#include "src/kernels/cuda/gate_activation.cuh"
+#include "src/kernels/cuda/common.cuh"
 
 namespace th_transformer {
 namespace cuda {
@@ -7,6 +7,15 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// The formulas of torch's CUDA kernels, in fp32; the activation is rounded to T before the
+// multiply because the reference computes act(gate) and `* up` as two ops in T.
+template <GateActivation kAct>
+__device__ __forceinline__ float activate(float x) {
+  if (kAct == GateActivation::kSilu) return x / (1.f + expf(-x));
+  if (kAct == GateActivation::kGelu) return x * 0.5f * (1.f + erff(x * 0.70710678118654752f));
+  const float inner = 0.79788456080286536f * (x + 0.044715f * x * x * x);  // sqrt(2/pi)
+  return 0.5f * x * (1.f + tanhf(inner));
+}
 
 // Grid: (rows, column blocks); consecutive threads read consecutive columns of a row.
 template <typename T, GateActivation kAct>
@@ -15,7 +24,8 @@ __global__ void __launch_bounds__(kThreads) gated_activation_kernel(const GatedA
   const int64_t col = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
   if (col >= p.width) return;
   const T* in = static_cast<const T*>(p.input) + row * p.input_row_stride;
-  static_cast<T*>(p.out)[row * p.width + col] = gated<T, kAct>(in[col], in[p.width + col]);
+  const float gate = round_to<T>(activate<kAct>(to_float(in[col])));
+  static_cast<T*>(p.out)[row * p.width + col] = from_float<T>(gate * to_float(in[p.width + col]));
 }
 
 // The same, 16 bytes per thread (whole chunks of kVec columns): one-element accesses left a
@@ -35,7 +45,7 @@ __global__ void __launch_bounds__(kThreads) gated_activation_vec_kernel(const Ga
   T* out = reinterpret_cast<T*>(&out_raw);
 #pragma unroll
   for (int i = 0; i < kVec; ++i)
-    out[i] = gated<T, kAct>(gate[i], up[i]);
+    out[i] = from_float<T>(round_to<T>(activate<kAct>(to_float(gate[i]))) * to_float(up[i]));
   *reinterpret_cast<uint4*>(static_cast<T*>(p.out) + row * p.width + col) = out_raw;
 }
 

@@ -1,4 +1,4 @@
-#include "src/kernels/cuda/gate_activation.cuh"
+#include "src/kernels/cuda/common.cuh"
 #include "src/kernels/cuda/gemv.h"
 
 namespace th_transformer {
@@ -25,34 +25,14 @@ __device__ __forceinline__ float dot_chunk(const uint4& w, const uint4& x) {
 // Streaming load: the weight is read once per step, keep it out of L1.
 __device__ __forceinline__ uint4 load_stream(const uint4* p) { return __ldcs(p); }
 
-// x into shared memory; with kAct, x = act(gate) * up from the [gate | up] input (the gated MLP's
-// activation then needs no kernel of its own: every CTA computes the few thousand it needs).
-template <typename T, int kAct>
-__device__ __forceinline__ void stage_input(const GemvParams& p, int chunks, uint4* x_s) {
-  const uint4* x = static_cast<const uint4*>(p.x);
-  for (int i = threadIdx.x; i < chunks; i += kThreads) {
-    if constexpr (kAct < 0) {
-      x_s[i] = x[i];
-    } else {
-      const uint4 gate_raw = x[i], up_raw = x[chunks + i];
-      const T* gate = reinterpret_cast<const T*>(&gate_raw);
-      const T* up = reinterpret_cast<const T*>(&up_raw);
-      uint4 out_raw;
-      T* out = reinterpret_cast<T*>(&out_raw);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) out[e] = gated<T, static_cast<GateActivation>(kAct)>(gate[e], up[e]);
-      x_s[i] = out_raw;
-    }
-  }
-}
-
 // Grid: one CTA per kWarps * kRows output rows; warp w of CTA b computes rows
 // (b * kWarps + w) * kRows + [0, kRows). Lanes stride over the row's 16-byte chunks.
-template <typename T, int kRows, int kAct>
+template <typename T, int kRows>
 __global__ void __launch_bounds__(kThreads) gemv_kernel(const GemvParams p) {
   __shared__ uint4 x_s[kGemvMaxInFeatures * 2 / 16];
   const int chunks = static_cast<int>(p.in_features * sizeof(T) / 16);
-  stage_input<T, kAct>(p, chunks, x_s);
+  const uint4* x = static_cast<const uint4*>(p.x);
+  for (int i = threadIdx.x; i < chunks; i += kThreads) x_s[i] = x[i];
   __syncthreads();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * kWarps + warp) * kRows;
@@ -87,17 +67,8 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const GemvParams p) {
 template <typename T, int kRows>
 cudaError_t launch_rows(const GemvParams& p, cudaStream_t stream) {
   const int64_t rows_per_cta = static_cast<int64_t>(kWarps) * kRows;
-  const dim3 grid(static_cast<unsigned>((p.out_features + rows_per_cta - 1) / rows_per_cta));
-  if (!p.gated) {
-    gemv_kernel<T, kRows, -1><<<grid, kThreads, 0, stream>>>(p);
-  } else {
-    switch (p.activation) {
-      case GateActivation::kSilu: gemv_kernel<T, kRows, 0><<<grid, kThreads, 0, stream>>>(p); break;
-      case GateActivation::kGelu: gemv_kernel<T, kRows, 1><<<grid, kThreads, 0, stream>>>(p); break;
-      case GateActivation::kGeluTanh: gemv_kernel<T, kRows, 2><<<grid, kThreads, 0, stream>>>(p); break;
-      default: return cudaErrorInvalidValue;
-    }
-  }
+  const int64_t ctas = (p.out_features + rows_per_cta - 1) / rows_per_cta;
+  gemv_kernel<T, kRows><<<static_cast<unsigned>(ctas), kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

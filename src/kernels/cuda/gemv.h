@@ -8,7 +8,6 @@
 
 #include <cstdint>
 
-#include "src/kernels/cuda/activation.h"
 #include "src/kernels/cuda/dtype.h"
 
 namespace th_transformer {
@@ -16,14 +15,11 @@ namespace cuda {
 
 struct GemvParams {
   void* out;           // [out_features], contiguous
-  const void* x;       // [in_features], contiguous, 16-byte aligned; [2 * in_features] = [gate | up]
-                       // when `gated`: the input is then act(gate) * up, computed while staged
+  const void* x;       // [in_features], contiguous, 16-byte aligned
   const void* weight;  // [out_features, in_features], contiguous, 16-byte aligned
   int64_t out_features;
   int64_t in_features;  // a multiple of 16 bytes' worth of elements, at most kGemvMaxInFeatures
   int num_sms;          // multiprocessors: rows per warp are chosen to keep them all busy
-  bool gated;
-  GateActivation activation;
   DType dtype;          // fp16 or bf16
 };
 
