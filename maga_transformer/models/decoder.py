@@ -137,10 +137,7 @@ class DecoderModel(FamilyModel):
     def _mlp(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         """Family hook: the dense gated MLP (MoE families override)."""
         gate_up = ops.linear(x, layer.gate_up, layer.gate_up_bias)
-        if self.arch.hidden_act == "silu":
-            act = ops.silu_and_mul(gate_up)
-        else:
-            act = ops.gelu_and_mul(gate_up, approximate="tanh" if "tanh" in self.arch.hidden_act else "none")
+        act = ops.gated_activation(gate_up, ops.gate_kind(self.arch.hidden_act))
         return ops.linear(act, layer.down, layer.down_bias)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 pure-torch reference (`*_reference`) that is the CPU path and the test oracle, and on CUDA tensors
 dispatches to its CUDA kernel where one exists (ops/_cuda.py; MAGA_DISABLE_CUDA_KERNELS=1 forces
 the references)."""
-from maga_transformer.ops.activation import gelu_and_mul, silu_and_mul
+from maga_transformer.ops.activation import gate_kind, gated_activation, gelu_and_mul, silu_and_mul
 from maga_transformer.ops.attention import (AttentionMetadata, alibi_slopes, build_attention_metadata,
                                             paged_attention, paged_decode_attention)
 from maga_transformer.ops.kv_cache import copy_kv_blocks, write_kv_cache
@@ -13,6 +13,7 @@ from maga_transformer.ops.sampling import row_argmax_logsumexp
 
 __all__ = [
     "AttentionMetadata", "alibi_slopes", "apply_rotary", "apply_rotary_qk_", "build_attention_metadata", "copy_kv_blocks",
-    "fused_add_rms_norm", "gelu_and_mul", "gemv_f32", "layer_norm", "linear", "LinearWeight", "paged_attention",
-    "paged_decode_attention", "prepare_linear", "rms_norm", "row_argmax_logsumexp", "silu_and_mul", "write_kv_cache",
+    "fused_add_rms_norm", "gate_kind", "gated_activation", "gelu_and_mul", "gemv_f32", "layer_norm", "linear",
+    "LinearWeight", "paged_attention", "paged_decode_attention", "prepare_linear", "rms_norm", "row_argmax_logsumexp",
+    "silu_and_mul", "write_kv_cache",
 ]

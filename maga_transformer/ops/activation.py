@@ -42,3 +42,20 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 def gelu_and_mul(gate_up: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     out = _gated_kernel(gate_up, _GELU_KINDS[approximate]) if approximate in _GELU_KINDS else None
     return out if out is not None else gelu_and_mul_reference(gate_up, approximate)
+
+
+_TANH_GELUS = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")  # transformers' tanh-approximation names
+
+
+def gate_kind(hidden_act: str) -> str:
+    """transformers' hidden_act name -> "silu", "gelu" (exact, erf) or "gelu_tanh"."""
+    if hidden_act == "silu":
+        return "silu"
+    return "gelu_tanh" if hidden_act in _TANH_GELUS or "tanh" in hidden_act else "gelu"
+
+
+def gated_activation(gate_up: torch.Tensor, kind: str) -> torch.Tensor:
+    """act(gate) * up, kind "silu", "gelu" or "gelu_tanh"."""
+    if kind == "silu":
+        return silu_and_mul(gate_up)
+    return gelu_and_mul(gate_up, "tanh" if kind == "gelu_tanh" else "none")

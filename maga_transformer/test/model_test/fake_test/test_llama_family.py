@@ -80,3 +80,16 @@ def test_greedy_tokens_match_generate(case):
     for prompt, tokens in zip(PROMPTS, ours):
         assert tokens == hf_greedy(hf_model, prompt, NEW_TOKENS), name
     model.engine.pool.check_idle()
+
+
+@pytest.mark.parametrize("hidden_act", ["silu", "gelu", "gelu_pytorch_tanh", "gelu_new"])
+def test_gated_mlp_activation_is_transformers_one(hidden_act):
+    """Each hidden_act the LLaMA family accepts computes what transformers' ACT2FN does, on inputs
+    where the exact and tanh GELUs differ by up to 5e-4 (the tiny parity models never reach them:
+    gelu_new once ran as the exact GELU there unnoticed)."""
+    from transformers.activations import ACT2FN
+    from maga_transformer import ops
+    gate_up = torch.linspace(-4, 4, 2 * 512).reshape(1, -1)
+    gate, up = gate_up.chunk(2, dim=-1)
+    ours = ops.gated_activation(gate_up, ops.gate_kind(hidden_act))
+    torch.testing.assert_close(ours, ACT2FN[hidden_act](gate) * up, rtol=0, atol=1e-6)
