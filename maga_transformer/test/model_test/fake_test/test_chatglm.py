@@ -15,8 +15,8 @@ import pytest
 import torch
 from transformers import GlmConfig, GlmForCausalLM
 
-from maga_transformer.models.glm import GlmV1Model
 from maga_transformer.models.chatglm import ChatGLMModel, interleaved_to_halves
+from maga_transformer.models.glm import GlmV1Model
 from maga_transformer.models.registry import resolve_model_class
 from maga_transformer.test.fixtures import load_engine_model, save_original_checkpoint
 from maga_transformer.test.model_test.original_layouts import chatglm_config, chatglm_tensors
