@@ -225,6 +225,14 @@ def decode_step_bytes(model, context: int) -> int:
     return total + kv
 
 
+def emit_report(report: Dict[str, object], path: str) -> None:
+    """The report as JSON on stdout, and in `path` when one is given."""
+    print(json.dumps(report, indent=1))
+    if path:
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip-hf", action="store_true")
@@ -264,7 +272,7 @@ def main() -> None:
                                  "share_of_floor": ours1["decode_tok_s"] / floor}
     if args.batch1_only:
         report["step_breakdown"] = {1: step_breakdown(engine, 1, 128, vocab)}
-        print(json.dumps(report, indent=1))
+        emit_report(report, args.out)
         return
     report["ours_batch64"] = run_batch(engine, random_prompts(64, 512, vocab, 64), 128)
     report["ours_batch64_128x256"] = run_batch(engine, random_prompts(64, 128, vocab, 65), 256)
@@ -284,10 +292,7 @@ def main() -> None:
     prefill_flops = 2 * linear_params(model) * 1024  # the GEMMs; attention adds ~2 % at 1,024 tokens
     report["ttft_1024_ms"] = min(ttft) * 1000
     report["prefill_mfu"] = prefill_flops / min(ttft) / (report["bf16_gemm_tflops"] * 1e12)
-    print(json.dumps(report, indent=1))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+    emit_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -89,6 +89,15 @@ def profile_prefill(engine, prompts: int, length: int, vocab: int) -> None:
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=70))
 
 
+def start_decoding(engine, batch: int, vocab: int, new_tokens: int, seed: int) -> None:
+    """`batch` fresh 128-token prompts (final outputs only), stepped until every one decodes."""
+    from maga_transformer.config import GenerateConfig
+    cfg = GenerateConfig(max_new_tokens=new_tokens, top_k=1, ignore_eos=True)
+    for p in random_prompts(batch, 128, vocab, seed=seed):
+        engine.add_request(p, cfg, stream=False)
+    step_until_decoding(engine)
+
+
 def profile_host(engine, batch: int, vocab: int, steps: int = 40) -> None:
     """Where the host's time goes in overlapped decode steps at `batch` (cProfile), and how long the
     host waits for the GPU (reading a draw back): a host-bound loop hardly waits."""
@@ -96,12 +105,8 @@ def profile_host(engine, batch: int, vocab: int, steps: int = 40) -> None:
     import io
     import pstats
 
-    from maga_transformer.config import GenerateConfig
     from maga_transformer.engine import transfer
-    cfg = GenerateConfig(max_new_tokens=steps + 20, top_k=1, ignore_eos=True)
-    for p in random_prompts(batch, 128, vocab, seed=3):
-        engine.add_request(p, cfg, stream=False)
-    step_until_decoding(engine)
+    start_decoding(engine, batch, vocab, steps + 20, seed=3)
     waited = [0.0]
     original_get = transfer.HostCopy.get
 
@@ -134,11 +139,7 @@ def profile_host(engine, batch: int, vocab: int, steps: int = 40) -> None:
 def profile_steps(engine, batch: int, vocab: int, steps: int = 10) -> None:
     """GPU kernels of `steps` whole engine decode steps (overlapped as the engine runs them): the
     graph's kernels and everything around it (sampling, copies)."""
-    from maga_transformer.config import GenerateConfig
-    cfg = GenerateConfig(max_new_tokens=steps + 20, top_k=1, ignore_eos=True)
-    for p in random_prompts(batch, 128, vocab, seed=4):
-        engine.add_request(p, cfg, stream=False)
-    step_until_decoding(engine)
+    start_decoding(engine, batch, vocab, steps + 20, seed=4)
     torch.cuda.synchronize()
     start = time.perf_counter()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:

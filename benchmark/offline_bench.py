@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmark.gpu_bench import (LLAMA3_8B, build_engine, build_hf, build_ours, linear_params,  # noqa: E402
-                                 random_prompts)
+from benchmark.gpu_bench import (LLAMA3_8B, build_engine, build_hf, build_ours, emit_report,  # noqa: E402
+                                 linear_params, random_prompts)
 
 logger = logging.getLogger("benchmark.offline")
 
@@ -94,10 +94,7 @@ def main() -> None:
         del engine
         gc.collect()
         torch.cuda.empty_cache()
-    print(json.dumps(report, indent=1))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+    emit_report(report, args.out)
 
 
 if __name__ == "__main__":
