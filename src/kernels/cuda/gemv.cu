@@ -1,5 +1,6 @@
 #include "src/kernels/cuda/common.cuh"
 #include "src/kernels/cuda/gemv.h"
+#include "src/kernels/cuda/launch.cuh"
 
 namespace th_transformer {
 namespace cuda {
@@ -25,32 +26,45 @@ __device__ __forceinline__ float dot_chunk(const uint4& w, const uint4& x) {
 // Streaming load: the weight is read once per step, keep it out of L1.
 __device__ __forceinline__ uint4 load_stream(const uint4* p) { return __ldcs(p); }
 
+// Loads the 16-byte chunks base + u * 32 (u < kUnroll) of each of the warp's rows (zeros past the
+// row's end).
+template <int kRows>
+__device__ __forceinline__ void load_tile(const uint4* const (&rows)[kRows], int base, int chunks,
+                                          uint4 (&w)[kUnroll][kRows]) {
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int c = base + u * 32;
+      w[u][r] = c < chunks ? load_stream(rows[r] + c) : make_uint4(0, 0, 0, 0);
+    }
+}
+
 // Grid: one CTA per kWarps * kRows output rows; warp w of CTA b computes rows
-// (b * kWarps + w) * kRows + [0, kRows). Lanes stride over the row's 16-byte chunks.
+// (b * kWarps + w) * kRows + [0, kRows). Lanes stride over the row's 16-byte chunks. The first
+// tile of weights is requested before waiting for the previous kernel (launch.cuh): at batch 1
+// that overlaps the start of the stream with the small kernels before each projection.
 template <typename T, int kRows>
 __global__ void __launch_bounds__(kThreads) gemv_kernel(const GemvParams p) {
   __shared__ uint4 x_s[kGemvMaxInFeatures * 2 / 16];
+  allow_downstream_launch();
   const int chunks = static_cast<int>(p.in_features * sizeof(T) / 16);
-  const uint4* x = static_cast<const uint4*>(p.x);
-  for (int i = threadIdx.x; i < chunks; i += kThreads) x_s[i] = x[i];
-  __syncthreads();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * kWarps + warp) * kRows;
-  if (row0 >= p.out_features) return;
+  const int64_t last_row = p.out_features - 1;
   const uint4* rows[kRows];
 #pragma unroll
   for (int r = 0; r < kRows; ++r)  // rows past the end re-read the last one; their sums are dropped
-    rows[r] = static_cast<const uint4*>(p.weight) + min(row0 + r, p.out_features - 1) * chunks;
+    rows[r] = static_cast<const uint4*>(p.weight) + min(row0 + r, last_row) * chunks;
+  uint4 w[kUnroll][kRows];
+  load_tile<kRows>(rows, lane, chunks, w);
+  wait_for_upstream();
+  const uint4* x = static_cast<const uint4*>(p.x);
+  for (int i = threadIdx.x; i < chunks; i += kThreads) x_s[i] = x[i];
+  __syncthreads();
+  if (row0 >= p.out_features) return;
   float acc[kRows] = {};
-  for (int base = lane; base < chunks; base += 32 * kUnroll) {
-    uint4 w[kUnroll][kRows];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        const int c = base + u * 32;
-        w[u][r] = c < chunks ? load_stream(rows[r] + c) : make_uint4(0, 0, 0, 0);
-      }
+  for (int base = lane;;) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int c = base + u * 32;
@@ -58,6 +72,9 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const GemvParams p) {
 #pragma unroll
       for (int r = 0; r < kRows; ++r) acc[r] += dot_chunk<T>(w[u][r], xv);
     }
+    base += 32 * kUnroll;
+    if (base >= chunks) break;
+    load_tile<kRows>(rows, base, chunks, w);
   }
   bool writer;
   const int first = reduce_scatter<kRows, 32>(acc, lane, writer);
@@ -68,8 +85,7 @@ template <typename T, int kRows>
 cudaError_t launch_rows(const GemvParams& p, cudaStream_t stream) {
   const int64_t rows_per_cta = static_cast<int64_t>(kWarps) * kRows;
   const int64_t ctas = (p.out_features + rows_per_cta - 1) / rows_per_cta;
-  gemv_kernel<T, kRows><<<static_cast<unsigned>(ctas), kThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(gemv_kernel<T, kRows>, dim3(static_cast<unsigned>(ctas)), dim3(kThreads), 0, stream, p);
 }
 
 // Rows per warp: 4 (the most loads in flight) while that still gives two CTAs per SM, fewer for

@@ -2,6 +2,8 @@
 
 #include <cuda_runtime.h>
 
+#include "src/kernels/cuda/launch.cuh"
+
 namespace th_transformer {
 namespace cuda {
 namespace {
@@ -12,6 +14,8 @@ constexpr int kThreads = 128;
 // bytes) that every row, stride and base pointer allows, whatever the element type.
 template <typename Word>
 __global__ void __launch_bounds__(kThreads) write_kv_cache_kernel(const KVCacheWriteParams p) {
+  allow_downstream_launch();
+  wait_for_upstream();
   const int64_t token = blockIdx.x;
   const int64_t slot = p.slot_mapping[token];
   if (slot < 0) return;  // padded token (e.g. a CUDA-graph batch larger than the real one)
@@ -44,8 +48,8 @@ bool fits_word(const KVCacheWriteParams& p, int64_t word) {
 
 template <typename Word>
 cudaError_t launch(const KVCacheWriteParams& p, cudaStream_t stream) {
-  write_kv_cache_kernel<Word><<<static_cast<unsigned>(p.num_tokens), kThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(write_kv_cache_kernel<Word>, dim3(static_cast<unsigned>(p.num_tokens)), dim3(kThreads), 0,
+                       stream, p);
 }
 
 }  // namespace

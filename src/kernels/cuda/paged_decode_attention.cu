@@ -225,6 +225,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) paged_decode_kernel(cons
   extern __shared__ float smem[];
   __shared__ float head_max[kHeads], head_sum[kHeads];  // this partition's
   __shared__ float run_max[kHeads], run_sum[kHeads];    // the split's so far
+  allow_downstream_launch();
+  wait_for_upstream();
   constexpr int kPerThread = (kHeads * kHeadDim + kThreads - 1) / kThreads;
   float* q_s = smem;                     // [kHeads][kHeadDim], pre-scaled
   float* work = smem + kHeads * kHeadDim;  // logits, then per-warp outputs
@@ -320,11 +322,10 @@ cudaError_t launch(const PagedDecodeParams& p, cudaStream_t stream) {
   const dim3 grid(p.num_seqs, p.num_kv_heads * chunks_per_kv, p.num_splits);
   constexpr size_t smem = smem_floats<kHeadDim, kHeads>() * sizeof(float);
   static_assert(smem <= 48 * 1024, "keep under the default dynamic shared-memory limit");
-  if (static_cast<int64_t>(p.num_seqs) * p.num_kv_heads >= kBandwidthBoundPairs)
-    paged_decode_kernel<T, kHeadDim, kHeads, MAGA_DECODE_MIN_BLOCKS><<<grid, kThreads, smem, stream>>>(p);
-  else
-    paged_decode_kernel<T, kHeadDim, kHeads, 1><<<grid, kThreads, smem, stream>>>(p);
-  cudaError_t err = cudaGetLastError();
+  const auto kernel = static_cast<int64_t>(p.num_seqs) * p.num_kv_heads >= kBandwidthBoundPairs
+                          ? paged_decode_kernel<T, kHeadDim, kHeads, MAGA_DECODE_MIN_BLOCKS>
+                          : paged_decode_kernel<T, kHeadDim, kHeads, 1>;
+  cudaError_t err = launch_kernel(kernel, grid, dim3(kThreads), smem, stream, p);
   if (err != cudaSuccess || p.num_splits == 1) return err;
   return launch_paged_decode_reduce(p, stream);
 }

@@ -2,6 +2,7 @@
 #pragma once
 
 #include "src/kernels/cuda/common.cuh"
+#include "src/kernels/cuda/launch.cuh"
 #include "src/kernels/cuda/paged_decode_attention.h"
 
 namespace th_transformer {

@@ -13,6 +13,8 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) paged_decode_reduce_kernel(const PagedDecodeParams p) {
   extern __shared__ float weights[];  // [num_splits]
   __shared__ float scratch[32];
+  allow_downstream_launch();
+  wait_for_upstream();
   const int seq = blockIdx.x, head = blockIdx.y;
   const DecodeRange r = decode_range(p.seq_lens[seq], p.sliding_window);
   const int count = min(r.num_parts, p.num_splits);  // splits that got a partition
@@ -47,8 +49,7 @@ cudaError_t launch_paged_decode_reduce(const PagedDecodeParams& p, cudaStream_t 
   if (smem > 48 * 1024) return cudaErrorInvalidValue;  // 12k splits: far beyond any use
   const dim3 grid(p.num_seqs, p.num_heads);
   return dispatch_dtype(p.dtype, [&](auto tag) {
-    paged_decode_reduce_kernel<decltype(tag)><<<grid, kThreads, smem, stream>>>(p);
-    return cudaGetLastError();
+    return launch_kernel(paged_decode_reduce_kernel<decltype(tag)>, grid, dim3(kThreads), smem, stream, p);
   });
 }
 

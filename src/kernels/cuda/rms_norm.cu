@@ -1,4 +1,5 @@
 #include "src/kernels/cuda/common.cuh"
+#include "src/kernels/cuda/launch.cuh"
 #include "src/kernels/cuda/rms_norm.h"
 
 namespace th_transformer {
@@ -28,14 +29,21 @@ __global__ void __launch_bounds__(kThreads) rms_norm_vec_kernel(const RmsNormPar
   uint4* summed = p.residual ? reinterpret_cast<uint4*>(static_cast<T*>(p.residual_out) + row * p.hidden) : nullptr;
   // The weight is loaded with the row, not after the reduction: one dependent memory round trip
   // less in a kernel that is all latency at batch 1.
+  // It is read before waiting for the previous kernel (launch.cuh).
   const uint4* weight = static_cast<const uint4*>(p.weight);
   uint4 raw[kMaxVecs], res_raw[kMaxVecs], w_raw[kMaxVecs];
 #pragma unroll
   for (int j = 0; j < kMaxVecs; ++j) {
     const int v = threadIdx.x + j * kThreads;
+    if (v < nvec) w_raw[j] = weight[v];
+  }
+  allow_downstream_launch();
+  wait_for_upstream();
+#pragma unroll
+  for (int j = 0; j < kMaxVecs; ++j) {
+    const int v = threadIdx.x + j * kThreads;
     if (v < nvec) {
       raw[j] = x[v];
-      w_raw[j] = weight[v];
       if (residual) res_raw[j] = residual[v];
     }
   }
@@ -80,6 +88,8 @@ __global__ void __launch_bounds__(kThreads) rms_norm_vec_kernel(const RmsNormPar
 template <typename T>
 __global__ void __launch_bounds__(kThreads) rms_norm_kernel(const RmsNormParams p) {
   __shared__ float scratch[32];
+  allow_downstream_launch();
+  wait_for_upstream();
   const int64_t row = blockIdx.x;
   const T* x = static_cast<const T*>(p.x) + row * p.x_row_stride;
   const T* residual = p.residual ? static_cast<const T*>(p.residual) + row * p.residual_row_stride : nullptr;
@@ -121,14 +131,11 @@ cudaError_t launch(const RmsNormParams& p, cudaStream_t stream) {
   constexpr int kPer = 16 / sizeof(T);
   const unsigned rows = static_cast<unsigned>(p.rows);
   const int nvec = p.hidden / kPer;
-  if (vector_path_applies<T>(p) && nvec <= 4 * kThreads) {
-    rms_norm_vec_kernel<T, 4><<<rows, kThreads, 0, stream>>>(p);
-  } else if (vector_path_applies<T>(p) && nvec <= 8 * kThreads) {
-    rms_norm_vec_kernel<T, 8><<<rows, kThreads, 0, stream>>>(p);
-  } else {
-    rms_norm_kernel<T><<<rows, kThreads, 0, stream>>>(p);
-  }
-  return cudaGetLastError();
+  if (vector_path_applies<T>(p) && nvec <= 4 * kThreads)
+    return launch_kernel(rms_norm_vec_kernel<T, 4>, dim3(rows), dim3(kThreads), 0, stream, p);
+  if (vector_path_applies<T>(p) && nvec <= 8 * kThreads)
+    return launch_kernel(rms_norm_vec_kernel<T, 8>, dim3(rows), dim3(kThreads), 0, stream, p);
+  return launch_kernel(rms_norm_kernel<T>, dim3(rows), dim3(kThreads), 0, stream, p);
 }
 
 }  // namespace

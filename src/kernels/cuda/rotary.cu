@@ -1,4 +1,5 @@
 #include "src/kernels/cuda/common.cuh"
+#include "src/kernels/cuda/launch.cuh"
 #include "src/kernels/cuda/rotary.h"
 
 namespace th_transformer {
@@ -14,6 +15,8 @@ constexpr int kThreads = 256;
 // multiplies bit for bit.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, int heads_per_cta) {
+  allow_downstream_launch();
+  wait_for_upstream();
   const int64_t token = blockIdx.x;
   const int64_t row = p.positions ? p.positions[token] : token;
   const float* cos = p.cos + row * p.cos_sin_stride;
@@ -56,8 +59,7 @@ cudaError_t apply_rotary(const RotaryParams& p, cudaStream_t stream) {
   const int heads_per_cta = per_head >= kThreads ? 1 : kThreads / per_head;
   const dim3 grid(static_cast<unsigned>(p.num_tokens), (heads + heads_per_cta - 1) / heads_per_cta);
   return dispatch_dtype(p.dtype, [&](auto tag) {
-    rotary_kernel<decltype(tag)><<<grid, kThreads, 0, stream>>>(p, heads_per_cta);
-    return cudaGetLastError();
+    return launch_kernel(rotary_kernel<decltype(tag)>, grid, dim3(kThreads), 0, stream, p, heads_per_cta);
   });
 }
 
