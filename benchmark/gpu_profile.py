@@ -8,6 +8,7 @@ kernels the CUDA graph replays), and the achieved bandwidth of each linear layer
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import os
 import sys
@@ -24,16 +25,18 @@ logger = logging.getLogger("benchmark.gpu_profile")
 
 
 def linear_rates(model, batch: int) -> None:
-    """Each linear shape of a layer alone, as cuBLAS runs it and as ops.linear does, timed inside
-    CUDA graphs (as decode runs them: no launch overhead): GB/s of weight streamed."""
+    """Each linear shape alone, as cuBLAS runs it and as ops.linear does, timed inside CUDA graphs
+    (as decode runs them: no launch overhead): GB/s of weight streamed. Each call takes the next
+    layer's weight, as a decode step does, so a weight smaller than L2 is not served from it."""
     from maga_transformer import ops
-    layer = model.layers[0]
-    for name, w in (("qkv", layer.qkv), ("o", layer.o), ("gate_up", layer.gate_up), ("down", layer.down),
-                    ("lm_head", model.lm_head)):
-        x = torch.randn(batch, w.in_features, dtype=torch.bfloat16, device="cuda")
-        cublas = graph_time_us(lambda: torch.nn.functional.linear(x, w.weight))
-        ours = graph_time_us(lambda: ops.linear(x, w))
-        gbs = lambda us: w.weight.numel() * 2 / us / 1e3  # noqa: E731
+    for name in ("qkv", "o", "gate_up", "down", "lm_head"):
+        weights = [model.lm_head] if name == "lm_head" else [getattr(layer, name) for layer in model.layers]
+        x = torch.randn(batch, weights[0].in_features, dtype=torch.bfloat16, device="cuda")
+        cycle = itertools.cycle(weights)
+        calls = 2 * len(weights)  # each weight twice per graph, never twice in a row (unless only one)
+        cublas = graph_time_us(lambda: torch.nn.functional.linear(x, next(cycle).weight), calls=calls)
+        ours = graph_time_us(lambda: ops.linear(x, next(cycle)), calls=calls)
+        gbs = lambda us: weights[0].weight.numel() * 2 / us / 1e3  # noqa: E731
         logger.info("linear %-8s batch %3d: cuBLAS %7.1f us %6.0f GB/s | ops.linear %7.1f us %6.0f GB/s", name, batch,
                     cublas, gbs(cublas), ours, gbs(ours))
 

@@ -408,12 +408,14 @@ def test_kernels_replay_in_a_cuda_graph(kernels):
     k_new, v_new = (torch.randn(3, 4, 128, device="cuda", dtype=q.dtype) for _ in range(2))
     x, residual = torch.randn(3, 2048, device="cuda", dtype=q.dtype), torch.randn(3, 2048, device="cuda", dtype=q.dtype)
     weight = torch.randn(2048, device="cuda", dtype=q.dtype)
+    projection = ops.prepare_linear(torch.randn(512, 2048, device="cuda", dtype=q.dtype) / 50)
 
     def step():
         ops.write_kv_cache(k_new, v_new, k_cache, v_cache, slots)
         attn = ops.paged_decode_attention(q, k_cache, v_cache, decode.block_tables, decode.seq_lens, 0.09,
                                           max_partitions=decode.max_partitions)
-        return attn, ops.fused_add_rms_norm(x, residual, weight, 1e-6)[0]
+        normed = ops.fused_add_rms_norm(x, residual, weight, 1e-6)[0]
+        return attn, normed, ops.linear(normed[:1], projection)  # the GEMV reads the norm's output
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -422,13 +424,14 @@ def test_kernels_replay_in_a_cuda_graph(kernels):
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        attn_out, norm_out = step()
+        attn_out, norm_out, projected = step()
     for t in (q, k_new, v_new, x, residual):
         t.copy_(torch.randn_like(t))
     graph.replay()
     torch.cuda.synchronize()
-    eager_attn, eager_norm = step()
+    eager_attn, eager_norm, eager_projected = step()
     assert torch.equal(attn_out, eager_attn) and torch.equal(norm_out, eager_norm)
+    assert torch.equal(projected, eager_projected)
     _assert_close(attn_out, paged_attention_reference(q, k_cache, v_cache, meta, 0.09))
 
 
