@@ -119,11 +119,11 @@ class DecoderModel(FamilyModel):
         qk = qkv[:, :qk_heads * arch.head_dim].view(tokens, qk_heads, arch.head_dim)
         if layer.q_norm is not None:
             qk = self._qk_norm(layer, qk)
-        # queries and keys rotate in one call: they sit side by side in the fused projection
-        qk = ops.apply_rotary(qk, cos, sin, arch.rope.rotary_dim)
-        q, k = qk[:, :arch.num_heads], qk[:, arch.num_heads:]
         v = qkv[:, qk_heads * arch.head_dim:].view(tokens, arch.num_kv_heads, arch.head_dim)
-        ops.write_kv_cache(k, v, k_cache, v_cache, batch.slot_mapping)
+        # queries and keys rotate in one call (side by side in the fused projection), and keys and
+        # values go to the cache in the same call
+        q = ops.rotate_and_write_kv(qk, v, cos, sin, arch.rope.rotary_dim, arch.num_heads, k_cache, v_cache,
+                                    batch.slot_mapping)
         out = ops.paged_attention(q, k_cache, v_cache, batch.attn, self.scale)
         return ops.linear(out.reshape(tokens, -1), layer.o, layer.o_bias)
 

@@ -11,7 +11,7 @@ def write_kv_cache_reference(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Te
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
-def _kernel_applies(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def cache_write_kernel_applies(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     slot_mapping: torch.Tensor) -> bool:
     """The CUDA kernel copies without converting: same dtype, matching shapes, contiguous caches."""
     if not same_device(k, v, k_cache, v_cache, slot_mapping):
@@ -37,7 +37,7 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
     the reference requires every slot to be valid.
     """
     kernels = kernels_for(k_cache)
-    if kernels is not None and _kernel_applies(k, v, k_cache, v_cache, slot_mapping):
+    if kernels is not None and cache_write_kernel_applies(k, v, k_cache, v_cache, slot_mapping):
         check_status(kernels, kernels.write_kv_cache(k, v, k_cache, v_cache, slot_mapping), "write_kv_cache")
         return
     write_kv_cache_reference(k, v, k_cache, v_cache, slot_mapping)

@@ -1,8 +1,13 @@
 """Rotary position embedding applied to flat [tokens, heads, head_dim] tensors (NeoX style: rotate
 halves, on the first `rotary_dim` channels of each head; partial rotary when it is < head_dim)."""
+import os
+
 import torch
 
 from maga_transformer.ops._cuda import KERNEL_DTYPES, check_status, kernels_for, same_device
+from maga_transformer.ops.kv_cache import cache_write_kernel_applies, write_kv_cache
+
+_FUSED_CACHE_WRITE_OFF = os.environ.get("MAGA_DISABLE_FUSED_ROTARY_KV") == "1"
 
 
 def apply_rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
@@ -47,6 +52,28 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_d
     return apply_rotary_reference(x, cos, sin, rotary_dim)
 
 
+def rotate_and_write_kv(qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int,
+                        num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        slot_mapping: torch.Tensor) -> torch.Tensor:
+    """Rotary on qk [tokens, num_heads + kv_heads, head_dim] (queries, then keys; cos/sin as
+    apply_rotary takes them), then the rotated keys and v [tokens, kv_heads, head_dim] written to
+    the paged caches at slot_mapping, as write_kv_cache does. Returns the rotated queries
+    [tokens, num_heads, head_dim]. On CUDA one kernel does all of it (a decode step's critical path
+    is a chain of small kernels); MAGA_DISABLE_FUSED_ROTARY_KV=1 runs the two ops (A/B)."""
+    kernels = None if _FUSED_CACHE_WRITE_OFF else kernels_for(qk, cos, sin)
+    if (kernels is not None and same_device(qk, v, cos, sin) and _heads_ok(qk, rotary_dim) and qk.numel() > 0
+            and 0 < num_heads < qk.shape[1] and _table_ok(cos, sin, qk.shape[0], rotary_dim // 2)
+            and cache_write_kernel_applies(qk[:, num_heads:], v, k_cache, v_cache, slot_mapping)):
+        q = torch.empty(qk.shape[0], num_heads, qk.shape[2], dtype=qk.dtype, device=qk.device)
+        status = kernels.rotary_write_kv_cache(q, qk, v, k_cache, v_cache, slot_mapping, _rows(cos), _rows(sin),
+                                               rotary_dim)
+        check_status(kernels, status, "rotate_and_write_kv")
+        return q
+    qk = apply_rotary(qk, cos, sin, rotary_dim)
+    write_kv_cache(qk[:, num_heads:], v, k_cache, v_cache, slot_mapping)
+    return qk[:, :num_heads]
+
+
 def apply_rotary_qk_reference(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor,
                               sin_cache: torch.Tensor, rotary_dim: int) -> None:
     half = rotary_dim // 2
@@ -76,4 +103,5 @@ def apply_rotary_qk_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, 
     apply_rotary_qk_reference(q, k, positions, cos_cache, sin_cache, rotary_dim)
 
 
-__all__ = ["apply_rotary", "apply_rotary_qk_", "apply_rotary_reference", "apply_rotary_qk_reference"]
+__all__ = ["apply_rotary", "apply_rotary_qk_", "apply_rotary_reference", "apply_rotary_qk_reference",
+           "rotate_and_write_kv"]

@@ -114,6 +114,23 @@ void fill_target(kc::RotaryTarget* t, Tensor& out, const Tensor& in) {
   t->out_head_stride = out.stride(1);
 }
 
+void fill_cache_target(kc::RotaryTarget* t, Tensor& cache, const Tensor& in) {
+  t->cache = cache.data_ptr();
+  t->in = in.data_ptr();
+  t->num_heads = static_cast<int>(in.size(1));
+  t->in_token_stride = in.stride(0);
+  t->in_head_stride = in.stride(1);
+}
+
+void fill_tables(kc::RotaryParams* p, const Tensor& in, const Tensor& cos, const Tensor& sin, int64_t rotary_dim) {
+  p->cos = cos.data_ptr<float>();
+  p->sin = sin.data_ptr<float>();
+  p->cos_sin_stride = cos.stride(0);
+  p->num_tokens = in.size(0);
+  p->head_dim = static_cast<int>(in.size(2));
+  p->rotary_dim = static_cast<int>(rotary_dim);
+}
+
 // Rotates `in0` into `out0` (and `in1` into `out1` when given) in one launch; outputs may be the
 // inputs themselves. positions: rows of cos/sin per token, or none for row t = token t.
 int apply_rotary(Tensor& out0, const Tensor& in0, c10::optional<Tensor> out1, const c10::optional<Tensor>& in1,
@@ -124,13 +141,25 @@ int apply_rotary(Tensor& out0, const Tensor& in0, c10::optional<Tensor> out1, co
   fill_target(&p.targets[0], out0, in0);
   if (in1 && out1) fill_target(&p.targets[1], *out1, *in1);
   p.positions = positions ? positions->data_ptr<int64_t>() : nullptr;
-  p.cos = cos.data_ptr<float>();
-  p.sin = sin.data_ptr<float>();
-  p.cos_sin_stride = cos.stride(0);
-  p.num_tokens = in0.size(0);
-  p.head_dim = static_cast<int>(in0.size(2));
-  p.rotary_dim = static_cast<int>(rotary_dim);
+  fill_tables(&p, in0, cos, sin, rotary_dim);
   return static_cast<int>(kc::apply_rotary(p, current_stream(in0)));
+}
+
+// Rotates the first q_out.size(1) heads of qk into q_out and the rest (keys) into k_cache, and
+// copies v into v_cache, at slot_mapping's slots: a decode step's rotary and KV-cache write in one
+// launch. cos/sin rows are per token.
+int rotary_write_kv_cache(Tensor& q_out, const Tensor& qk, const Tensor& v, Tensor& k_cache, Tensor& v_cache,
+                          const Tensor& slot_mapping, const Tensor& cos, const Tensor& sin, int64_t rotary_dim) {
+  const c10::cuda::CUDAGuard guard(qk.device());
+  kc::RotaryParams p{};
+  if (!to_dtype(qk, &p.dtype)) return static_cast<int>(cudaErrorInvalidValue);
+  const int64_t q_heads = q_out.size(1);
+  fill_target(&p.targets[0], q_out, qk.narrow(1, 0, q_heads));
+  fill_cache_target(&p.targets[1], k_cache, qk.narrow(1, q_heads, qk.size(1) - q_heads));
+  fill_cache_target(&p.targets[2], v_cache, v);
+  p.slot_mapping = slot_mapping.data_ptr<int64_t>();
+  fill_tables(&p, qk, cos, sin, rotary_dim);
+  return static_cast<int>(kc::apply_rotary(p, current_stream(qk)));
 }
 
 int gated_activation(Tensor& out, const Tensor& input, int64_t activation) {
@@ -195,6 +224,10 @@ void register_cuda_ops(pybind11::module_& m) {
         arg("residual_out"), arg("x"), arg("residual"), arg("weight"), arg("eps"));
   m.def("apply_rotary", &apply_rotary, "NeoX rotary on one or two tensors", arg("out0"), arg("in0"), arg("out1"),
         arg("in1"), arg("positions"), arg("cos"), arg("sin"), arg("rotary_dim"));
+  m.def("rotary_write_kv_cache", &rotary_write_kv_cache,
+        "rotary on qk's query heads into q_out, its key heads into k_cache; v into v_cache (by slot)", arg("q_out"),
+        arg("qk"), arg("v"), arg("k_cache"), arg("v_cache"), arg("slot_mapping"), arg("cos"), arg("sin"),
+        arg("rotary_dim"));
   m.def("gated_activation", &gated_activation, "act(gate) * up; 0 silu, 1 gelu, 2 gelu tanh", arg("out"),
         arg("input"), arg("activation"));
   m.def("gemv", &gemv, "out = x @ weight.T for one row (fp16 / bf16)", arg("out"), arg("x"), arg("weight"));

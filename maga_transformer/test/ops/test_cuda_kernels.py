@@ -303,6 +303,38 @@ def test_apply_rotary(kernels, dtype, tokens, q_heads, kv_heads, head_dim, rotar
     assert torch.equal(qkv[:, heads * head_dim:], v_before)  # the rest of the row is untouched
 
 
+@gpu_test
+@pytest.mark.parametrize("dtype", HALF_DTYPES + [torch.float32])
+@pytest.mark.parametrize("tokens,q_heads,kv_heads,head_dim,rotary_dim", ROTARY_CASES)
+def test_rotate_and_write_kv(kernels, dtype, tokens, q_heads, kv_heads, head_dim, rotary_dim):
+    """Rotary and the KV-cache write in one kernel: the queries as apply_rotary's reference gives
+    them, the caches as write_kv_cache's reference leaves them (rotated keys, values as they are) at
+    scattered slots; a padding slot (-1) writes nothing and the projection is not modified."""
+    from maga_transformer.ops.rotary import rotate_and_write_kv
+    gen = torch.Generator().manual_seed(tokens * 5 + head_dim + rotary_dim)
+    heads, block_size = q_heads + kv_heads, 16
+    qkv = torch.randn(tokens, (heads + kv_heads) * head_dim, generator=gen).to("cuda", dtype)
+    qk = qkv[:, :heads * head_dim].view(tokens, heads, head_dim)
+    v = qkv[:, heads * head_dim:].view(tokens, kv_heads, head_dim)
+    cos_table, sin_table = _cos_sin_table(4096, rotary_dim)
+    positions = torch.randint(0, 4096, (tokens,), generator=gen).cuda()
+    cos, sin = cos_table[positions].unsqueeze(1), sin_table[positions].unsqueeze(1)
+    blocks = 2 * (tokens // block_size + 2)
+    slots = torch.randperm(blocks * block_size, generator=gen)[:tokens].cuda()
+    slots[tokens // 2] = -1
+    shape = (blocks, block_size, kv_heads, head_dim)
+    k_cache, v_cache = (torch.randn(shape, generator=gen).to("cuda", dtype) for _ in range(2))
+    k_ref, v_ref, qkv_before = k_cache.clone(), v_cache.clone(), qkv.clone()
+
+    q = rotate_and_write_kv(qk, v, cos, sin, rotary_dim, q_heads, k_cache, v_cache, slots)
+    rotated = apply_rotary_reference(qk, cos, sin, rotary_dim)
+    kept = slots >= 0
+    write_kv_cache_reference(rotated[kept, q_heads:], v[kept], k_ref, v_ref, slots[kept])
+    _assert_close(q, rotated[:, :q_heads])
+    _assert_close(k_cache, k_ref)
+    assert torch.equal(v_cache, v_ref) and torch.equal(qkv, qkv_before)
+
+
 # ---- gated activations ------------------------------------------------------------------------
 
 # widths of whole 16-byte chunks take the vectorized kernel, 999 the one-element one
