@@ -7,12 +7,15 @@
 // are visible. The same holds inside CUDA graphs (stream capture keeps the edges programmatic).
 //
 // Rules for a kernel launched through `launch_kernel`:
-// - before `wait_for_upstream()` it reads only model weights (constant while the kernel can run),
-//   never anything written on the device by an earlier kernel or copy: a kernel that starts early
-//   may overlap kernels further upstream than its direct predecessor;
+// - before `wait_for_upstream()` it reads only data that no kernel launched this way writes: model
+//   weights, and a step's metadata (sequence lengths, block tables), which copies and torch ops
+//   write before the step's first kernel. A kernel that starts early may overlap kernels further
+//   upstream than its direct predecessor, but never an ordinarily launched kernel or a copy: those
+//   complete before anything after them starts;
 // - it writes nothing before `wait_for_upstream()`;
-// - every CTA calls `wait_for_upstream()` before it reads or writes activations, so the kernel's
-//   completion implies its predecessor's (the ordering downstream kernels rely on).
+// - every CTA calls `wait_for_upstream()` before it reads or writes activations, and at least one
+//   CTA of every launch calls it, so the kernel's completion implies its predecessor's (the
+//   ordering downstream kernels rely on).
 // `allow_downstream_launch()` lets the next kernel's CTAs be scheduled; without it that happens as
 // this kernel's CTAs exit. MAGA_DISABLE_PDL=1 launches plainly (A/B measurements); devices below
 // 9.0 always do.

@@ -210,6 +210,28 @@ __device__ __forceinline__ void accumulate_values(const PagedDecodeParams& p, co
   }
 }
 
+// Keys [t0, t0 + n) of partition `rel` (relative to the range's first partition).
+struct PartitionSpan {
+  int t0, n;
+};
+
+__device__ __forceinline__ PartitionSpan partition_span(const DecodeRange& r, int rel) {
+  const int part = r.first_part + rel;
+  const int t0 = max(part * kDecodePartitionSize, r.start);
+  return {t0, min((part + 1) * kDecodePartitionSize, r.len) - t0};
+}
+
+// Stages partition `rel`'s slice of the block table as row offsets (PartitionBlocks::base). The
+// caller synchronizes before the rows are used.
+__device__ __forceinline__ void stage_partition_rows(const DecodeRange& r, int rel, const int32_t* row_table,
+                                                     int block_size, int64_t token_stride, int64_t head_offset,
+                                                     int64_t* block_base) {
+  const PartitionSpan span = partition_span(r, rel);
+  const int first_block = span.t0 / block_size;
+  for (int j = threadIdx.x; j <= (span.t0 + span.n - 1) / block_size - first_block; j += kThreads)
+    block_base[j] = static_cast<int64_t>(row_table[first_block + j]) * block_size * token_stride + head_offset;
+}
+
 template <int kHeadDim, int kHeads>
 constexpr int smem_floats() {
   return kHeads * kHeadDim + (kHeads * kDecodePartitionSize > kWarps * kHeads * kHeadDim
@@ -225,8 +247,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) paged_decode_kernel(cons
   extern __shared__ float smem[];
   __shared__ float head_max[kHeads], head_sum[kHeads];  // this partition's
   __shared__ float run_max[kHeads], run_sum[kHeads];    // the split's so far
+  // A partition spans at most kDecodePartitionSize + 1 blocks (block_size 1, or a misaligned start).
+  __shared__ int64_t block_base[kDecodePartitionSize + 1];
   allow_downstream_launch();
-  wait_for_upstream();
   constexpr int kPerThread = (kHeads * kHeadDim + kThreads - 1) / kThreads;
   float* q_s = smem;                     // [kHeads][kHeadDim], pre-scaled
   float* work = smem + kHeads * kHeadDim;  // logits, then per-warp outputs
@@ -235,33 +258,33 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) paged_decode_kernel(cons
   const int chunks_per_kv = group / kHeads;
   const int kv_head = blockIdx.y / chunks_per_kv;
   const int head0 = kv_head * group + (blockIdx.y % chunks_per_kv) * kHeads;
+  // Lengths and block tables are step metadata, which no kernel of ours writes: they are read, and
+  // the first partition's rows located, before waiting for the previous kernel (launch.cuh).
   const DecodeRange r = decode_range(p.seq_lens[seq], p.sliding_window);
+  if (r.num_parts > 0 && static_cast<int>(blockIdx.z) >= r.num_parts) return;  // nothing to read or write
+  const int32_t* row_table = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks_per_seq;
+  const int64_t token_stride = static_cast<int64_t>(p.num_kv_heads) * kHeadDim;
+  const int block_shift = (p.block_size & (p.block_size - 1)) == 0 ? __ffs(p.block_size) - 1 : -1;
+  const int64_t head_offset = static_cast<int64_t>(kv_head) * kHeadDim;
+  if (r.num_parts > 0) stage_partition_rows(r, blockIdx.z, row_table, p.block_size, token_stride, head_offset, block_base);
+  wait_for_upstream();
   T* out = static_cast<T*>(p.out) + (static_cast<int64_t>(seq) * p.num_heads + head0) * kHeadDim;
   if (r.num_parts <= 0) {  // no keys: defined output rather than garbage
     if (blockIdx.z == 0)
       for (int i = threadIdx.x; i < kHeads * kHeadDim; i += kThreads) out[i] = from_float<T>(0.f);
     return;
   }
-  if (static_cast<int>(blockIdx.z) >= r.num_parts) return;
 
   const T* q = static_cast<const T*>(p.q) + seq * p.q_seq_stride;
   for (int i = threadIdx.x; i < kHeads * kHeadDim; i += kThreads)
     q_s[i] = to_float(q[(head0 + i / kHeadDim) * p.q_head_stride + i % kHeadDim]) * p.scale;
-  // A partition spans at most kDecodePartitionSize + 1 blocks (block_size 1, or a misaligned start).
-  __shared__ int64_t block_base[kDecodePartitionSize + 1];
-  const int32_t* row_table = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks_per_seq;
-  const int64_t token_stride = static_cast<int64_t>(p.num_kv_heads) * kHeadDim;
-  const int block_shift = (p.block_size & (p.block_size - 1)) == 0 ? __ffs(p.block_size) - 1 : -1;
   float o_run[kPerThread];  // this thread's elements i = threadIdx.x + k * kThreads of [kHeads][kHeadDim]
   for (int rel = blockIdx.z; rel < r.num_parts; rel += gridDim.z) {
     const bool first = rel == static_cast<int>(blockIdx.z);
-    const int part = r.first_part + rel;
-    const int t0 = max(part * kDecodePartitionSize, r.start);
-    const int n = min((part + 1) * kDecodePartitionSize, r.len) - t0;
+    const PartitionSpan span = partition_span(r, rel);
+    const int t0 = span.t0, n = span.n;
     const PartitionBlocks table{block_base, t0 / p.block_size, p.block_size, block_shift, token_stride};
-    for (int j = threadIdx.x; j <= (t0 + n - 1) / p.block_size - table.first; j += kThreads)
-      block_base[j] = static_cast<int64_t>(row_table[table.first + j]) * p.block_size * token_stride +
-                      static_cast<int64_t>(kv_head) * kHeadDim;
+    if (!first) stage_partition_rows(r, rel, row_table, p.block_size, token_stride, head_offset, block_base);
     __syncthreads();
     compute_logits<T, kHeadDim, kHeads>(p, q_s, table, t0, n, work);
     __syncthreads();

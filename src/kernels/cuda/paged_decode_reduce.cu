@@ -14,10 +14,10 @@ __global__ void __launch_bounds__(kThreads) paged_decode_reduce_kernel(const Pag
   extern __shared__ float weights[];  // [num_splits]
   __shared__ float scratch[32];
   allow_downstream_launch();
-  wait_for_upstream();
   const int seq = blockIdx.x, head = blockIdx.y;
-  const DecodeRange r = decode_range(p.seq_lens[seq], p.sliding_window);
+  const DecodeRange r = decode_range(p.seq_lens[seq], p.sliding_window);  // step metadata: before the wait
   const int count = min(r.num_parts, p.num_splits);  // splits that got a partition
+  wait_for_upstream();  // every CTA: the merge's completion must imply the attention kernel's
   if (count <= 1) return;  // written directly by the attention kernel
   const int64_t row = static_cast<int64_t>(seq) * p.num_heads + head;
   const float* part_max = p.partial_max + row * p.num_splits;
