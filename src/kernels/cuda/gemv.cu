@@ -2,6 +2,10 @@
 #include "src/kernels/cuda/gemv.h"
 #include "src/kernels/cuda/launch.cuh"
 
+#include <cstdlib>
+#include <mutex>
+#include <unordered_map>
+
 namespace th_transformer {
 namespace cuda {
 namespace {
@@ -40,15 +44,41 @@ __device__ __forceinline__ void load_tile(const uint4* const (&rows)[kRows], int
     }
 }
 
+// 16-byte chunks of one row that a warp's lanes cover in one pass of the loop.
+constexpr int kTileChunks = 32 * kUnroll;
+// Dynamic shared memory stays within the default limit (no opt-in attribute needed).
+constexpr int64_t kMaxSharedBytes = 48 * 1024;
+
+// 16-byte asynchronous copy global -> shared, through L2 only (the weight is read once).
+__device__ __forceinline__ void copy_async_16(uint4* shared, const uint4* global) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(shared));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(global) : "memory");
+}
+
+__device__ __forceinline__ void copy_async_commit_and_wait() {
+  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;" ::: "memory");
+}
+
+// Where tile t (1 <= t <= pre_tiles) of the warp's row r sits in the prefetch buffer.
+template <int kRows>
+__device__ __forceinline__ uint4* prefetched_tile(uint4* w_s, int warp, int r, int t, int pre_tiles) {
+  return w_s + (static_cast<int64_t>((warp * kRows + r) * pre_tiles) + (t - 1)) * kTileChunks;
+}
+
 // Grid: one CTA per kWarps * kRows output rows; warp w of CTA b computes rows
-// (b * kWarps + w) * kRows + [0, kRows). Lanes stride over the row's 16-byte chunks. The first
-// tile of weights is requested before waiting for the previous kernel (launch.cuh): at batch 1
-// that overlaps the start of the stream with the small kernels before each projection.
+// (b * kWarps + w) * kRows + [0, kRows). Lanes stride over the row's 16-byte chunks.
+// Before waiting for the previous kernel (launch.cuh) the CTA loads the first tile of each row
+// into registers and the next `pre_tiles` tiles into shared memory (cp.async): at batch 1 the
+// projection after attention then streams most of its weight while the attention kernels run.
+// Each lane later reads back only the chunks it copied itself, so waiting for its own copies is
+// enough. Shared memory: x (in_features elements), then the prefetched tiles.
 template <typename T, int kRows>
-__global__ void __launch_bounds__(kThreads) gemv_kernel(const GemvParams p) {
-  __shared__ uint4 x_s[kGemvMaxInFeatures * 2 / 16];
+__global__ void __launch_bounds__(kThreads) gemv_kernel(const GemvParams p, int pre_tiles) {
+  extern __shared__ uint4 gemv_smem[];
   allow_downstream_launch();
   const int chunks = static_cast<int>(p.in_features * sizeof(T) / 16);
+  uint4* x_s = gemv_smem;
+  uint4* w_s = gemv_smem + chunks;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * kWarps + warp) * kRows;
   const int64_t last_row = p.out_features - 1;
@@ -58,13 +88,22 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const GemvParams p) {
     rows[r] = static_cast<const uint4*>(p.weight) + min(row0 + r, last_row) * chunks;
   uint4 w[kUnroll][kRows];
   load_tile<kRows>(rows, lane, chunks, w);
+  for (int t = 1; t <= pre_tiles; ++t)
+#pragma unroll
+    for (int r = 0; r < kRows; ++r)
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int c = t * kTileChunks + lane + u * 32;
+        if (c < chunks) copy_async_16(prefetched_tile<kRows>(w_s, warp, r, t, pre_tiles) + lane + u * 32, rows[r] + c);
+      }
   wait_for_upstream();
   const uint4* x = static_cast<const uint4*>(p.x);
   for (int i = threadIdx.x; i < chunks; i += kThreads) x_s[i] = x[i];
+  if (pre_tiles > 0) copy_async_commit_and_wait();
   __syncthreads();
   if (row0 >= p.out_features) return;
   float acc[kRows] = {};
-  for (int base = lane;;) {
+  for (int t = 0, base = lane;;) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int c = base + u * 32;
@@ -72,20 +111,73 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const GemvParams p) {
 #pragma unroll
       for (int r = 0; r < kRows; ++r) acc[r] += dot_chunk<T>(w[u][r], xv);
     }
-    base += 32 * kUnroll;
+    ++t;
+    base += kTileChunks;
     if (base >= chunks) break;
-    load_tile<kRows>(rows, base, chunks, w);
+    if (t > pre_tiles) {
+      load_tile<kRows>(rows, base, chunks, w);
+      continue;
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const uint4* tile = prefetched_tile<kRows>(w_s, warp, r, t, pre_tiles);
+        w[u][r] = base + u * 32 < chunks ? tile[lane + u * 32] : make_uint4(0, 0, 0, 0);
+      }
   }
   bool writer;
   const int first = reduce_scatter<kRows, 32>(acc, lane, writer);
   if (writer && row0 + first < p.out_features) static_cast<T*>(p.out)[row0 + first] = from_float<T>(acc[0]);
 }
 
+// CTAs of gemv_kernel<T, kRows> an SM holds with `smem` bytes of dynamic shared memory (asked
+// once per size: the launch path stays free of driver queries).
+template <typename T, int kRows>
+int resident_ctas_per_sm(int64_t smem) {
+  static std::mutex mutex;
+  static std::unordered_map<int64_t, int> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto found = cache.find(smem);
+  if (found != cache.end()) return found->second;
+  int resident = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, gemv_kernel<T, kRows>, kThreads, smem) != cudaSuccess)
+    resident = 0;
+  cache.emplace(smem, resident);
+  return resident;
+}
+
+// Tiles of each row to prefetch into shared memory (beyond the first, in registers): as many as
+// fit kMaxSharedBytes, at most 2, and only while every CTA is still resident at once. A CTA of a
+// later wave would load the tiles right away anyway, and shared memory would cost it occupancy.
+// With PDL off nothing runs before the wait, so nothing is prefetched. MAGA_GEMV_SMEM_PREFETCH=0
+// turns it off (A/B measurements).
+template <typename T, int kRows>
+int prefetch_tiles(const GemvParams& p, int64_t ctas, int64_t x_bytes) {
+  static const bool disabled = [] {
+    const char* env = std::getenv("MAGA_GEMV_SMEM_PREFETCH");
+    return env != nullptr && env[0] == '0';
+  }();
+  if (disabled || !pdl_enabled() || p.num_sms <= 0) return 0;
+  const int64_t tile_bytes = static_cast<int64_t>(kWarps) * kRows * kTileChunks * 16;
+  const int64_t row_tiles = (p.in_features * static_cast<int64_t>(sizeof(T)) / 16 + kTileChunks - 1) / kTileChunks;
+  for (int tiles = static_cast<int>(min(int64_t{2}, row_tiles - 1)); tiles > 0; --tiles) {
+    const int64_t smem = x_bytes + tiles * tile_bytes;
+    if (smem > kMaxSharedBytes) continue;
+    if (ctas <= static_cast<int64_t>(resident_ctas_per_sm<T, kRows>(smem)) * p.num_sms) return tiles;
+  }
+  return 0;
+}
+
 template <typename T, int kRows>
 cudaError_t launch_rows(const GemvParams& p, cudaStream_t stream) {
   const int64_t rows_per_cta = static_cast<int64_t>(kWarps) * kRows;
   const int64_t ctas = (p.out_features + rows_per_cta - 1) / rows_per_cta;
-  return launch_kernel(gemv_kernel<T, kRows>, dim3(static_cast<unsigned>(ctas)), dim3(kThreads), 0, stream, p);
+  const int64_t x_bytes = p.in_features * static_cast<int64_t>(sizeof(T));
+  const int tiles = prefetch_tiles<T, kRows>(p, ctas, x_bytes);
+  const size_t smem = static_cast<size_t>(x_bytes + tiles * rows_per_cta * kTileChunks * 16);
+  return launch_kernel(gemv_kernel<T, kRows>, dim3(static_cast<unsigned>(ctas)), dim3(kThreads), smem, stream, p,
+                       tiles);
 }
 
 // Rows per warp: 4 (the most loads in flight) while that still gives two CTAs per SM, fewer for

@@ -23,7 +23,7 @@ struct GemvParams {
   DType dtype;          // fp16 or bf16
 };
 
-constexpr int64_t kGemvMaxInFeatures = 16384;  // x is staged in shared memory (32 KB)
+constexpr int64_t kGemvMaxInFeatures = 16384;  // x is staged in shared memory (32 KB at most)
 
 cudaError_t gemv(const GemvParams& params, cudaStream_t stream);
 
