@@ -12,7 +12,7 @@ def write_kv_cache_reference(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Te
 
 
 def cache_write_kernel_applies(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    slot_mapping: torch.Tensor) -> bool:
+                               slot_mapping: torch.Tensor) -> bool:
     """The CUDA kernel copies without converting: same dtype, matching shapes, contiguous caches."""
     if not same_device(k, v, k_cache, v_cache, slot_mapping):
         return False
