@@ -104,22 +104,23 @@ int rms_norm(Tensor& out, const c10::optional<Tensor>& residual_out, const Tenso
   return static_cast<int>(kc::rms_norm(p, current_stream(x)));
 }
 
-void fill_target(kc::RotaryTarget* t, Tensor& out, const Tensor& in) {
-  t->out = out.data_ptr();
+void fill_target_input(kc::RotaryTarget* t, const Tensor& in) {
   t->in = in.data_ptr();
   t->num_heads = static_cast<int>(in.size(1));
   t->in_token_stride = in.stride(0);
   t->in_head_stride = in.stride(1);
+}
+
+void fill_target(kc::RotaryTarget* t, Tensor& out, const Tensor& in) {
+  fill_target_input(t, in);
+  t->out = out.data_ptr();
   t->out_token_stride = out.stride(0);
   t->out_head_stride = out.stride(1);
 }
 
 void fill_cache_target(kc::RotaryTarget* t, Tensor& cache, const Tensor& in) {
+  fill_target_input(t, in);
   t->cache = cache.data_ptr();
-  t->in = in.data_ptr();
-  t->num_heads = static_cast<int>(in.size(1));
-  t->in_token_stride = in.stride(0);
-  t->in_head_stride = in.stride(1);
 }
 
 void fill_tables(kc::RotaryParams* p, const Tensor& in, const Tensor& cos, const Tensor& sin, int64_t rotary_dim) {
