@@ -1,6 +1,7 @@
 """Where a decode step's GPU time goes (Llama-3-8B shape, bf16, random weights).
 
     python3 benchmark/gpu_profile.py [--batch 1 64] [--context 256] [--prefill 16 512] [--host 256]
+                                     [--steps 1] [--overhead 1 64]
 
 Prints, per batch size: torch.profiler's CUDA kernel table for one eager decode forward (the same
 kernels the CUDA graph replays), and the achieved bandwidth of each linear layer shape alone.
@@ -155,6 +156,49 @@ def profile_steps(engine, batch: int, vocab: int, steps: int = 10) -> None:
     engine.run_until_idle()
 
 
+def profile_overhead(engine, batch: int, vocab: int, iters: int = 200) -> None:
+    """What a decode step adds on the GPU around its graph, cumulatively (ms a step, the host far
+    ahead): the graph alone; + the input copies of DecodeGraphs.run; + the greedy draw and its
+    read-back (as the overlapped engine runs them); and whole engine steps."""
+    from maga_transformer.engine.cuda_graph import DecodeRow
+    from maga_transformer.engine.sampler import SamplingRow, sample
+    from maga_transformer.engine.transfer import HostCopy
+    graphs = engine.runner.graphs
+    rows = [DecodeRow(0, 200, 12 * 16 + i % 16, list(range(13))) for i in range(batch)]  # free blocks
+    sampling = [SamplingRow(temperature=0.0)] * batch
+    tokens = torch.zeros(batch, dtype=torch.long, device="cuda")
+
+    def per_step_ms(step) -> float:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) / iters * 1000
+
+    size = graphs.bucket(batch)
+    graphs.run(rows, tokens)  # the graph's buffers now hold these rows: the replays attend over their keys
+    replay = per_step_ms(graphs.graphs[size].replay)
+    inputs = per_step_ms(lambda: graphs.run(rows, tokens))
+    previous = []
+
+    def draw_step() -> None:
+        logits = graphs.run(rows, tokens)
+        drawn = sample(logits, sampling)
+        copy = HostCopy([drawn.token_ids, drawn.logprobs, None, None])
+        if previous:
+            previous.pop().get()
+        previous.append(copy)
+    drawn = per_step_ms(draw_step)
+    start_decoding(engine, batch, vocab, iters + 40, seed=5)
+    steps = per_step_ms(engine.step)
+    engine.run_until_idle()
+    print(f"=== batch {batch}, ms a step: graph replay {replay:.3f}; + input copies {inputs:.3f}; + greedy draw "
+          f"and read-back {drawn:.3f}; engine decode steps {steps:.3f} ===")
+
+
 def _replay_ms(engine, batch: int) -> float:
     from benchmark.gpu_bench import graph_replay_ms
     return graph_replay_ms(engine, batch)
@@ -170,6 +214,8 @@ def main() -> None:
                         help="also profile one prefill step of PROMPTS fresh prompts of LENGTH tokens")
     parser.add_argument("--steps", type=int, nargs="*", default=[], metavar="BATCH",
                         help="also list the GPU kernels of whole engine steps at these batch sizes")
+    parser.add_argument("--overhead", type=int, nargs="*", default=[], metavar="BATCH",
+                        help="also time what a decode step adds around its graph at these batch sizes")
     parser.add_argument("--max-seqs", type=int, default=256, help="the engine's max_num_seqs (graph buckets)")
     parser.add_argument("--step-tokens", type=int, default=8192, help="the engine's max_num_batched_tokens")
     args = parser.parse_args()
@@ -188,6 +234,8 @@ def main() -> None:
         profile_host(engine, batch, LLAMA3_8B["vocab_size"])
     for batch in args.steps:
         profile_steps(engine, batch, LLAMA3_8B["vocab_size"])
+    for batch in args.overhead:
+        profile_overhead(engine, batch, LLAMA3_8B["vocab_size"])
 
 
 if __name__ == "__main__":
