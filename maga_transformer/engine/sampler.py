@@ -51,8 +51,15 @@ class SamplingRow:
 class SampleResult:
     token_ids: torch.Tensor           # [B] int64
     logprobs: torch.Tensor            # [B] float32, log_softmax(raw logits)[token]
-    processed_logprobs: torch.Tensor  # [B] float32, log_softmax(processed logits)[token]
+    processed: torch.Tensor           # [B, V] the logits the tokens were drawn from (may be the raw ones)
     top_logprobs: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # ([B, K] log-probs, [B, K] ids)
+
+    @property
+    def processed_logprobs(self) -> torch.Tensor:
+        """[B] float32, log_softmax(processed logits)[token]. Computed on request (no caller in the
+        decode loop wants it, and it is a pass over [B, V]); read it before the logits change (a CUDA
+        graph's output buffer is rewritten by the next step)."""
+        return _gather_logprob(self.processed, _log_normalizer(self.processed), self.token_ids)
 
 
 # ---- logits processing ------------------------------------------------------------------------
@@ -245,17 +252,16 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow],
     raw = logits.float()
     if all(_plain_greedy(row) for row in rows):  # the decode fast path: one pass over each row
         tokens, raw_normalizer = ops.row_argmax_logsumexp(raw)
-        processed, processed_normalizer = raw, raw_normalizer
+        processed = raw
     else:
         processed = process_logits(logits, rows)
         tokens = _draw(processed, rows, default_generator)
-        raw_normalizer, processed_normalizer = _log_normalizer(raw), _log_normalizer(processed)
+        raw_normalizer = _log_normalizer(raw)
     top_k = max(row.top_logprobs for row in rows)
     # one top-k for the whole batch (the widest request's k); each row keeps its own k later
     top = None
     if top_k > 0:
         values, indices = torch.topk(raw, min(top_k, logits.shape[-1]), dim=-1)
         top = (values - raw_normalizer.unsqueeze(1), indices)
-    return SampleResult(token_ids=tokens, logprobs=_gather_logprob(raw, raw_normalizer, tokens),
-                        processed_logprobs=_gather_logprob(processed, processed_normalizer, tokens),
+    return SampleResult(token_ids=tokens, logprobs=_gather_logprob(raw, raw_normalizer, tokens), processed=processed,
                         top_logprobs=top)
