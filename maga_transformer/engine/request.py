@@ -42,6 +42,8 @@ class Sequence:
     # per generated token, (token id, log-prob) of the most likely tokens, when top_logprobs asked for
     output_top_logprobs: List[List[Tuple[int, float]]] = field(default_factory=list)
     finish_reason: Optional[FinishReason] = None
+    num_sent: int = 0  # output tokens already sent to the front end
+    finish_sent: bool = False  # the front end has been told finish_reason
 
     @property
     def output_ids(self) -> List[int]:
@@ -98,7 +100,10 @@ class Request:
     prompt_loss: Optional[Any] = None  # accumulated prompt log-probs when calculate_loss
     extras: Dict[str, Any] = field(default_factory=dict)  # logits / hidden states asked for
     error: Optional[str] = None
-    stream: bool = True  # emit an output every step; False: only the final one (offline batches)
+    # send new tokens every step; False: only when the request finishes (offline batches), which
+    # spares the core and the front end the per-step work
+    emits_every_step: bool = True
+    started_sent: bool = False  # the front end has been told reuse_len (at the first output)
     # models.arch.PromptLayout of families whose positions / attention depend on the prompt (GLM v1)
     prompt_layout: Optional[Any] = None
     # the first prefill chunk (also after a preemption) must compute at least this many tokens

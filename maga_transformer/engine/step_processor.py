@@ -1,16 +1,18 @@
-"""After the model ran: advance sequences, sample or beam-search, stop, and build outputs."""
+"""After the model ran: advance sequences, sample or beam-search, stop on tokens, and emit what
+changed as token deltas (the front end turns them into text and applies stop strings)."""
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 
 from maga_transformer.engine import beam_search
 from maga_transformer.engine.model_runner import StepResult
-from maga_transformer.engine.output import (Detokenizer, RequestOutput, SequenceOutput, build_aux_info,
-                                            ends_with_token_stop, find_stop_string, hold_back_partial_stop)
+from maga_transformer.engine.messages import CoreStepOutput, RequestFinal
+from maga_transformer.engine.output import ends_with_token_stop
 from maga_transformer.engine.request import FinishReason, Request, RequestStatus, Sequence
 from maga_transformer.engine.sampler import SamplingRow, sample
 from maga_transformer.engine.scheduler import Scheduler, SchedulerOutput
@@ -34,11 +36,11 @@ Ready = List[Tuple[Request, List[int]]]  # requests whose sequences reached thei
 
 
 class StepProcessor:
-    def __init__(self, scheduler: Scheduler, detokenizer: Detokenizer) -> None:
+    def __init__(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
-        self.detok = detokenizer
 
-    def process(self, plan: SchedulerOutput, result: StepResult) -> List[RequestOutput]:
+    def process(self, plan: SchedulerOutput, result: StepResult) -> Ready:
+        """Draw (or beam-search) the next token of every request that reached its end this step."""
         ready = self.advance(plan, result)
         sampling = [(r, rows) for r, rows in ready if not r.is_beam_search]
         if sampling:
@@ -46,7 +48,7 @@ class StepProcessor:
         for request, rows in ready:
             if request.is_beam_search:
                 self._beam_step(request, result.logits[rows])
-        return [out for out in (self._output(request) for request, _ in ready) if out is not None]
+        return ready
 
     def advance(self, plan: SchedulerOutput, result: StepResult, register: bool = True) -> Ready:
         """Account for the tokens the step computed. With register=False the blocks they filled are
@@ -75,12 +77,6 @@ class StepProcessor:
         for request, _ in ready:
             for seq in request.live_seqs:
                 self.scheduler.kv.register_computed_blocks(seq)
-
-    def outputs_of_live(self, ready: Ready) -> List[RequestOutput]:
-        """Outputs of the requests of an overlapped step that are still running (an abort or the
-        step before may have finished some: their outputs went out then)."""
-        live = (self._output(request) for request, _ in ready if request.status != RequestStatus.FINISHED)
-        return [out for out in live if out is not None]
 
     # ---- sampling ---------------------------------------------------------------------------
     def _fork_samples(self, request: Request, rows: List[int]) -> List[int]:
@@ -130,10 +126,11 @@ class StepProcessor:
             if request.config.top_logprobs:
                 k = request.config.top_logprobs
                 seq.output_top_logprobs.append(list(zip(top[1][i][:k], top[0][i][:k])))
+            # kept on the device (a copy: graph outputs are overwritten); the final record reads them once
             if draw.logits is not None and request.config.return_logits:
-                request.extras.setdefault("logits", {})[seq.sample_index] = draw.logits[i].tolist()
+                request.extras.setdefault("logits", {})[seq.sample_index] = draw.logits[i].clone()
             if draw.hidden is not None and request.config.return_hidden_states:
-                request.extras.setdefault("hidden", {})[seq.sample_index] = draw.hidden[i].tolist()
+                request.extras.setdefault("hidden", {})[seq.sample_index] = draw.hidden[i].clone()
             self._check_token_stop(request, seq)
 
     def _sampling_row(self, request: Request, seq: Sequence, pending: int = 0) -> SamplingRow:
@@ -171,13 +168,11 @@ class StepProcessor:
         new_beams = []
         for cand in running:
             child = self.scheduler.kv.fork(beams[cand.parent])
-            self.detok.adopt(child, beams[cand.parent])
             child.token_ids.append(cand.token)
             child.cum_logprob = cand.score
             new_beams.append(child)
         for old in beams:
             self.scheduler.free_sequence(old)
-            self.detok.forget(old)
         request.seqs = new_beams
         if beam_search.search_finished(request, candidates, running, new_beams[0].num_output_tokens):
             for seq in new_beams:
@@ -189,73 +184,74 @@ class StepProcessor:
         start, logprobs = chunk  # placed by position: a recompute after preemption overwrites, never appends
         if request.prompt_loss is None:
             request.prompt_loss = [0.0] * max(request.prompt_len - 1, 0)
-        for offset, value in enumerate(logprobs.tolist()):
-            request.prompt_loss[start + offset] = value
+        request.prompt_loss[start:start + logprobs.numel()] = logprobs.tolist()
 
-    def _seq_text(self, request: Request, seq: Sequence) -> str:
-        stops = request.config.stop_words_str
-        text = self.detok.update(seq)
-        if not stops:
-            return text
-        found = find_stop_string(text, stops)
-        if found is not None:
-            if not seq.is_finished:
-                seq.finish_reason = FinishReason.STOP
-                self.scheduler.free_sequence(seq)
-            return text[:found[1]] if request.config.print_stop_words else text[:found[0]]
-        return text if seq.is_finished else hold_back_partial_stop(text, stops)
+    def emit(self, requests: List[Request], out: CoreStepOutput) -> None:
+        """Add to `out` what the step changed for each request: new tokens of requests that stream
+        (or of any request that just finished), and the final record of a finished one."""
+        for request in requests:
+            if request.status == RequestStatus.FINISHED:
+                continue  # finished earlier in this step (an abort); its output went out then
+            finished = all(seq.is_finished for seq in request.seqs)
+            if finished:
+                self.scheduler.finish_request(request)
+            if finished or request.emits_every_step:
+                self._deltas(request, out)
+            if finished:
+                out.finals.append(self._final(request))
 
-    def _output(self, request: Request) -> Optional[RequestOutput]:
-        """The request's output after this step; None for a request that does not stream (only its
-        final output is wanted) while it runs. Its text is then decoded only to look for stop
-        strings, or once at the end."""
-        finished = all(seq.is_finished for seq in request.seqs)
-        if not request.stream and not finished and not request.config.stop_words_str:
-            return None
-        texts = [self._seq_text(request, seq) for seq in request.seqs]  # may finish a sequence (stop string)
-        if all(seq.is_finished for seq in request.seqs):
-            self.scheduler.finish_request(request)
-            return self._build(request, texts)
-        return self._build(request, texts) if request.stream else None
-
-    def finish(self, request: Request) -> RequestOutput:
-        """Finish a request now (abort, timeout, error): release everything, final output."""
+    def finish(self, request: Request, out: CoreStepOutput) -> None:
+        """Finish a request now (abort, timeout, error): release everything, final record."""
         self.scheduler.finish_request(request)
-        return self._build(request, [self.detok.update(seq) for seq in request.seqs])
+        self._deltas(request, out)
+        out.finals.append(self._final(request))
 
-    def _build(self, request: Request, texts: List[str]) -> RequestOutput:
-        cfg = request.config
-        seq_outputs = [SequenceOutput(text=text, token_ids=seq.output_ids, finish_reason=seq.finish_reason,
-                                      cum_logprob=seq.cum_logprob, logprobs=list(seq.output_logprobs),
-                                      top_logprobs=list(seq.output_top_logprobs) if cfg.top_logprobs else None,
-                                      logits=request.extras.get("logits", {}).get(seq.sample_index),
-                                      hidden_states=request.extras.get("hidden", {}).get(seq.sample_index))
-                       for seq, text in zip(request.seqs, texts)]
-        finished = request.is_finished
-        beam_responses = None
-        if request.is_beam_search and finished and request.beam_finished:
-            seq_outputs = self._beam_outputs(request)
-            beam_responses = [o.text for o in seq_outputs]
-            seq_outputs = seq_outputs[:cfg.num_return_sequences]
-        if finished:
-            for seq in request.seqs:
-                self.detok.forget(seq)
-        return RequestOutput(
-            request_id=request.request_id, outputs=seq_outputs, finished=finished,
-            aux_info=build_aux_info(request, time.monotonic()),
-            prompt_token_ids=list(request.prompt_token_ids) if cfg.return_input_ids else None,
-            loss=self._loss(request) if finished else None, beam_responses=beam_responses, error=request.error)
+    @staticmethod
+    def _deltas(request: Request, out: CoreStepOutput) -> None:
+        rid, beams, top = request.request_id, request.is_beam_search, request.config.top_logprobs
+        if request.num_steps and not request.started_sent and request.first_token_time is not None:
+            request.started_sent = True
+            out.started.append((rid, request.reuse_len))
+        for index, seq in enumerate(request.seqs):
+            sent = seq.num_sent
+            new = seq.token_ids[seq.prompt_len + sent:]
+            reason = seq.finish_reason
+            if not new and (reason is None or seq.finish_sent):
+                continue
+            seq.finish_sent = reason is not None
+            if beams:  # re-chosen every step: the whole beam, and its score
+                out.deltas.append((rid, index, seq.output_ids, [], None, _value(reason), seq.cum_logprob))
+                continue
+            seq.num_sent = sent + len(new)
+            out.deltas.append((rid, index, new, seq.output_logprobs[sent:],
+                               seq.output_top_logprobs[sent:] if top else None, _value(reason), None))
 
-    def _beam_outputs(self, request: Request) -> List[SequenceOutput]:
-        decode = self.detok.tokenizer.decode
-        return [SequenceOutput(text=decode(h.token_ids, skip_special_tokens=True), token_ids=list(h.token_ids),
-                               finish_reason=FinishReason.STOP, cum_logprob=h.score)
-                for h in request.beam_finished]
+    def _final(self, request: Request) -> RequestFinal:
+        now = time.monotonic()
+        first = request.first_token_time
+        return RequestFinal(
+            request_id=request.request_id, cost_time_ms=(now - request.arrival_time) * 1e3,
+            iter_count=request.num_steps, reuse_len=request.reuse_len, num_preemptions=request.num_preemptions,
+            first_token_time_ms=None if first is None else (first - request.arrival_time) * 1e3,
+            loss=self._loss(request), logits=_host_rows(request.extras.get("logits")),
+            hidden=_host_rows(request.extras.get("hidden")),
+            beams=[(list(h.token_ids), h.score) for h in request.beam_finished] if request.is_beam_search else None,
+            error=request.error)
 
-    def _loss(self, request: Request):
+    @staticmethod
+    def _loss(request: Request):
         mode = request.config.calculate_loss
         if not mode or not request.prompt_loss:
             return None
         nll = -torch.tensor(request.prompt_loss, dtype=torch.float64)
         # rtp-llm's meaning: 1 = perplexity of the prompt, exp(mean NLL); 2 = per-token NLL
-        return float(nll.mean().exp()) if mode == 1 else nll.tolist()
+        return float(nll.mean().exp()) if mode == 1 else nll.numpy()
+
+
+def _value(reason: Optional[FinishReason]) -> Optional[str]:
+    return None if reason is None else reason.value
+
+
+def _host_rows(rows: Optional[Dict[int, torch.Tensor]]) -> Dict[int, np.ndarray]:
+    """Device rows kept by the draws, as float32 numpy arrays (one copy each, no Python loop)."""
+    return {index: row.float().cpu().numpy() for index, row in (rows or {}).items()}

@@ -34,9 +34,14 @@ class FamilyModel:
         """Canonical (layer, name) of a checkpoint tensor, or None for tensors the model ignores."""
         raise NotImplementedError
 
-    def prompt_layout(self, prompt_token_ids: List[int]) -> Optional[PromptLayout]:
-        """Positions / attention that depend on the prompt (GLM v1), or None: plain causal."""
+    @classmethod
+    def layout_for(cls, arch: ModelArch, prompt_token_ids: List[int]) -> Optional[PromptLayout]:
+        """Positions / attention that depend on the prompt (GLM v1), or None: plain causal. A class
+        method of the arch alone, so a front end without the weights can validate prompts."""
         return None
+
+    def prompt_layout(self, prompt_token_ids: List[int]) -> Optional[PromptLayout]:
+        return type(self).layout_for(self.arch, prompt_token_ids)
 
     # ---- loading helpers ------------------------------------------------------------------------
     def _cast(self, tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

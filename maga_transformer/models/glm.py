@@ -149,8 +149,9 @@ class GlmV1Model(GptDecoderModel):
     def map_weight_name(cls, name: str) -> Optional[WeightName]:
         return map_with_tables(name, _LAYER_NAME, _LAYER_KEYS, _GLOBAL_KEYS)
 
-    def prompt_layout(self, prompt_token_ids: List[int]) -> GlmPromptLayout:
-        return glm_prompt_layout(prompt_token_ids, self.arch.glm_tokens, self.arch.two_d_positions)
+    @classmethod
+    def layout_for(cls, arch: ModelArch, prompt_token_ids: List[int]) -> GlmPromptLayout:
+        return glm_prompt_layout(prompt_token_ids, arch.glm_tokens, arch.two_d_positions)
 
     # ---- forward --------------------------------------------------------------------------------
     def _cos_sin(self, positions: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

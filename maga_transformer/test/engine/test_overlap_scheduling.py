@@ -109,7 +109,7 @@ def test_abort_while_a_step_is_in_flight_frees_everything(tiny):
     keep, drop = engine.add_request([1, 5, 6, 7], cfg), engine.add_request([1, 9, 9], cfg)
     for _ in range(6):
         engine.step()
-    assert engine._inflight is not None
+    assert engine.core._inflight is not None
     drop.abort()
     engine.run_until_idle()
     assert drop.result().outputs[0].finish_reason.value == "abort"

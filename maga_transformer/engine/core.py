@@ -1,0 +1,230 @@
+"""The engine core: admit requests, schedule a step, run the model, sample, emit token deltas.
+
+It knows token ids, never text (DESIGN.md, "Processes"). Other threads talk to it only through
+`add_requests` / `abort` / `stop_sequences` (queued, applied at the top of the next step), so the
+scheduler and KV bookkeeping stay single-threaded. Each `step()` returns ONE CoreStepOutput with
+everything the step changed; the front end (engine/frontend.py) turns it into text and outputs. It
+runs in its own process by default (engine/core_main.py), or on a thread of the caller's process
+(engine/engine.py, the in-process mode).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Iterable, List, Optional, Tuple
+
+import torch
+
+from maga_transformer.config.engine_config import EngineConfig
+from maga_transformer.engine.block_pool import BlockPool
+from maga_transformer.engine.limits import RequestLimits
+from maga_transformer.engine.memory_plan import CUDA_GRAPH_RESERVE_MB, plan_num_blocks
+from maga_transformer.engine.messages import CoreStepOutput, EngineInfo, EngineRequest, EngineStats
+from maga_transformer.engine.model_runner import ModelRunner, profile_forward
+from maga_transformer.engine.overlap import (InflightStep, can_look_ahead, look_ahead_plan,
+                                              step_can_overlap)
+from maga_transformer.engine.request import FinishReason, Request, Sequence
+from maga_transformer.engine.scheduler import Scheduler, SchedulerOutput
+from maga_transformer.engine.step_processor import StepProcessor
+from maga_transformer.models.decoder import DecoderModel
+
+logger = logging.getLogger(__name__)
+
+
+class EngineCore:
+    def __init__(self, model: DecoderModel, engine_config: EngineConfig, max_seq_len: int,
+                 block_size: int, eos_token_ids: List[int]) -> None:
+        self.model = model
+        self.config = engine_config
+        self.max_seq_len = max_seq_len
+        self.block_size = block_size
+        step_tokens = min(engine_config.max_num_batched_tokens, max_seq_len)
+        num_blocks = plan_num_blocks(
+            model, block_size, engine_config, graph_reserve_mb=CUDA_GRAPH_RESERVE_MB,
+            profile=lambda: profile_forward(model, block_size, step_tokens, min(engine_config.max_num_seqs, step_tokens)))
+        prefix_cache = engine_config.enable_prefix_cache and not model.USES_PROMPT_LAYOUT
+        if engine_config.enable_prefix_cache and not prefix_cache:
+            logger.info("prefix cache off: %s's keys depend on the whole prompt", type(model).__name__)
+        self.pool = BlockPool(num_blocks, prefix_cache)
+        self.scheduler = Scheduler(self.pool, block_size, engine_config.max_num_batched_tokens,
+                                   engine_config.max_num_seqs, engine_config.enable_chunked_prefill)
+        self.runner = ModelRunner(model, block_size, num_blocks, max_seq_len, engine_config.max_num_seqs)
+        self.processor = StepProcessor(self.scheduler)
+        self.info = EngineInfo(
+            vocab_size=model.arch.vocab_size, max_seq_len=max_seq_len, block_size=block_size, num_blocks=num_blocks,
+            max_num_batched_tokens=engine_config.max_num_batched_tokens,
+            enable_chunked_prefill=engine_config.enable_chunked_prefill, eos_token_ids=list(eos_token_ids),
+            description=f"{model.device.type} {str(model.dtype).replace('torch.', '')}, KV cache "
+                        f"{num_blocks * block_size:,} tokens ({num_blocks:,} blocks of {block_size})")
+        self.limits = RequestLimits(self.info, model.prompt_layout)
+        overlap = engine_config.overlap_scheduling
+        self.overlap = model.device.type == "cuda" if overlap is None else overlap
+        self._inflight: Optional[InflightStep] = None  # overlap scheduling: launched, not read back
+        self.num_look_ahead_steps = 0  # steps launched before the previous one was read back
+        self._pending_adds: List[EngineRequest] = []
+        self._pending_aborts: List[str] = []
+        self._pending_stops: List[Tuple[str, int]] = []
+        self._lock = threading.Lock()
+        self.wakeup = threading.Condition(self._lock)  # notified when work is queued
+
+    # ---- queued from other threads --------------------------------------------------------------
+    def add_requests(self, requests: Iterable[EngineRequest]) -> None:
+        with self._lock:
+            self._pending_adds.extend(requests)
+            self.wakeup.notify()
+
+    def abort(self, request_ids: Iterable[str]) -> None:
+        with self._lock:
+            self._pending_aborts.extend(request_ids)
+            self.wakeup.notify()
+
+    def stop_sequences(self, stops: Iterable[Tuple[str, int]]) -> None:
+        """The front end found a stop string: finish these (request id, sequence index) with STOP."""
+        with self._lock:
+            self._pending_stops.extend(stops)
+            self.wakeup.notify()
+
+    def has_work_locked(self) -> bool:
+        """Anything queued, scheduled or in flight; call with `wakeup` held."""
+        return bool(self._pending_adds or self._pending_aborts or self._pending_stops
+                    or self.scheduler.has_unfinished() or self._inflight is not None)
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return self.has_work_locked()
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            waiting = len(self.scheduler.waiting) + len(self._pending_adds)
+        return EngineStats(num_running=len(self.scheduler.running), num_waiting=waiting, kv_usage=self.pool.usage,
+                           num_free_blocks=self.pool.num_free_blocks,
+                           prefix_cache_queries=self.pool.stats.queries, prefix_cache_hits=self.pool.stats.hits)
+
+    # ---- admission ------------------------------------------------------------------------------
+    def _make_request(self, req: EngineRequest) -> Request:
+        admission = self.limits.check(req.prompt_token_ids, req.config)
+        request = Request(request_id=req.request_id, prompt_token_ids=list(req.prompt_token_ids), config=req.config,
+                          max_new_tokens=admission.max_new_tokens, eos_token_ids=admission.eos_token_ids,
+                          emits_every_step=req.emits_every_step, prompt_layout=admission.prompt_layout,
+                          unsplit_prefix_len=admission.unsplit_prefix_len)
+        request.seqs = [Sequence(token_ids=list(req.prompt_token_ids), prompt_len=request.prompt_len)]
+        return request
+
+    def _apply_pending(self, out: CoreStepOutput) -> None:
+        with self._lock:
+            adds, self._pending_adds = self._pending_adds, []
+            aborts, self._pending_aborts = self._pending_aborts, []
+            stops, self._pending_stops = self._pending_stops, []
+        for req in adds:
+            self._admit(req, out)
+        for request_id in aborts:
+            request = self.scheduler.requests.get(request_id)
+            if request is not None:
+                self._finish(request, FinishReason.ABORT, out)
+        self._apply_stops(stops, out)
+        self._expire_timeouts(out)
+
+    def _admit(self, req: EngineRequest, out: CoreStepOutput) -> None:
+        try:
+            request = self._make_request(req)
+        except (ValueError, TypeError) as err:  # the front end checked; a mismatch fails this request only
+            request = Request(request_id=req.request_id, prompt_token_ids=list(req.prompt_token_ids),
+                              config=req.config, max_new_tokens=0, error=str(err))
+            request.seqs = [Sequence(token_ids=list(req.prompt_token_ids), prompt_len=len(req.prompt_token_ids),
+                                     finish_reason=FinishReason.ERROR)]
+            self.processor.finish(request, out)
+            return
+        self.scheduler.add_request(request)
+
+    def _apply_stops(self, stops: List[Tuple[str, int]], out: CoreStepOutput) -> None:
+        touched = []
+        for request_id, index in stops:
+            request = self.scheduler.requests.get(request_id)
+            if request is None or index >= len(request.seqs) or request.seqs[index].is_finished:
+                continue
+            seq = request.seqs[index]
+            seq.finish_reason = FinishReason.STOP
+            self.scheduler.free_sequence(seq)
+            touched.append(request)
+        self.processor.emit(touched, out)
+
+    def _expire_timeouts(self, out: CoreStepOutput) -> None:
+        now = time.monotonic()
+        for request in list(self.scheduler.requests.values()):
+            timeout = request.config.timeout_ms
+            if timeout is not None and (now - request.arrival_time) * 1e3 > timeout:
+                request.error = f"timeout_ms: request exceeded {timeout} ms"
+                self._finish(request, FinishReason.ABORT, out)
+
+    def _finish(self, request: Request, reason: FinishReason, out: CoreStepOutput) -> None:
+        for seq in request.live_seqs:
+            seq.finish_reason = reason
+        self.processor.finish(request, out)
+
+    # ---- the step -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> CoreStepOutput:
+        """One scheduling step and what it changed. With overlap scheduling a decode step is read
+        back by the next call (which first launches the step after it, when it may)."""
+        out = CoreStepOutput()
+        self._apply_pending(out)
+        if self._inflight is not None:
+            self._read_back_inflight(out)
+        else:
+            self._run_plan(self.scheduler.schedule(), out)
+        out.stats = self.stats()
+        return out
+
+    def _run_plan(self, plan: SchedulerOutput, out: CoreStepOutput) -> None:
+        if plan.is_empty:
+            return
+        if self.overlap and step_can_overlap(plan):
+            self._inflight = self._launch(plan, None, out)
+            return
+        try:
+            result = self.runner.execute(plan)
+            ready = self.processor.process(plan, result)
+        except Exception as err:  # a broken step fails its requests, not the engine
+            logger.exception("model step failed")
+            self._fail_step(plan, err, out)
+            return
+        self.processor.emit([request for request, _ in ready], out)
+
+    def _launch(self, plan: SchedulerOutput, previous: Optional[InflightStep],
+                out: CoreStepOutput) -> Optional[InflightStep]:
+        """Queue a decode step and its draw on the device without waiting for either. After
+        `previous` (look-ahead), the step's input tokens are previous's draw, still on the device."""
+        try:
+            result = self.runner.execute(plan, previous.draw.tokens if previous is not None else None)
+            ready = self.processor.advance(plan, result, register=False)
+            return InflightStep(plan, ready, self.processor.launch_draw(ready, result, 1 if previous else 0))
+        except Exception as err:
+            logger.exception("model step failed")
+            self._fail_step(plan, err, out)
+            return None
+
+    def _read_back_inflight(self, out: CoreStepOutput) -> None:
+        step, self._inflight = self._inflight, None
+        if can_look_ahead(step, self.scheduler):
+            plan = look_ahead_plan(step, self.scheduler.kv)
+            self._inflight = self._launch(plan, step, out)
+            self.num_look_ahead_steps += 1
+        self.processor.complete_draw(step.draw)
+        self.processor.register_blocks(step.ready)
+        self.processor.emit([request for request, _ in step.ready], out)
+
+    def _fail_step(self, plan: SchedulerOutput, err: Exception, out: CoreStepOutput) -> None:
+        for item in plan.scheduled:
+            item.request.error = f"internal error: {type(err).__name__}: {err}"
+            self._finish(item.request, FinishReason.ERROR, out)
+
+    def fail_all(self, err: Exception) -> CoreStepOutput:
+        """A bug outside the model step: fail what is live, keep serving."""
+        out = CoreStepOutput()
+        self._inflight = None
+        for request in list(self.scheduler.requests.values()):
+            request.error = f"internal error: {type(err).__name__}: {err}"
+            self._finish(request, FinishReason.ERROR, out)
+        out.stats = self.stats()
+        return out

@@ -1,0 +1,194 @@
+"""What the server and the Pipeline talk to: requests in, RequestOutputs out, whichever way the
+engine core runs (its own process: engine/core_client.py; a thread here: engine/engine.py).
+
+The front end validates a request against the core's limits before anything is sent, keeps the
+caller's handle, and turns each CoreStepOutput into outputs (engine/output_processor.py). Outputs
+of one step are handed to each sink at once: a sink with `put_batch` gets one call per step for all
+its requests (the Pipeline's batch, the server's event loop), which keeps hand-offs per step, not
+per token x request.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from collections import defaultdict
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+from maga_transformer.config.generate_config import GenerateConfig
+from maga_transformer.engine.limits import RequestLimits
+from maga_transformer.engine.messages import CoreStepOutput, EngineInfo, EngineRequest, EngineStats
+from maga_transformer.engine.output import RequestOutput
+from maga_transformer.engine.output_processor import OutputProcessor
+
+logger = logging.getLogger(__name__)
+_request_ids = itertools.count()
+
+
+class RequestHandle:
+    """The caller's end of a request: iterate for streamed outputs, or wait for the final one."""
+
+    def __init__(self, engine: "FrontEnd", request_id: str, sink=None) -> None:
+        self.engine = engine
+        self.request_id = request_id
+        # a caller following many requests can pass one shared sink (then read it, not the handle)
+        self.queue = sink if sink is not None else queue.Queue()
+        self.last: Optional[RequestOutput] = None
+
+    def __iter__(self) -> Iterator[RequestOutput]:
+        while self.last is None or not self.last.finished:
+            self.last = self.queue.get()
+            yield self.last
+
+    def result(self) -> RequestOutput:
+        for _ in self:
+            pass
+        assert self.last is not None
+        return self.last
+
+    def abort(self) -> None:
+        self.engine.abort(self.request_id)
+
+
+class PoolView:
+    """The KV pool's numbers as of the core's last step (the pool itself may be in another process)."""
+
+    def __init__(self, frontend: "FrontEnd") -> None:
+        self._frontend = frontend
+
+    @property
+    def usage(self) -> float:
+        return self._frontend.stats.kv_usage
+
+    @property
+    def num_blocks(self) -> int:
+        return self._frontend.info.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self._frontend.stats.num_free_blocks
+
+
+class FrontEnd:
+    """Subclasses send to the core: _submit, _send_aborts, _send_stops."""
+
+    def __init__(self, tokenizer, info: EngineInfo, limits: RequestLimits) -> None:
+        self.tokenizer = tokenizer
+        self.info = info
+        self.limits = limits
+        self.processor = OutputProcessor(tokenizer)
+        self.stats = EngineStats(num_free_blocks=info.num_blocks)
+        self._handles: Dict[str, RequestHandle] = {}
+        self._lock = threading.Lock()  # handles + processor: callers add, the output side processes
+
+    # ---- to the core (subclasses) ---------------------------------------------------------------
+    def _submit(self, requests: List[EngineRequest]) -> None:
+        raise NotImplementedError
+
+    def _send_aborts(self, request_ids: List[str]) -> None:
+        raise NotImplementedError
+
+    def _send_stops(self, stops: List[Tuple[str, int]]) -> None:
+        raise NotImplementedError
+
+    # ---- public API (thread-safe) ---------------------------------------------------------------
+    @property
+    def max_seq_len(self) -> int:
+        return self.info.max_seq_len
+
+    @property
+    def pool(self) -> PoolView:
+        return PoolView(self)
+
+    @property
+    def num_running(self) -> int:
+        return self.stats.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return self.stats.num_waiting
+
+    @property
+    def num_live_requests(self) -> int:
+        """Requests the front end follows (sent and not finished)."""
+        with self._lock:
+            return len(self._handles)
+
+    def validate(self, prompt_token_ids: List[int], config: GenerateConfig) -> None:
+        """Raise ValueError naming the field if add_request would refuse this request."""
+        self.limits.check(prompt_token_ids, config)
+
+    def add_request(self, prompt_token_ids: List[int], config: GenerateConfig,
+                    request_id: Optional[str] = None, sink=None, stream: bool = True) -> RequestHandle:
+        """Validate and send a request. Raises ValueError naming the bad field. stream=False: the
+        handle gets only the final output (the core sends its tokens once, at the end)."""
+        return self.add_requests([prompt_token_ids], config, [request_id], sink, stream)[0]
+
+    def add_requests(self, prompts: Sequence[List[int]], config: GenerateConfig,
+                     request_ids: Optional[Sequence[Optional[str]]] = None, sink=None,
+                     stream: bool = True) -> List[RequestHandle]:
+        """Several requests in one message to the core; all are validated before any is sent."""
+        for ids in prompts:
+            self.limits.check(ids, config)
+        ids_given = list(request_ids or [None] * len(prompts))
+        names = [rid or f"req-{next(_request_ids)}" for rid in ids_given]
+        handles = [RequestHandle(self, name, sink) for name in names]
+        with self._lock:
+            taken = [n for n in names if n in self._handles] or [n for n in names if names.count(n) > 1]
+            if taken:
+                raise ValueError(f"request_id {taken[0]!r} is already in use")
+            self._check_alive()
+            for handle, ids in zip(handles, prompts):
+                self._handles[handle.request_id] = handle
+                self.processor.add(handle.request_id, ids, config, stream)
+        self._submit([EngineRequest(h.request_id, list(ids), config, stream) for h, ids in zip(handles, prompts)])
+        return handles
+
+    def abort(self, request_id: str) -> None:
+        self._send_aborts([request_id])
+
+    def _check_alive(self) -> None:
+        """Raise RuntimeError when no core can take requests (subclasses)."""
+
+    # ---- from the core --------------------------------------------------------------------------
+    def on_core_output(self, step: CoreStepOutput) -> List[RequestOutput]:
+        """Turn one step's deltas into outputs, stop what stop strings ended, hand outputs out."""
+        with self._lock:
+            outputs, stops = self.processor.process(step)
+            if step.stats is not None:
+                self.stats = step.stats
+            routed = self._route(outputs)
+        if stops:
+            self._send_stops(stops)
+        _deliver(routed)
+        return outputs
+
+    def fail_all(self, message: str) -> None:
+        with self._lock:
+            routed = self._route(self.processor.fail_all(message))
+        _deliver(routed)
+
+    def _route(self, outputs: List[RequestOutput]):
+        """Group outputs by sink (call with the lock held); finished requests leave the handles."""
+        by_sink = defaultdict(list)
+        sinks = {}
+        for output in outputs:
+            handle = self._handles.get(output.request_id)
+            if handle is None:
+                continue
+            if output.finished:
+                del self._handles[output.request_id]
+            by_sink[id(handle.queue)].append(output)
+            sinks[id(handle.queue)] = handle.queue
+        return [(sinks[key], group) for key, group in by_sink.items()]
+
+
+def _deliver(routed) -> None:
+    for sink, group in routed:
+        put_batch = getattr(sink, "put_batch", None)
+        if put_batch is not None:
+            put_batch(group)
+        else:
+            for output in group:
+                sink.put(output)
