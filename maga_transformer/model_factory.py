@@ -2,6 +2,7 @@
 model) to a ready model with its tokenizer and, on first use, its engine."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -13,6 +14,8 @@ import torch
 
 from maga_transformer.config.engine_config import EngineConfig, env_bool
 from maga_transformer.config.model_config import ACT_TYPE, WEIGHT_TYPE, ModelConfig
+from maga_transformer.engine.core_client import EngineProcessClient, StartingCore
+from maga_transformer.engine.core_main import CoreLaunch
 from maga_transformer.engine.engine import Engine
 from maga_transformer.model_loader import iter_checkpoint_tensors, load_tokenizer, resolve_model_dir
 from maga_transformer.models import resolve_model_class
@@ -31,39 +34,48 @@ def _read_json(path: str) -> dict:
         raise ValueError(f"{path} is not valid JSON: {err}") from None
 
 
-def _eos_token_ids(ckpt_dir: str, hf_config: dict, tokenizer) -> List[int]:
-    """generation_config.json first (what transformers' generate uses), then config.json, then tokenizer."""
+def _configured_eos_ids(ckpt_dir: str, hf_config: dict) -> Optional[List[int]]:
+    """generation_config.json first (what transformers' generate uses), then config.json."""
     for source in (_read_json(os.path.join(ckpt_dir, "generation_config.json")), hf_config):
         value = source.get("eos_token_id")
         if value is not None:
             return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+    return None
+
+
+def _tokenizer_eos_ids(tokenizer) -> List[int]:
     return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
 
 class AsyncModel:
-    """A loaded model: weights, tokenizer, configs; builds its engine lazily and shares it."""
+    """A loaded model: tokenizer, configs and its engine. In the process mode (the default) the
+    weights live in the engine-core process and `model` is None; in-process (ENGINE_PROCESS=0 /
+    EngineConfig(engine_process=False)) `model` is the DecoderModel and the engine is built on
+    first use."""
 
-    def __init__(self, model: DecoderModel, tokenizer, config: ModelConfig, hf_config: dict,
-                 eos_token_ids: List[int], engine_config: Optional[EngineConfig] = None) -> None:
+    def __init__(self, model: Optional[DecoderModel], tokenizer, config: ModelConfig, hf_config: dict,
+                 eos_token_ids: List[int], engine_config: Optional[EngineConfig] = None,
+                 arch=None, engine=None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
         self.hf_config = hf_config
         self.eos_token_ids = eos_token_ids
         self.engine_config = engine_config or EngineConfig.from_env()
-        self._engine: Optional[Engine] = None
+        self._arch = arch if arch is not None else model.arch
+        self._engine = engine
         self._engine_lock = threading.Lock()
 
     @property
     def arch(self):
-        return self.model.arch
+        return self._arch
 
     @property
     def max_seq_len(self) -> int:
         return self.config.max_seq_len  # set at load: the user's, else the model's context length
 
     @property
-    def engine(self) -> Engine:
+    def engine(self) -> Union[Engine, EngineProcessClient]:
         with self._engine_lock:
             if self._engine is None:
                 self._engine = Engine(self.model, self.tokenizer, self.engine_config, self.max_seq_len,
@@ -110,19 +122,49 @@ class ModelFactory:
         return ModelFactory.from_huggingface(config, engine_config=EngineConfig.from_env(env))
 
 
+def load_model_weights(ckpt_path: str, model_type: str, dtype: torch.dtype, device: torch.device) -> DecoderModel:
+    """The model family's class built on `device` with the checkpoint's weights (where the engine
+    core lives: this process in-process, the core's process otherwise)."""
+    hf_config = _read_json(os.path.join(ckpt_path, "config.json"))
+    model_cls = resolve_model_class(model_type, hf_config)
+    model = model_cls(model_cls.arch_from_hf_config(hf_config), dtype, device)
+    logger.info("loading %s (%s) from %s as %s on %s", model_cls.__name__, hf_config.get("model_type"),
+                ckpt_path, dtype, device)
+    model.load_weights(iter_checkpoint_tensors(ckpt_path))
+    return model
+
+
 def _load(config: ModelConfig, engine_config: Optional[EngineConfig], device: torch.device) -> AsyncModel:
+    """Everything the front end needs (config, tokenizer, limits) is read here; the weights are
+    loaded here in-process, or by the engine-core process it starts."""
     hf_config = _read_json(os.path.join(config.ckpt_path, "config.json"))
     if not hf_config and not config.model_type:  # with a model_type, the family's defaults (GLM-130B's SAT release)
         raise ValueError(f"ckpt_path: {config.ckpt_path} has no config.json (or give MODEL_TYPE)")
     model_cls = resolve_model_class(config.model_type, hf_config)
     arch = model_cls.arch_from_hf_config(hf_config)
     dtype = config.act_type.torch_dtype
-    model = model_cls(arch, dtype, device)
-    logger.info("loading %s (%s) from %s as %s", model_cls.__name__, hf_config.get("model_type"),
-                config.ckpt_path, dtype)
-    model.load_weights(iter_checkpoint_tensors(config.ckpt_path))
-    tokenizer = load_tokenizer(config.tokenizer_path)
     if config.max_seq_len == 0:
         config = replace(config, max_seq_len=arch.context_length)
-    return AsyncModel(model, tokenizer, config, hf_config, _eos_token_ids(config.ckpt_path, hf_config, tokenizer),
-                      engine_config)
+    engine_config = engine_config or EngineConfig.from_env()
+    eos = _configured_eos_ids(config.ckpt_path, hf_config)
+    if not engine_config.engine_process:
+        tokenizer = load_tokenizer(config.tokenizer_path)
+        eos = eos if eos is not None else _tokenizer_eos_ids(tokenizer)
+        model = load_model_weights(config.ckpt_path, config.model_type, dtype, device)
+        return AsyncModel(model, tokenizer, config, hf_config, eos, engine_config)
+    tokenizer = None
+    if eos is None:  # only the tokenizer knows: read it before the core needs it
+        tokenizer = load_tokenizer(config.tokenizer_path)
+        eos = _tokenizer_eos_ids(tokenizer)
+    launch = CoreLaunch(ckpt_path=config.ckpt_path, model_type=config.model_type,
+                        dtype=str(dtype).replace("torch.", ""), device=str(device), engine_config=engine_config,
+                        max_seq_len=config.max_seq_len, block_size=config.seq_size_per_block, eos_token_ids=eos,
+                        log_level=logging.getLogger().getEffectiveLevel())
+    starting = StartingCore(launch)  # the weights load there while the tokenizer loads here
+    try:
+        tokenizer = tokenizer or load_tokenizer(config.tokenizer_path)
+    except BaseException:
+        starting.kill()
+        raise
+    engine = starting.connect(tokenizer, functools.partial(model_cls.layout_for, arch), engine_config.step_timeout_s)
+    return AsyncModel(None, tokenizer, config, hf_config, eos, engine_config, arch=arch, engine=engine)

@@ -40,6 +40,11 @@ class EngineConfig:
     concurrency_limit: int = 32
     # launch decode step N+1 before reading step N back (engine/overlap.py); None: on CUDA devices
     overlap_scheduling: Optional[bool] = None
+    # ENGINE_PROCESS: the engine core in its own process (the product path); False runs it on a
+    # thread of the caller's process (debugging, tests that drive or inspect the core)
+    engine_process: bool = True
+    # ENGINE_STEP_TIMEOUT_S: with requests live, a core that sends nothing for this long is hung
+    step_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         for name in ("max_num_batched_tokens", "max_num_seqs", "concurrency_limit"):
@@ -47,6 +52,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.kv_cache_mem_mb is not None and self.kv_cache_mem_mb <= 0:
             raise ValueError(f"KV_CACHE_MEM_MB must be positive, got {self.kv_cache_mem_mb}")
+        if self.step_timeout_s <= 0:
+            raise ValueError(f"ENGINE_STEP_TIMEOUT_S must be positive, got {self.step_timeout_s}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
             raise ValueError(f"num_kv_blocks must be >= 2, got {self.num_kv_blocks}")
 
@@ -61,4 +68,6 @@ class EngineConfig:
             enable_chunked_prefill=env_bool(env, "ENABLE_CHUNKED_PREFILL", True),
             concurrency_limit=env_int(env, "CONCURRENCY_LIMIT", 32),
             overlap_scheduling=env_bool(env, "OVERLAP_SCHEDULING", True) if env.get("OVERLAP_SCHEDULING") else None,
+            engine_process=env_bool(env, "ENGINE_PROCESS", True),
+            step_timeout_s=float(env_int(env, "ENGINE_STEP_TIMEOUT_S", 120)),
         )

@@ -62,6 +62,7 @@ class EngineCore:
         self.overlap = model.device.type == "cuda" if overlap is None else overlap
         self._inflight: Optional[InflightStep] = None  # overlap scheduling: launched, not read back
         self.num_look_ahead_steps = 0  # steps launched before the previous one was read back
+        self.num_steps = 0
         self._pending_adds: List[EngineRequest] = []
         self._pending_aborts: List[str] = []
         self._pending_stops: List[Tuple[str, int]] = []
@@ -99,7 +100,8 @@ class EngineCore:
             waiting = len(self.scheduler.waiting) + len(self._pending_adds)
         return EngineStats(num_running=len(self.scheduler.running), num_waiting=waiting, kv_usage=self.pool.usage,
                            num_free_blocks=self.pool.num_free_blocks,
-                           prefix_cache_queries=self.pool.stats.queries, prefix_cache_hits=self.pool.stats.hits)
+                           prefix_cache_queries=self.pool.stats.queries, prefix_cache_hits=self.pool.stats.hits,
+                           num_steps=self.num_steps)
 
     # ---- admission ------------------------------------------------------------------------------
     def _make_request(self, req: EngineRequest) -> Request:
@@ -168,6 +170,7 @@ class EngineCore:
         """One scheduling step and what it changed. With overlap scheduling a decode step is read
         back by the next call (which first launches the step after it, when it may)."""
         out = CoreStepOutput()
+        self.num_steps += 1
         self._apply_pending(out)
         if self._inflight is not None:
             self._read_back_inflight(out)

@@ -148,6 +148,11 @@ class FrontEnd:
     def abort(self, request_id: str) -> None:
         self._send_aborts([request_id])
 
+    def abort_requests(self, request_ids: List[str]) -> None:
+        """Several aborts in one message."""
+        if request_ids:
+            self._send_aborts(list(request_ids))
+
     def _check_alive(self) -> None:
         """Raise RuntimeError when no core can take requests (subclasses)."""
 

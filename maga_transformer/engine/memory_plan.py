@@ -97,6 +97,9 @@ def _measure_cuda_budget(device: torch.device, profile: Callable[[], None], grap
 
 
 def _block_mb(bytes_per_block: int) -> str:
+    # small models' blocks are a few KiB, which "0.00 MiB" would hide
+    if bytes_per_block < MIB:
+        return f"{bytes_per_block / 1024:.1f} KiB"
     return f"{bytes_per_block / MIB:.2f} MiB"
 
 

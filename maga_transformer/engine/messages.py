@@ -60,6 +60,7 @@ class EngineStats:
     num_free_blocks: int = 0
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+    num_steps: int = 0  # steps run so far (a step that only applied aborts counts too)
 
 
 @dataclass

@@ -1,4 +1,10 @@
-"""Pipeline: the seed's Python API. Streams results for a batch of prompts through the engine."""
+"""Pipeline: the seed's Python API. Streams results for a batch of prompts through the engine.
+
+Per engine step a call gets at most ONE update, carrying every prompt the step changed (the engine
+hands a step's outputs to the call's sink at once), so a batch costs per step what the engine costs,
+not per token x batch. `generate` is the offline form: all prompts in, final results out, and the
+engine core sends each request's tokens once, when it finishes.
+"""
 from __future__ import annotations
 
 import logging
@@ -15,11 +21,13 @@ logger = logging.getLogger(__name__)
 @dataclass
 class PipelineResponse:
     """One streamed update of the whole batch. With num_return_sequences > 1 (or beams asked to
-    return several), each entry of batch_response is a list of texts."""
+    return several), each entry of batch_response is a list of texts. `changed`: the indices of
+    the prompts this update brought news of."""
 
     batch_response: List[Union[str, List[str]]]
     finished: bool
     outputs: List[Optional[RequestOutput]] = field(default_factory=list)
+    changed: List[int] = field(default_factory=list)
 
     @property
     def response(self) -> Union[str, List[str]]:
@@ -28,6 +36,19 @@ class PipelineResponse:
     @property
     def aux_info(self) -> List[Any]:
         return [o.aux_info if o is not None else None for o in self.outputs]
+
+
+class _StepSink:
+    """One queue item per engine step: the list of this call's outputs the step produced."""
+
+    def __init__(self) -> None:
+        self.queue: "queue.Queue[List[RequestOutput]]" = queue.Queue()
+
+    def put_batch(self, outputs: List[RequestOutput]) -> None:
+        self.queue.put(outputs)
+
+    def put(self, output: RequestOutput) -> None:
+        self.queue.put([output])
 
 
 class Pipeline:
@@ -51,6 +72,21 @@ class Pipeline:
     def __call__(self, prompts: Union[str, List[str]], generate_config: Optional[Dict[str, Any]] = None,
                  **kwargs: Any) -> Iterator[PipelineResponse]:
         """Validate everything before anything runs, then stream; abandoning the iterator aborts."""
+        token_ids, config = self._prepare(prompts, generate_config, kwargs)
+        return self._stream(token_ids, config, stream=True)
+
+    def generate(self, prompts: Union[str, List[str]], generate_config: Optional[Dict[str, Any]] = None,
+                 **kwargs: Any) -> PipelineResponse:
+        """The offline form: every prompt's final result, nothing streamed (the fastest way to run a
+        large batch: the engine core sends each request's tokens once, when it finishes)."""
+        token_ids, config = self._prepare(prompts, generate_config, kwargs)
+        last = None
+        for last in self._stream(token_ids, config, stream=False):
+            pass
+        assert last is not None and last.finished
+        return last
+
+    def _prepare(self, prompts, generate_config, kwargs):
         if isinstance(prompts, str):
             prompts = [prompts]
         if not isinstance(prompts, list) or not prompts:
@@ -61,33 +97,35 @@ class Pipeline:
         token_ids = [self.encode(p) for p in prompts]
         for ids in token_ids:
             self.engine.validate(ids, config)  # all checked before any is submitted
-        return self._stream(token_ids, config)
+        return token_ids, config
 
-    def _stream(self, token_ids: List[List[int]], config: GenerateConfig) -> Iterator[PipelineResponse]:
-        sink: "queue.Queue[RequestOutput]" = queue.Queue()
-        handles = [self.engine.add_request(ids, config, sink=sink) for ids in token_ids]
+    def _stream(self, token_ids: List[List[int]], config: GenerateConfig,
+                stream: bool) -> Iterator[PipelineResponse]:
+        sink = _StepSink()
+        handles = self.engine.add_requests(token_ids, config, sink=sink, stream=stream)
         index_of = {h.request_id: i for i, h in enumerate(handles)}
         latest: List[Optional[RequestOutput]] = [None] * len(handles)
+        texts: List[Union[str, List[str]]] = ["" if config.num_return_sequences == 1 else [""]] * len(handles)
+        remaining = len(handles)
         try:
-            while not all(o is not None and o.finished for o in latest):
-                output = sink.get()
-                latest[index_of[output.request_id]] = output
-                if output.error:
-                    raise RuntimeError(f"request failed: {output.error}")
-                yield self._response(latest, config)
+            while remaining:
+                changed = []
+                for output in sink.queue.get():
+                    if output.error:
+                        raise RuntimeError(f"request failed: {output.error}")
+                    index = index_of[output.request_id]
+                    latest[index] = output
+                    texts[index] = _texts(output, config)
+                    changed.append(index)
+                    remaining -= output.finished
+                yield PipelineResponse(list(texts), remaining == 0, list(latest), changed)
         finally:
-            for handle, output in zip(handles, latest):
-                if output is None or not output.finished:
-                    handle.abort()
-
-    @staticmethod
-    def _response(latest: List[Optional[RequestOutput]], config: GenerateConfig) -> PipelineResponse:
-        multi = config.num_return_sequences > 1
-        texts: List[Union[str, List[str]]] = []
-        for output in latest:
-            seq_texts = [o.text for o in output.outputs] if output is not None else [""]
-            texts.append(seq_texts if multi else seq_texts[0])
-        return PipelineResponse(texts, all(o is not None and o.finished for o in latest), list(latest))
+            self.engine.abort_requests([h.request_id for h, o in zip(handles, latest) if o is None or not o.finished])
 
     def stop(self) -> None:
         self.engine.stop()
+
+
+def _texts(output: RequestOutput, config: GenerateConfig) -> Union[str, List[str]]:
+    seq_texts = [o.text for o in output.outputs]
+    return seq_texts if config.num_return_sequences > 1 else seq_texts[0]

@@ -1,55 +1,102 @@
 """The server's view of the engine: async iteration over a request's outputs, abort on cancel.
 
-The engine runs in its own thread; outputs cross into the event loop through
-call_soon_threadsafe, so no coroutine ever blocks on the engine.
+Outputs are produced on the engine's output thread (the reader of the engine-core process, or the
+in-process engine's loop). One sink serves every request of the server: it receives all of a
+step's outputs at once and crosses into the event loop with ONE call_soon_threadsafe per step,
+which then routes each output to its request's asyncio queue.
 """
 from __future__ import annotations
 
 import asyncio
 import itertools
-from typing import AsyncIterator, List
+from typing import AsyncIterator, Dict, List
 
 from maga_transformer.config.generate_config import GenerateConfig
-from maga_transformer.engine.engine import Engine
-from maga_transformer.engine.output import RequestOutput
+from maga_transformer.engine.output import AuxInfo, RequestOutput, SequenceOutput
+from maga_transformer.engine.request import FinishReason
 from maga_transformer.server.metrics import RequestTimer
 
 _ids = itertools.count()
 
 
+class EngineUnavailableError(RuntimeError):
+    """The engine core is not running; the server answers 503 until it is restarted."""
+
+
 class _LoopSink:
-    """Looks like queue.Queue to the engine; delivers into an asyncio.Queue on the loop."""
+    """Looks like a sink to the engine; delivers a step's outputs into the loop in one hop."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.queue: "asyncio.Queue[RequestOutput]" = asyncio.Queue()
+        self.queues: Dict[str, "asyncio.Queue[RequestOutput]"] = {}
 
-    def put(self, item: RequestOutput) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+    def put_batch(self, outputs: List[RequestOutput]) -> None:
+        self.loop.call_soon_threadsafe(self._route, outputs)
+
+    def put(self, output: RequestOutput) -> None:
+        self.put_batch([output])
+
+    def _route(self, outputs: List[RequestOutput]) -> None:
+        for output in outputs:
+            queue = self.queues.get(output.request_id)
+            if queue is not None:
+                queue.put_nowait(output)
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, metrics=None) -> None:
-        self.engine = engine
+    def __init__(self, engine, metrics=None) -> None:
+        self.engine = engine  # engine.frontend.FrontEnd: the process client, or the in-process Engine
         self.metrics = metrics  # ServerMetrics, or None
+        self._sink = None
         engine.start()
 
+    @property
+    def healthy(self) -> bool:
+        return getattr(self.engine, "healthy", True)
+
+    @property
+    def failure(self) -> str:
+        return getattr(self.engine, "failure", None) or "the engine was stopped"
+
     def validate(self, prompt_ids: List[int], config: GenerateConfig) -> None:
+        if not self.healthy:
+            raise EngineUnavailableError(f"engine core is not running: {self.failure}")
         self.engine.validate(prompt_ids, config)
+
+    def _loop_sink(self) -> _LoopSink:
+        if self._sink is None:
+            self._sink = _LoopSink(asyncio.get_running_loop())
+        return self._sink
 
     async def generate(self, prompt_ids: List[int], config: GenerateConfig) -> AsyncIterator[RequestOutput]:
         """Streams outputs until the request finishes; if the consumer goes away, aborts it."""
-        sink = _LoopSink(asyncio.get_running_loop())
-        handle = self.engine.add_request(prompt_ids, config, request_id=f"http-{next(_ids)}", sink=sink)
+        sink = self._loop_sink()
+        request_id = f"http-{next(_ids)}"
+        queue: "asyncio.Queue[RequestOutput]" = asyncio.Queue()
+        sink.queues[request_id] = queue
         timer = RequestTimer(self.metrics) if self.metrics is not None else None
         finished = False
         try:
+            try:
+                self.engine.add_request(prompt_ids, config, request_id=request_id, sink=sink)
+            except RuntimeError as err:  # the core went away between validate and now
+                finished = True
+                yield _failed(request_id, prompt_ids, str(err))
+                return
             while not finished:
-                output = await sink.queue.get()
+                output = await queue.get()
                 finished = output.finished
                 if timer is not None:
                     timer.observe(output)
                 yield output
         finally:
+            sink.queues.pop(request_id, None)
             if not finished:
-                handle.abort()
+                self.engine.abort(request_id)
+
+
+def _failed(request_id: str, prompt_ids: List[int], message: str) -> RequestOutput:
+    aux = AuxInfo(cost_time=0.0, iter_count=0, input_len=len(prompt_ids), prefix_len=0, reuse_len=0,
+                  output_len=0, cum_log_probs=[])
+    empty = SequenceOutput(text="", token_ids=[], finish_reason=FinishReason.ERROR, cum_logprob=0.0)
+    return RequestOutput(request_id=request_id, outputs=[empty], finished=True, aux_info=aux, error=message)

@@ -7,7 +7,7 @@ from typing import Optional
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from maga_transformer.engine.engine import Engine
+from maga_transformer.engine.frontend import FrontEnd
 from maga_transformer.engine.output import RequestOutput
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -16,23 +16,25 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1
 class _EngineState:
     """Read at scrape time: running / waiting requests, KV usage, prefix-cache counters."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: FrontEnd) -> None:
         self.engine = engine
 
     def collect(self):
-        engine = self.engine
-        yield GaugeMetricFamily("vllm:num_requests_running", "Requests in the running batch", engine.num_running)
-        yield GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting to be scheduled", engine.num_waiting)
+        stats = self.engine.stats  # as of the core's last step, wherever the core runs
+        yield GaugeMetricFamily("vllm:num_requests_running", "Requests in the running batch", stats.num_running)
+        yield GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting to be scheduled", stats.num_waiting)
         yield GaugeMetricFamily("vllm:kv_cache_usage_perc", "Fraction of KV blocks held by live requests",
-                                engine.pool.usage)
+                                stats.kv_usage)
         yield CounterMetricFamily("vllm:prefix_cache_queries", "Prompt blocks looked up in the prefix cache",
-                                  engine.pool.stats.queries)
+                                  stats.prefix_cache_queries)
         yield CounterMetricFamily("vllm:prefix_cache_hits", "Prompt blocks found in the prefix cache",
-                                  engine.pool.stats.hits)
+                                  stats.prefix_cache_hits)
+        yield GaugeMetricFamily("maga:engine_core_healthy", "1 while the engine core serves, 0 once it failed",
+                                1.0 if getattr(self.engine, "healthy", True) else 0.0)
 
 
 class ServerMetrics:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: FrontEnd) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_EngineState(engine))
         self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token", registry=self.registry,

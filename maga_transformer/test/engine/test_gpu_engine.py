@@ -50,7 +50,7 @@ def _build(name: str, tmp_path_factory, dtype: ACT_TYPE, graphs: bool):
     try:
         ours = ModelFactory.from_huggingface(directory, ModelConfig(seq_size_per_block=16, max_seq_len=512,
                                                                     act_type=dtype),
-                                             engine_config=EngineConfig(num_kv_blocks=256, max_num_seqs=16),
+                                             engine_config=EngineConfig(num_kv_blocks=256, max_num_seqs=16, engine_process=False),
                                              device="cuda")
         ours.engine  # the runner (and its graphs) is built with the engine
     finally:
@@ -97,7 +97,7 @@ def test_kv_pool_planned_from_free_gpu_memory(tmp_path_factory, caplog):
                                      str(tmp_path_factory.mktemp("plan")))
     caplog.set_level("INFO")
     model = ModelFactory.from_huggingface(directory, ModelConfig(act_type=ACT_TYPE.BF16, max_seq_len=512),
-                                          engine_config=EngineConfig(), device="cuda")
+                                          engine_config=EngineConfig(engine_process=False), device="cuda")
     engine = model.engine
     free, total = torch.cuda.mem_get_info()
     assert engine.pool.num_blocks * engine.block_size > 100_000  # a tiny model: most of the card is KV

@@ -40,7 +40,7 @@ PROMPTS = [
 def _load(directory: str, model_type: str, **engine) -> object:
     return ModelFactory.from_huggingface(
         directory, ModelConfig(model_type=model_type, seq_size_per_block=4, max_seq_len=128),
-        engine_config=EngineConfig(num_kv_blocks=256, **engine))
+        engine_config=EngineConfig(num_kv_blocks=256, engine_process=False, **engine))
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))

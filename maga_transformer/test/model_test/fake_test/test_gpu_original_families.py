@@ -94,7 +94,7 @@ def test_original_layout_bf16_matches_oracle_logprob_aware(name, tmp_path):
     directory = save_original_checkpoint(str(tmp_path / name), config, tensors, VOCAB)
     ours = ModelFactory.from_huggingface(directory, ModelConfig(seq_size_per_block=16, max_seq_len=CONTEXT,
                                                                 act_type=ACT_TYPE.BF16),
-                                         engine_config=EngineConfig(num_kv_blocks=128, max_num_seqs=8),
+                                         engine_config=EngineConfig(num_kv_blocks=128, max_num_seqs=8, engine_process=False),
                                          device=DEVICE)
     if DEVICE == "cuda":
         assert (ours.engine.runner.graphs is not None) == graphs_expected, name

@@ -1,0 +1,123 @@
+"""The engine-core process: `python3 -m maga_transformer.engine.core_main FD` (started by
+engine/core_client.py, never by hand). It loads the weights, builds the EngineCore (KV cache, CUDA
+graphs), says "ready" with its limits, then loops: take every queued message, run one step, send
+one message with what the step changed. A closed socket (the front end is gone) ends it.
+
+Its log records travel to the front end, which writes them where the server's own logs go; a crash
+it cannot report still reaches the terminal through the inherited stderr.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import List, Optional
+
+from maga_transformer.config.engine_config import EngineConfig
+from maga_transformer.engine.ipc import Channel
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CoreLaunch:
+    """What the front end asks the core process to build."""
+    ckpt_path: str
+    model_type: str
+    dtype: str  # torch dtype name, e.g. "bfloat16"
+    device: str
+    engine_config: EngineConfig
+    max_seq_len: int
+    block_size: int
+    eos_token_ids: List[int]
+    log_level: int = logging.WARNING
+
+
+class _ForwardLogs(logging.Handler):
+    def __init__(self, channel: Channel) -> None:
+        super().__init__()
+        self.channel = channel
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.channel.send(("log", record.levelno, record.name, self.format(record)))
+        except OSError:
+            pass  # the front end is gone; the loop notices
+
+
+def _build_core(launch: CoreLaunch):
+    import torch
+
+    from maga_transformer.engine.core import EngineCore
+    from maga_transformer.model_factory import load_model_weights
+    model = load_model_weights(launch.ckpt_path, launch.model_type, getattr(torch, launch.dtype),
+                               torch.device(launch.device))
+    return EngineCore(model, launch.engine_config, launch.max_seq_len, launch.block_size, launch.eos_token_ids)
+
+
+def _apply(core, message) -> bool:
+    """Apply one front-end message; False on shutdown."""
+    kind = message[0]
+    if kind == "add":
+        core.add_requests(message[1])
+    elif kind == "abort":
+        core.abort(message[1])
+    elif kind == "stop":
+        core.stop_sequences(message[1])
+    elif kind == "shutdown":
+        return False
+    return True
+
+
+def serve(core, channel: Channel) -> None:
+    """The step loop. Blocks on the socket only when the core has nothing to do."""
+    last_stats: Optional[object] = None
+    running = True
+    while running or core.has_work():
+        if running and channel.poll(0 if core.has_work() else None):
+            for message in channel.recv_ready():
+                running = _apply(core, message) and running
+            if not running:  # shutdown: abort what is live, finish the loop's last messages
+                core.abort(list(core.scheduler.requests))
+        if not core.has_work():
+            continue
+        try:
+            out = core.step()
+        except Exception as err:  # a bug outside the model step: fail what is live, keep serving
+            logger.exception("engine step failed")
+            out = core.fail_all(err)
+        if not out.is_empty or out.stats != last_stats:
+            channel.send(("step", out))
+            last_stats = out.stats
+    channel.send(("stopped",))
+
+
+def main(argv: List[str]) -> int:
+    channel = Channel(int(argv[1]))
+    launch: CoreLaunch = channel.recv()
+    root = logging.getLogger()
+    root.setLevel(launch.log_level)
+    root.addHandler(_ForwardLogs(channel))
+    try:
+        core = _build_core(launch)
+    except BaseException as err:  # bad checkpoint, out of memory, ...: the user must read why
+        logger.debug("engine core start-up failed:\n%s", traceback.format_exc())
+        channel.send(("failed", type(err).__name__, str(err) or type(err).__name__))
+        return 1
+    # what is loaded lives as long as the process: out of the collector's reach, full collections
+    # (which the per-step objects trigger) do not walk it (half the host time of a batch-256 step)
+    gc.freeze()
+    channel.send(("ready", core.info))
+    try:
+        serve(core, channel)
+    except (EOFError, OSError):
+        pass  # the front end closed the socket: nobody is left to serve
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main(sys.argv))
