@@ -42,6 +42,14 @@ class ServerProcess:
                 raise RuntimeError("server did not start in time")
             time.sleep(0.25)
 
+    def startup_lines(self, limit: int = 40) -> list:
+        """The server's own start-up log lines (device, dtype, KV tokens, process layout)."""
+        try:
+            with open(os.path.join(self.log_dir, "main.log")) as f:
+                return [line.rstrip() for line in f][:limit]
+        except OSError:
+            return []
+
     def _healthy(self) -> bool:
         try:
             return httpx.get(self.url + "/health", timeout=2).text == "ok"

@@ -78,7 +78,8 @@ async def _one_request(client: httpx.AsyncClient, url: str, prompt: str, output_
     return result
 
 
-async def run_level(url: str, prompts: List[str], output_len: int, concurrency: int) -> Dict[str, float]:
+async def run_level(url: str, prompts: List[str], output_len: int, concurrency: int, raw: bool = False):
+    """The level's summary (raw=True: the per-request results, for callers that merge several)."""
     queue: "asyncio.Queue[str]" = asyncio.Queue()
     for p in prompts:
         queue.put_nowait(p)
@@ -93,7 +94,7 @@ async def run_level(url: str, prompts: List[str], output_len: int, concurrency: 
         start = time.perf_counter()
         await asyncio.gather(*[worker(client) for _ in range(concurrency)])
         duration = time.perf_counter() - start
-    return summarize(results, duration, concurrency)
+    return results if raw else summarize(results, duration, concurrency)
 
 
 def _pct(values: List[float], q: float) -> float:

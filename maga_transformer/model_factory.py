@@ -17,7 +17,9 @@ from maga_transformer.config.model_config import ACT_TYPE, WEIGHT_TYPE, ModelCon
 from maga_transformer.engine.core_client import EngineProcessClient, StartingCore
 from maga_transformer.engine.core_main import CoreLaunch
 from maga_transformer.engine.engine import Engine
+from maga_transformer.config.placement import choose_placement
 from maga_transformer.model_loader import iter_checkpoint_tensors, load_tokenizer, resolve_model_dir
+from maga_transformer.model_loader.resolve import resolve_tokenizer_dir
 from maga_transformer.models import resolve_model_class
 from maga_transformer.models.decoder import DecoderModel
 
@@ -95,14 +97,21 @@ class ModelFactory:
                          device: Union[str, torch.device, None] = None) -> AsyncModel:
         """Load a checkpoint. `name_or_path` may be a directory, a .gguf file, a name mapped by
         MAGA_MODEL_DIRS, a ModelConfig, or None for the embedded default model (SmolLM2-135M).
-        `device` defaults to $MAGA_DEVICE, else "cpu" (the CUDA kernels come with the GPU issue)."""
+        `device` defaults to $MAGA_DEVICE, else the GPU when one is visible (config/placement.py; the
+        compute dtype follows: the checkpoint's half precision on CUDA, fp32 on CPU, unless
+        act_type says otherwise)."""
         if isinstance(name_or_path, ModelConfig):
             model_config, name_or_path = name_or_path, name_or_path.ckpt_path
         config = model_config or ModelConfig()
         ckpt_dir = resolve_model_dir(name_or_path or config.ckpt_path or None)
-        tokenizer_dir = resolve_model_dir(config.tokenizer_path) if config.tokenizer_path else ckpt_dir
+        tokenizer_dir = resolve_tokenizer_dir(config.tokenizer_path) if config.tokenizer_path else ckpt_dir
         config = replace(config, ckpt_path=ckpt_dir, tokenizer_path=tokenizer_dir)
-        return _load(config, engine_config, torch.device(device or os.environ.get("MAGA_DEVICE") or "cpu"))
+        cuda = torch.cuda.is_available()
+        placement = choose_placement(cuda_available=cuda, hf_config=_read_json(os.path.join(ckpt_dir, "config.json")),
+                                     device=device, maga_device=os.environ.get("MAGA_DEVICE"),
+                                     act_type=config.act_type, bf16_supported=cuda and torch.cuda.is_bf16_supported())
+        logger.info("placement: %s", placement.reason)
+        return _load(config, engine_config, placement.device, placement.dtype)
 
     @staticmethod
     def create_from_env(env: Optional[dict] = None) -> AsyncModel:
@@ -118,7 +127,7 @@ class ModelFactory:
             model_type=env.get("MODEL_TYPE", ""), ckpt_path=env.get("CHECKPOINT_PATH", ""),
             tokenizer_path=env.get("TOKENIZER_PATH", ""), max_seq_len=max_seq_len, seq_size_per_block=block,
             weight_type=WEIGHT_TYPE.from_str(env.get("WEIGHT_TYPE") or "fp32"),
-            act_type=ACT_TYPE.from_str(env.get("ACT_TYPE") or "fp32"))
+            act_type=ACT_TYPE.from_str(env["ACT_TYPE"]) if env.get("ACT_TYPE") else None)
         return ModelFactory.from_huggingface(config, engine_config=EngineConfig.from_env(env))
 
 
@@ -134,7 +143,8 @@ def load_model_weights(ckpt_path: str, model_type: str, dtype: torch.dtype, devi
     return model
 
 
-def _load(config: ModelConfig, engine_config: Optional[EngineConfig], device: torch.device) -> AsyncModel:
+def _load(config: ModelConfig, engine_config: Optional[EngineConfig], device: torch.device,
+          dtype: torch.dtype) -> AsyncModel:
     """Everything the front end needs (config, tokenizer, limits) is read here; the weights are
     loaded here in-process, or by the engine-core process it starts."""
     hf_config = _read_json(os.path.join(config.ckpt_path, "config.json"))
@@ -142,19 +152,18 @@ def _load(config: ModelConfig, engine_config: Optional[EngineConfig], device: to
         raise ValueError(f"ckpt_path: {config.ckpt_path} has no config.json (or give MODEL_TYPE)")
     model_cls = resolve_model_class(config.model_type, hf_config)
     arch = model_cls.arch_from_hf_config(hf_config)
-    dtype = config.act_type.torch_dtype
     if config.max_seq_len == 0:
         config = replace(config, max_seq_len=arch.context_length)
     engine_config = engine_config or EngineConfig.from_env()
     eos = _configured_eos_ids(config.ckpt_path, hf_config)
     if not engine_config.engine_process:
-        tokenizer = load_tokenizer(config.tokenizer_path)
+        tokenizer = load_tokenizer(config.tokenizer_path, config.ckpt_path)
         eos = eos if eos is not None else _tokenizer_eos_ids(tokenizer)
         model = load_model_weights(config.ckpt_path, config.model_type, dtype, device)
         return AsyncModel(model, tokenizer, config, hf_config, eos, engine_config)
     tokenizer = None
     if eos is None:  # only the tokenizer knows: read it before the core needs it
-        tokenizer = load_tokenizer(config.tokenizer_path)
+        tokenizer = load_tokenizer(config.tokenizer_path, config.ckpt_path)
         eos = _tokenizer_eos_ids(tokenizer)
     launch = CoreLaunch(ckpt_path=config.ckpt_path, model_type=config.model_type,
                         dtype=str(dtype).replace("torch.", ""), device=str(device), engine_config=engine_config,
@@ -162,7 +171,7 @@ def _load(config: ModelConfig, engine_config: Optional[EngineConfig], device: to
                         log_level=logging.getLogger().getEffectiveLevel())
     starting = StartingCore(launch)  # the weights load there while the tokenizer loads here
     try:
-        tokenizer = tokenizer or load_tokenizer(config.tokenizer_path)
+        tokenizer = tokenizer or load_tokenizer(config.tokenizer_path, config.ckpt_path)
     except BaseException:
         starting.kill()
         raise

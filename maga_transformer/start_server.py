@@ -42,6 +42,12 @@ def configure_logging(config: ServerConfig) -> None:
     root.addHandler(errors)
 
 
+def describe_layout(engine) -> str:
+    """Device, dtype, KV tokens and where the engine core runs, in one line."""
+    core = f"engine core in process {engine.pid}" if hasattr(engine, "pid") else "engine core in-process"
+    return f"{engine.info.description}; {core}, front end in process {os.getpid()}"
+
+
 def main() -> int:
     try:
         server_config = ServerConfig.from_env()
@@ -55,18 +61,24 @@ def main() -> int:
         from maga_transformer.model_factory import ModelFactory
         from maga_transformer.server.app import create_app
         model = ModelFactory.create_from_env()
-    except ValueError as err:  # a bad environment variable: say which, do not start
+    except ValueError as err:  # a bad environment variable or checkpoint: say which, do not start
         logger.error("cannot start: %s", err)
         sys.stderr.write(f"cannot start: {err}\n")
         return 2
+    except RuntimeError as err:  # the engine core could not start (out of memory, a crash): its message
+        logger.error("cannot start: %s", err)
+        sys.stderr.write(f"cannot start: {err}\n")
+        return 1
     # Everything loaded so far (torch, transformers, the model) lives as long as the process; moving
     # it out of the collector's reach keeps full collections, which the engine's per-step objects
     # trigger, from walking millions of objects (measured: half the host time of a batch-256 step).
     gc.freeze()
     app = create_app(model, server_config, stop_model_on_shutdown=True)
     where = "the terminal" if server_config.log_to_terminal else os.path.abspath(server_config.log_dir)
+    layout = describe_layout(model.engine)
+    logger.warning("serving %s: %s", server_config.model_name, layout)  # kept in main.log at any PY_LOG_LEVEL
     # the one line a user starting the server by hand needs, whatever the log settings
-    sys.stderr.write(f"maga_transformer: serving {server_config.model_name} on "
+    sys.stderr.write(f"maga_transformer: serving {server_config.model_name} ({layout}) on "
                      f"http://{server_config.host}:{server_config.port} (logs: {where})\n")
     uvicorn.run(app, host=server_config.host, port=server_config.port, log_config=None, access_log=False,
                 log_level=server_config.log_level.lower(),

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, List, Mapping, Optional
 
 MAX_NEW_TOKENS_LIMIT = 1 << 22  # above this a request is a mistake, not a long answer
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+MAX_TOKEN_ID = (1 << 31) - 1  # no vocabulary is larger; beyond int64 a token-id tensor cannot even be built
+MAX_LENGTH_PENALTY = 10.0  # |length_penalty|: len ** penalty stays a finite, non-zero float for any length
 _ALIASES = {
     "gen_length": "max_new_tokens",
     "output_logits": "return_logits",
@@ -83,12 +86,15 @@ class GenerateConfig:
         _check_float(self, "temperature", 0.0, None, low_open=False)
         _check_float(self, "top_p", 0.0, 1.0, low_open=True)
         _check_float(self, "repetition_penalty", 0.0, None, low_open=True)
-        _check_float(self, "length_penalty", None, None, low_open=False)
+        _check_float(self, "length_penalty", -MAX_LENGTH_PENALTY, MAX_LENGTH_PENALTY, low_open=False)
         for name in ("presence_penalty", "frequency_penalty"):
             _check_float(self, name, -2.0, 2.0, low_open=False)
-        for name in ("random_seed", "eos_token_id", "pad_token_id", "bos_token_id", "timeout_ms"):
+        for name in ("random_seed", "timeout_ms"):
             if getattr(self, name) is not None:
                 _check_int(self, name, 0, None)
+        for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
+            if getattr(self, name) is not None:
+                _check_int(self, name, 0, MAX_TOKEN_ID)
         for name in ("print_stop_words", "ignore_eos", "return_logits", "return_hidden_states",
                      "return_input_ids", "return_output_ids", "return_incremental", "yield_generator"):
             _check_bool(self, name)
@@ -125,7 +131,12 @@ def _check_float(cfg: GenerateConfig, name: str, low: Optional[float], high: Opt
     value = getattr(cfg, name)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
         raise ValueError(f"{name}: expected a number, got {value!r}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an integer beyond any float
+        raise ValueError(f"{name}: must be a finite number, got {value}") from None
+    if math.isinf(value):  # 1e999 in JSON reads as inf: a ratio or a power of it is nan or a division by zero
+        raise ValueError(f"{name}: must be a finite number, got {value}")
     setattr(cfg, name, value)
     if low is not None and (value <= low if low_open else value < low):
         raise ValueError(f"{name}: must be {'>' if low_open else '>='} {low}, got {value}")
@@ -149,7 +160,7 @@ def _token_lists(value: Any, name: str) -> List[List[int]]:
         if isinstance(item, int) and not isinstance(item, bool):
             item = [item]
         if (not isinstance(item, list) or not item
-                or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in item)):
+                or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= MAX_TOKEN_ID for t in item)):
             raise ValueError(f"{name}: expected a list of non-empty lists of token ids, got {item!r}")
         out.append(list(item))
     return out

@@ -58,7 +58,8 @@ class ModelConfig:
     tokenizer_path: str = ""
     async_mode: bool = True  # accepted for compatibility: the engine is always asynchronous
     weight_type: WEIGHT_TYPE = WEIGHT_TYPE.FP32
-    act_type: ACT_TYPE | str = ACT_TYPE.FP32
+    # None: the device decides (config/placement.py: fp32 on CPU, the checkpoint's half precision on CUDA)
+    act_type: Optional[ACT_TYPE | str] = None
     max_seq_len: int = 0  # 0: take it from the checkpoint's config
     seq_size_per_block: int = 8
     gen_num_per_circle: int = 1
@@ -67,7 +68,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.act_type, str):
-            self.act_type = ACT_TYPE.from_str(self.act_type)
+            self.act_type = ACT_TYPE.from_str(self.act_type) if self.act_type else None
         if isinstance(self.weight_type, str):
             self.weight_type = WEIGHT_TYPE.from_str(self.weight_type)
         if self.weight_type == WEIGHT_TYPE.INT8:

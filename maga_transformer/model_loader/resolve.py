@@ -14,6 +14,8 @@ from maga_transformer.model_loader.gguf_cache import cache_root_dir, convert_ggu
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
+# Any one of these makes a directory a tokenizer directory (fast, sentencepiece, BPE / WordPiece vocabularies).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
 def _gguf_files(directory: str) -> List[str]:
@@ -71,14 +73,63 @@ def resolve_model_dir(name_or_path: Optional[str]) -> str:
                      f"spelled 'org--model'), or pass its path. Tried: {', '.join(tried)}")
 
 
-def load_tokenizer(tokenizer_dir: str):
-    """The HF tokenizer of a local directory; never remote code, never the network."""
+def _has_tokenizer_files(directory: str) -> bool:
+    return any(os.path.isfile(os.path.join(directory, name)) for name in TOKENIZER_FILES)
+
+
+def resolve_tokenizer_dir(name_or_path: str) -> str:
+    """A local tokenizer directory for TOKENIZER_PATH / ModelConfig.tokenizer_path.
+
+    A directory holding tokenizer files is taken as it is: it needs no config.json (rtp-llm's
+    TOKENIZER_PATH is often such a directory). Anything else resolves as a model does (a model
+    directory, a .gguf file, a name under MAGA_MODEL_DIRS), with that resolution's errors.
+    """
+    path = os.path.expanduser(name_or_path)
+    if os.path.isdir(path) and _has_tokenizer_files(path):
+        return os.path.abspath(path)
+    return resolve_model_dir(name_or_path)
+
+
+def _borrowed_config(tokenizer_dir: str, config_dir: Optional[str]):
+    """The checkpoint's config for AutoTokenizer when the tokenizer directory has no config.json of its own.
+
+    AutoTokenizer picks the tokenizer class from config.json's model_type when tokenizer_config.json
+    names none (slow-only files such as vocab.json + merges.txt or tokenizer.model); without a config
+    it cannot. Lending it the checkpoint's config picks the class the same tokenizer would get inside
+    the checkpoint directory. None when there is nothing to lend or nothing is missing.
+    """
+    if config_dir is None or os.path.isfile(os.path.join(tokenizer_dir, CONFIG_FILE)):
+        return None
+    if not os.path.isfile(os.path.join(config_dir, CONFIG_FILE)):
+        return None
+    from transformers import AutoConfig, PreTrainedConfig
+    try:
+        return AutoConfig.from_pretrained(config_dir, trust_remote_code=False, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError):
+        # A model_type transformers does not know (custom code: chatglm, qwen, ...): the generic config,
+        # as AutoTokenizer itself falls back to, still carries tokenizer_class when config.json has one.
+        try:
+            return PreTrainedConfig.from_pretrained(config_dir, local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            logger.warning("cannot read %s for the tokenizer (%s); loading the tokenizer without it",
+                           os.path.join(config_dir, CONFIG_FILE), err)
+            return None
+
+
+def load_tokenizer(tokenizer_dir: str, config_dir: Optional[str] = None):
+    """The HF tokenizer of a local directory; never remote code, never the network.
+
+    `config_dir`: the checkpoint directory, whose config.json is used when `tokenizer_dir` has none
+    (a separate tokenizer_path), so the tokenizer loads as it would from the checkpoint itself.
+    """
     from transformers import AutoTokenizer
     if not os.path.isdir(tokenizer_dir):
         # from_pretrained would take a missing path for a hub repo id and try to download it.
         raise ValueError(f"tokenizer directory {tokenizer_dir!r} does not exist")
+    config = _borrowed_config(tokenizer_dir, config_dir)
+    extra = {} if config is None else {"config": config}
     try:
-        return AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False, local_files_only=True)
+        return AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False, local_files_only=True, **extra)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(f"cannot load a tokenizer from {tokenizer_dir!r} (expected tokenizer.json or "
                          f"tokenizer_config.json with its vocabulary files): {err}") from err

@@ -58,7 +58,8 @@ def _tiny_tokenizer_dir(vocab_size: int) -> str:
 def load_engine_model(ckpt_dir: str, num_kv_blocks: Optional[int] = 256, block_size: int = 4,
                       max_seq_len: int = 0, **engine_kwargs) -> AsyncModel:
     engine_config = EngineConfig(num_kv_blocks=num_kv_blocks, engine_process=False, **engine_kwargs)
-    return ModelFactory.from_huggingface(ckpt_dir, ModelConfig(seq_size_per_block=block_size, max_seq_len=max_seq_len),
+    return ModelFactory.from_huggingface(ckpt_dir, ModelConfig(seq_size_per_block=block_size, max_seq_len=max_seq_len,
+                                                                     act_type="fp32"),
                                          engine_config=engine_config)
 
 
@@ -154,5 +155,6 @@ def load_engine_model_as(ckpt_dir: str, model_type: str, num_kv_blocks: Optional
                          max_seq_len: int = 0) -> AsyncModel:
     """Like load_engine_model, with an explicit model_type (it wins over config.json's)."""
     return ModelFactory.from_huggingface(
-        ckpt_dir, ModelConfig(model_type=model_type, seq_size_per_block=block_size, max_seq_len=max_seq_len),
+        ckpt_dir, ModelConfig(model_type=model_type, seq_size_per_block=block_size, max_seq_len=max_seq_len,
+                              act_type="fp32"),
         engine_config=EngineConfig(num_kv_blocks=num_kv_blocks, engine_process=False))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import time
 
 import httpx
 import pytest
+from safetensors.torch import load_file, save_file
 
 from maga_transformer.test.fixtures import tiny_llama
 from maga_transformer.test.server.live_server import free_port
@@ -86,3 +89,20 @@ def test_sigterm_finishes_in_flight_request_then_exits(checkpoint, tmp_path):
     assert any(a["path"] == "/" and a["status"] == 200 and a["outcome"] == "complete" for a in access)
     main_log = (tmp_path / "logs" / "main.log").read_text()
     assert "server shutting down" in main_log and "engine stopped" in main_log
+    # the start-up line names device, dtype, KV tokens and the process layout; the core went with the server
+    found = re.search(r"\(cpu float32, KV cache [\d,]+ tokens .*; engine core in process (\d+), front end in process "
+                      + str(proc.pid), err)
+    assert found, err
+    assert not os.path.exists(f"/proc/{found.group(1)}"), "the engine core outlived the server"
+
+
+def test_engine_core_startup_failure_reaches_the_terminal(checkpoint, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    weights = load_file(str(broken / "model.safetensors"))
+    del weights[next(n for n in weights if "layers.0.mlp.down_proj" in n)]
+    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    proc = _start({"CHECKPOINT_PATH": str(broken), "KV_CACHE_MEM_MB": "64"}, str(tmp_path))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert "cannot start: engine core start-up failed: checkpoint is missing weight 'down' of layer 0" in err, err
