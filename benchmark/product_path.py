@@ -38,9 +38,12 @@ ENGINE_SIZE = {"max_num_seqs": 256, "max_num_batched_tokens": 8192, "enable_pref
 MAX_SEQ_LEN = 4096
 
 
-def _prompt_ids(count: int, length: int, seed: int, vocab: int = 128256) -> List[List[int]]:
+_VOCAB = [128256]  # the checkpoint's, once read
+
+
+def _prompt_ids(count: int, length: int, seed: int) -> List[List[int]]:
     from benchmark.gpu_bench import random_prompts
-    return random_prompts(count, length, vocab, seed)
+    return random_prompts(count, length, _VOCAB[0], seed)
 
 
 def _text(ids: List[int]) -> str:
@@ -68,11 +71,11 @@ def make_checkpoint(directory: str) -> None:
 
 
 def _load(ckpt: str, process: bool):
+    """The defaults a user gets (a visible GPU, the checkpoint's bf16), at the benchmark's engine size."""
     from maga_transformer.config import EngineConfig, ModelConfig
     from maga_transformer.model_factory import ModelFactory
-    return ModelFactory.from_huggingface(ckpt, ModelConfig(act_type="bf16", max_seq_len=MAX_SEQ_LEN),
-                                         engine_config=EngineConfig(engine_process=process, **ENGINE_SIZE),
-                                         device="cuda")
+    return ModelFactory.from_huggingface(ckpt, ModelConfig(max_seq_len=MAX_SEQ_LEN),
+                                         engine_config=EngineConfig(engine_process=process, **ENGINE_SIZE))
 
 
 # ---- phase 1: the engine alone --------------------------------------------------------------------
@@ -242,17 +245,25 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.phase:
+        import torch
+        if not torch.cuda.is_available():  # a smoke run of the script's paths on a CPU (--ckpt: a tiny model)
+            torch.cuda.synchronize = lambda *a, **k: None
+        with open(os.path.join(args.ckpt, "config.json")) as f:
+            _VOCAB[0] = json.load(f)["vocab_size"]
         print("RESULT " + json.dumps(PHASES[args.phase](args.ckpt, args.quick)), flush=True)
         return
     import torch
     from benchmark.gpu_bench import emit_report
-    report: Dict[str, object] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+    report: Dict[str, object] = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
                                  "date": time.strftime("%Y-%m-%d"), "commit": _commit(),
                                  "model": "Llama-3-8B shape, bf16", "engine_size": ENGINE_SIZE}
     make_checkpoint(args.ckpt)
     for phase in args.phases:
         report[phase] = _run_phase(phase, args)
         logger.info("%s: %s", phase, json.dumps(report[phase]))
+        if args.out:  # what ran so far survives a run cut short
+            with open(args.out, "w") as f:
+                json.dump(report, f, indent=1)
     if all(p in report for p in PHASES):
         report["ratios"] = ratios(report)
     emit_report(report, args.out)

@@ -185,11 +185,17 @@ class EngineProcessClient(FrontEnd):
             self._last_message = time.monotonic()
             kind = message[0]
             if kind == "step":
-                self.on_core_output(message[1])
+                self._handle_step(message[1])
             elif kind == "log":
                 core_logger.log(message[1], "%s", message[3])
             elif kind == "stopped":
                 return
+
+    def _handle_step(self, step) -> None:
+        try:
+            self.on_core_output(step)
+        except Exception:  # a caller's sink failed: that must not stop the outputs of everyone else
+            logger.exception("handing out the outputs of an engine step failed")
 
     def _check_hang(self) -> None:
         if self._proc.poll() is not None and not self._closing:

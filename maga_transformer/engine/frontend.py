@@ -191,9 +191,12 @@ class FrontEnd:
 
 def _deliver(routed) -> None:
     for sink, group in routed:
-        put_batch = getattr(sink, "put_batch", None)
-        if put_batch is not None:
-            put_batch(group)
-        else:
-            for output in group:
-                sink.put(output)
+        try:
+            put_batch = getattr(sink, "put_batch", None)
+            if put_batch is not None:
+                put_batch(group)
+            else:
+                for output in group:
+                    sink.put(output)
+        except Exception:  # one caller's broken sink must not keep outputs from the others
+            logger.exception("a sink refused %d output(s)", len(group))

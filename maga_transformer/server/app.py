@@ -9,14 +9,17 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from maga_transformer.config.server_config import ServerConfig
 from maga_transformer.server import native_api, openai_api, openai_routes
 from maga_transformer.server.access_log import AccessLogMiddleware
-from maga_transformer.server.async_engine import AsyncEngine
+from maga_transformer.server.async_engine import AsyncEngine, EngineUnavailableError
+from maga_transformer.server.body_limits import BodyLimitMiddleware
 from maga_transformer.server.context import ServerContext, Slots
 from maga_transformer.server.metrics import ServerMetrics
 
@@ -45,6 +48,13 @@ class ApiKeyMiddleware:
         await self.app(scope, receive, send)
 
 
+def body_error(path: str, status: int, message: str) -> JSONResponse:
+    """A refused body in the error shape of the route it was sent to: OpenAI's on /v1/*, rtp-llm's elsewhere."""
+    if path.startswith("/v1/"):
+        return JSONResponse(openai_api.OpenAIError(message, status, param="body").body(), status_code=status)
+    return JSONResponse({"error_code": native_api.BAD_INPUT_FORMAT, "message": message}, status_code=status)
+
+
 def create_app(model, server_config: ServerConfig, stop_model_on_shutdown: bool = False) -> FastAPI:
     """stop_model_on_shutdown: the server owns the model (start_server), so its shutdown stops the
     engine too; tests that share one model between several apps leave it running."""
@@ -64,28 +74,61 @@ def create_app(model, server_config: ServerConfig, stop_model_on_shutdown: bool 
 
     app = FastAPI(title="maga_transformer", lifespan=lifespan)
     app.state.context = ctx
+    app.add_middleware(BodyLimitMiddleware, error_response=body_error)  # inside the access log: refusals are logged
     app.add_middleware(AccessLogMiddleware)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":  # its loc is ("body", offset): name the body, not a number
+            detail = (first.get("ctx") or {}).get("error", "")
+            return body_error(request.url.path, 400, f"body: not valid JSON ({detail} at offset {first['loc'][-1]})")
         field = ".".join(str(p) for p in first.get("loc", []) if p != "body")
         message = f"{field}: {first.get('msg', 'invalid request')}"
         if request.url.path.startswith("/v1/"):
             return JSONResponse(openai_api.OpenAIError(message, param=field).body(), status_code=400)
         return JSONResponse({"error_code": native_api.BAD_INPUT_FORMAT, "message": message}, status_code=400)
 
+    @app.exception_handler(RecursionError)
+    async def recursion_error(request: Request, exc: RecursionError):
+        # a body nested within the depth limit that still recursed too deep: the body's fault, never a 500
+        return body_error(request.url.path, 400, "body: nested too deeply to parse")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        # FastAPI's {"detail"} shape (a body it could not parse, an unknown route) means nothing to OpenAI clients
+        if not request.url.path.startswith("/v1/"):
+            return await http_exception_handler(request, exc)
+        if exc.status_code == 400:  # FastAPI's only 400: a body json.loads refused (not UTF-8, say)
+            message, param = f"body: not valid JSON ({exc.detail})", "body"
+        else:
+            message, param = str(exc.detail), None
+        error = openai_api.OpenAIError(message, exc.status_code, param=param)
+        return JSONResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(EngineUnavailableError)
+    async def engine_unavailable(request: Request, exc: EngineUnavailableError):
+        if request.url.path.startswith("/v1/"):
+            error = openai_api.OpenAIError(str(exc), 503, err_type="service_unavailable")
+            return JSONResponse(error.body(), status_code=503)
+        return JSONResponse({"error_code": native_api.UNKNOWN_ERROR, "message": str(exc)}, status_code=503)
+
     if server_config.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=server_config.api_key)
+
+    def health_answer() -> PlainTextResponse:
+        if not ctx.engine.healthy:  # the engine core exited or hung: a load balancer must look elsewhere
+            return PlainTextResponse(f"engine core is not running: {ctx.engine.failure}", status_code=503)
+        return PlainTextResponse("ok")
 
     @app.get("/health")
     @app.get("/status")
     async def health():
-        return PlainTextResponse("ok")
+        return health_answer()
 
     @app.post("/health_check")
     async def health_check():
-        return PlainTextResponse("ok")
+        return health_answer()
 
     @app.get("/metrics")
     async def prometheus_metrics():
@@ -94,7 +137,7 @@ def create_app(model, server_config: ServerConfig, stop_model_on_shutdown: bool 
     @app.get("/worker_status")
     async def worker_status():
         engine = model.engine
-        return {"alive": True, "model": server_config.model_name, "running_requests": engine.num_running,
+        return {"alive": ctx.engine.healthy, "model": server_config.model_name, "running_requests": engine.num_running,
                 "waiting_requests": engine.num_waiting, "kv_cache_usage": engine.pool.usage,
                 "concurrency": {"in_use": ctx.slots.in_use, "limit": ctx.slots.limit},
                 "max_seq_len": ctx.max_seq_len}

@@ -31,7 +31,10 @@ class _LoopSink:
         self.queues: Dict[str, "asyncio.Queue[RequestOutput]"] = {}
 
     def put_batch(self, outputs: List[RequestOutput]) -> None:
-        self.loop.call_soon_threadsafe(self._route, outputs)
+        try:
+            self.loop.call_soon_threadsafe(self._route, outputs)
+        except RuntimeError:  # the loop closed (its server stopped): nobody is left to read these
+            pass
 
     def put(self, output: RequestOutput) -> None:
         self.put_batch([output])
@@ -85,6 +88,10 @@ class AsyncEngine:
                 return
             while not finished:
                 output = await queue.get()
+                while not output.finished and not queue.empty():
+                    # outputs are cumulative: a consumer that fell behind takes the newest and sends
+                    # the new text as one chunk, instead of one chunk per step it missed
+                    output = queue.get_nowait()
                 finished = output.finished
                 if timer is not None:
                     timer.observe(output)

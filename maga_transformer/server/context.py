@@ -16,19 +16,31 @@ from maga_transformer.server.async_engine import AsyncEngine
 class Slots:
     """CONCURRENCY_LIMIT: a request beyond it is rejected at once, never queued.
 
-    Only the event loop's thread touches it, so a plain counter is enough."""
+    A request takes one slot per sequence it runs (each prompt of a batch, times n), so a batch of
+    5,000 prompts cannot slip in as "one request" and hold the engine for minutes. Only the event
+    loop's thread touches it, so a plain counter is enough."""
 
     def __init__(self, limit: int) -> None:
         self.limit, self.in_use = limit, 0
 
-    def try_acquire(self) -> bool:
-        if self.in_use >= self.limit:
+    @property
+    def free(self) -> int:
+        return self.limit - self.in_use
+
+    def try_acquire(self, count: int = 1) -> bool:
+        """All `count` slots or none: a batch is never admitted in part."""
+        if count < 1:
+            raise ValueError(f"count: must be >= 1, got {count}")
+        if count > self.free:
             return False
-        self.in_use += 1
+        self.in_use += count
         return True
 
-    def release(self) -> None:
-        self.in_use -= 1
+    def release(self, count: int = 1) -> None:
+        """Give back what try_acquire(count) took."""
+        if count < 1:
+            raise ValueError(f"count: must be >= 1, got {count}")
+        self.in_use -= count
 
 
 @dataclass

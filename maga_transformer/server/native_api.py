@@ -95,9 +95,10 @@ def native_response(output: RequestOutput, config: GenerateConfig, previous_text
     if output.loss is not None:
         result["loss"] = output.loss
     if config.return_logits:
-        result["logits"] = [o.logits for o in output.outputs] if multi else output.outputs[0].logits
+        logits = [_as_list(o.logits) for o in output.outputs]
+        result["logits"] = logits if multi else logits[0]
     if config.return_hidden_states:
-        hidden = [o.hidden_states for o in output.outputs]
+        hidden = [_as_list(o.hidden_states) for o in output.outputs]
         result["hidden_states"] = hidden if multi else hidden[0]
     if config.return_output_ids:
         ids = [o.token_ids for o in output.outputs]
@@ -105,6 +106,12 @@ def native_response(output: RequestOutput, config: GenerateConfig, previous_text
     if config.return_input_ids and output.prompt_token_ids is not None:
         result["input_ids"] = output.prompt_token_ids
     return result
+
+
+def _as_list(values: Any) -> Any:
+    """The engine hands logits / hidden states over as numpy rows (one buffer, no per-element
+    Python work); JSON wants lists, made here in one C-level pass."""
+    return values.tolist() if hasattr(values, "tolist") else values
 
 
 def sse(data: Any) -> str:
@@ -117,10 +124,31 @@ def _error(code: int, message: str, status: int = 400) -> JSONResponse:
     return JSONResponse({"error_code": code, "message": message}, status_code=status)
 
 
+def slots_needed(parsed: NativeRequest) -> int:
+    """CONCURRENCY_LIMIT counts sequences, not HTTP requests: every prompt of a batch, times the
+    sequences returned for each."""
+    return len(parsed.prompts) * parsed.config.num_return_sequences
+
+
+def over_limit(ctx: ServerContext, parsed: NativeRequest) -> NativeError:
+    needed = slots_needed(parsed)
+    why = f"{len(parsed.prompts)} prompt(s) x {parsed.config.num_return_sequences} sequence(s)"
+    if needed > ctx.slots.limit:
+        field = "prompt_batch" if parsed.batch else "num_return_sequences"
+        message = (f"{field}: {why} need {needed} slots, more than CONCURRENCY_LIMIT={ctx.slots.limit} "
+                   f"allows; send smaller batches")
+    else:
+        message = f"over CONCURRENCY_LIMIT={ctx.slots.limit}: {why} need {needed} slots, {ctx.slots.free} free"
+    return NativeError(CONCURRENCY_LIMIT, message, status=409)
+
+
 def _parse_and_validate(ctx: ServerContext, body: Any) -> Tuple[NativeRequest, List[List[int]]]:
     parsed = parse_native(body)
     if parsed.stream and parsed.batch:
         raise NativeError(UNSUPPORTED, "yield_generator: streaming a prompt_batch is not supported")
+    if slots_needed(parsed) > ctx.slots.limit:
+        # it can never be admitted: refuse before tokenizing thousands of prompts
+        raise over_limit(ctx, parsed)
     try:
         prompt_ids = [ctx.encode(p, "prompt") for p in parsed.prompts]
         for ids in prompt_ids:
@@ -164,22 +192,24 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
     async def native(request: Request):
         try:
             body = await request.json()
-        except ValueError:
-            return _error(BAD_INPUT_FORMAT, "body is not valid JSON")
+        except (ValueError, RecursionError):  # RecursionError: nesting the body limits let through
+            return _error(BAD_INPUT_FORMAT, "body: not valid JSON")
         try:
             parsed, prompt_ids = _parse_and_validate(ctx, body)
         except NativeError as err:
             return JSONResponse(err.body(), status_code=err.status)
-        if not ctx.slots.try_acquire():
-            return _error(CONCURRENCY_LIMIT, f"over CONCURRENCY_LIMIT={ctx.slots.limit}", status=409)
+        needed = slots_needed(parsed)
+        if not ctx.slots.try_acquire(needed):
+            err = over_limit(ctx, parsed)
+            return JSONResponse(err.body(), status_code=err.status)
         if parsed.stream:
-            # the slot is released after the response, streamed or dropped, even if the stream never started
+            # the slots are released after the response, streamed or dropped, even if the stream never started
             return StreamingResponse(_stream(ctx, parsed, prompt_ids[0]), media_type="text/event-stream",
-                                     background=BackgroundTask(ctx.slots.release))
+                                     background=BackgroundTask(ctx.slots.release, needed))
         try:
             outputs = await last_outputs([ctx.engine.generate(ids, parsed.config) for ids in prompt_ids], request)
         finally:
-            ctx.slots.release()
+            ctx.slots.release(needed)
         if outputs is None:
             return _error(UNKNOWN_ERROR, "client disconnected", status=499)
         errors = [o.error for o in outputs if o.error]

@@ -6,6 +6,7 @@ import uuid
 from typing import Any, Callable, Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
 
 from maga_transformer.config.generate_config import GenerateConfig
 from maga_transformer.engine.output import RequestOutput, SequenceOutput
@@ -30,6 +31,30 @@ class ChatMessage(BaseModel):
     content: Optional[Union[str, List[Dict[str, Any]]]] = None
 
 
+def content_text(content: Union[str, List[Dict[str, Any]]], field: str) -> str:
+    """A message's content as the chat template takes it: a string. A list of text parts (what many
+    clients send) is joined in order with newlines, as vLLM does; any other part is refused naming
+    `field`, since this model reads text only and dropping an image would answer a different question."""
+    if isinstance(content, str):
+        return content
+    texts = []
+    for index, part in enumerate(content):
+        kind = part.get("type")
+        if kind is None:
+            raise OpenAIError(f"{field}[{index}]: a part needs a 'type' (only 'text' parts are accepted)", param=field)
+        if kind != "text":
+            raise OpenAIError(f"{field}[{index}]: a part of type {kind!r} is not supported: this model is not "
+                              f"multimodal (only 'text' parts are accepted)", param=field)
+        if not isinstance(part.get("text"), str):
+            raise OpenAIError(f"{field}[{index}].text: expected a string", param=field)
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+_NO_STRUCTURED_OUTPUT = "structured output is not supported yet (nothing would enforce it)"
+_NO_TOOLS = "tool calling is not supported yet (nothing would parse or enforce tool calls)"
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -51,6 +76,25 @@ class _Sampling(BaseModel):
     # vLLM's extensions, used by benchmark clients: generate exactly max_tokens / at least min_tokens
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0)
+    # Declared only to be refused (refuse_unsupported): extra="ignore" would drop them silently, and a
+    # client would believe its schema was enforced. The guided_* fields are vLLM's structured output.
+    # Kept out of the OpenAPI schema: schema-driven clients and fuzzers should not be offered them.
+    response_format: SkipJsonSchema[Optional[Any]] = None
+    guided_json: SkipJsonSchema[Optional[Any]] = None
+    guided_regex: SkipJsonSchema[Optional[Any]] = None
+    guided_choice: SkipJsonSchema[Optional[Any]] = None
+    guided_grammar: SkipJsonSchema[Optional[Any]] = None
+    structured_outputs: SkipJsonSchema[Optional[Any]] = None
+
+    def refuse_unsupported(self) -> None:
+        """OpenAIError naming the first field asking for what this server cannot do yet."""
+        if self.response_format is not None and self.response_format != {"type": "text"}:
+            kind = self.response_format.get("type") if isinstance(self.response_format, dict) else None
+            raise OpenAIError(f"response_format: {kind or 'this format'}: {_NO_STRUCTURED_OUTPUT}; only "
+                              f'{{"type": "text"}} is accepted', param="response_format")
+        for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs"):
+            if getattr(self, name) is not None:
+                raise OpenAIError(f"{name}: {_NO_STRUCTURED_OUTPUT}", param=name)
 
     @property
     def include_usage(self) -> bool:
@@ -76,6 +120,30 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
+    # refused unless empty / "none" (refuse_unsupported); `functions` / `function_call` are the legacy names
+    tools: SkipJsonSchema[Optional[Any]] = None
+    tool_choice: SkipJsonSchema[Optional[Any]] = None
+    functions: SkipJsonSchema[Optional[Any]] = None
+    function_call: SkipJsonSchema[Optional[Any]] = None
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        for name in ("tools", "functions"):
+            if getattr(self, name) not in (None, []):
+                raise OpenAIError(f"{name}: {_NO_TOOLS}", param=name)
+        for name in ("tool_choice", "function_call"):
+            if getattr(self, name) not in (None, "none"):
+                raise OpenAIError(f"{name}: {_NO_TOOLS}; only \"none\" is accepted", param=name)
+
+    def template_messages(self) -> List[Dict[str, Any]]:
+        """The messages as the chat template takes them: every content a plain string (or absent)."""
+        messages = []
+        for index, message in enumerate(self.messages):
+            item = message.model_dump(exclude_none=True)
+            if message.content is not None:
+                item["content"] = content_text(message.content, f"messages[{index}].content")
+            messages.append(item)
+        return messages
 
     def generate_config(self, default_max: int) -> GenerateConfig:
         if self.top_logprobs and not self.logprobs:

@@ -69,12 +69,19 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
     def token_text(token: int) -> str:
         return ctx.tokenizer.decode([token])
 
-    def over_limit() -> JSONResponse:
-        return _error(OpenAIError(f"over the concurrency limit ({ctx.slots.limit})", 429,
-                                  err_type="rate_limit_error"))
+    def over_limit(prompts: int, n: int) -> OpenAIError:
+        """429: CONCURRENCY_LIMIT counts sequences (prompts x n), not HTTP requests."""
+        needed, why = prompts * n, f"{prompts} prompt(s) x n={n}"
+        if needed > ctx.slots.limit:
+            message = (f"{why} need {needed} slots, more than the concurrency limit ({ctx.slots.limit}) allows; "
+                       f"send smaller batches")
+        else:
+            message = (f"over the concurrency limit ({ctx.slots.limit}): {why} need {needed} slots, "
+                       f"{ctx.slots.free} free")
+        return OpenAIError(message, 429, err_type="rate_limit_error")
 
     def chat_prompt(body: openai_api.ChatCompletionRequest) -> List[int]:
-        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        messages = body.template_messages()
         try:
             text = ctx.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as err:  # template errors are the request's fault: jinja raises its own types
@@ -89,6 +96,9 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
     @app.post("/v1/chat/completions")
     async def chat(body: openai_api.ChatCompletionRequest, request: Request):
         try:
+            body.refuse_unsupported()
+            if body.n > ctx.slots.limit:
+                raise over_limit(1, body.n)
             ids = chat_prompt(body)
             config = body.generate_config(ctx.default_max_new_tokens(ids))
             ctx.engine.validate(ids, config)
@@ -96,19 +106,19 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
             return _error(err)
         except ValueError as err:
             return _error(OpenAIError(str(err)))
-        if not ctx.slots.try_acquire():
-            return over_limit()
+        if not ctx.slots.try_acquire(body.n):
+            return _error(over_limit(1, body.n))
         request_id = openai_api.new_id("chatcmpl")
         model_name = body.model or ctx.config.model_name
         logprobs = token_text if body.logprobs else None
         if body.stream:
             stream = _chat_stream(ctx, ids, config, request_id, model_name, body.include_usage, logprobs)
             return StreamingResponse(stream, media_type="text/event-stream",
-                                     background=BackgroundTask(ctx.slots.release))
+                                     background=BackgroundTask(ctx.slots.release, body.n))
         try:
             outputs = await last_outputs([ctx.engine.generate(ids, config)], request)
         finally:
-            ctx.slots.release()
+            ctx.slots.release(body.n)
         if outputs is None:
             return _error(OpenAIError("client disconnected", 499))
         return openai_api.chat_response(request_id, model_name, outputs[0], logprobs)
@@ -116,7 +126,11 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
     @app.post("/v1/completions")
     async def completions(body: openai_api.CompletionRequest, request: Request):
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        needed = len(prompts) * body.n
         try:
+            body.refuse_unsupported()
+            if needed > ctx.slots.limit:  # can never be admitted: refuse before tokenizing every prompt
+                raise over_limit(len(prompts), body.n)
             if not prompts or any(not p for p in prompts):
                 raise OpenAIError("prompt: must not be empty", param="prompt")
             prompt_ids = [ctx.encode(p, "prompt") for p in prompts]
@@ -127,18 +141,18 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
             return _error(err)
         except ValueError as err:
             return _error(OpenAIError(str(err), param="prompt"))
-        if not ctx.slots.try_acquire():
-            return over_limit()
+        if not ctx.slots.try_acquire(needed):
+            return _error(over_limit(len(prompts), body.n))
         model_name = body.model or ctx.config.model_name
         logprobs = token_text if body.logprobs is not None else None
         if body.stream:
             stream = _completion_stream(ctx, body, prompts, prompt_ids, config, model_name, logprobs)
             return StreamingResponse(stream, media_type="text/event-stream",
-                                     background=BackgroundTask(ctx.slots.release))
+                                     background=BackgroundTask(ctx.slots.release, needed))
         try:
             outputs = await last_outputs([ctx.engine.generate(ids, config) for ids in prompt_ids], request)
         finally:
-            ctx.slots.release()
+            ctx.slots.release(needed)
         if outputs is None:
             return _error(OpenAIError("client disconnected", 499))
         return openai_api.completion_response(model_name, body, prompts, outputs, logprobs)

@@ -84,6 +84,21 @@ def test_native_api_matches_engine_greedy(model, server):
     assert json.loads(events[-2])["response"] == expected
 
 
+def test_native_loss_logits_and_hidden_states_travel_whole(model, server):
+    """What the engine core sends as numpy rows reaches the JSON body as the engine computed it."""
+    config = {"max_new_tokens": 3, "top_k": 1, "calculate_loss": 2, "return_logits": True,
+              "return_hidden_states": True, "return_output_ids": True}
+    prompt = "The quick brown fox"
+    expected = model.engine.add_request(model.tokenizer.encode(prompt), GenerateConfig(**config)).result()
+    body = httpx.post(server.url, json={"prompt": prompt, "generate_config": config}, timeout=60).json()
+    assert body["output_ids"] == expected.outputs[0].token_ids
+    assert len(body["logits"]) == model.arch.vocab_size and len(body["hidden_states"]) == model.arch.hidden_size
+    assert body["logits"] == pytest.approx(expected.outputs[0].logits.tolist(), abs=1e-4)
+    assert body["hidden_states"] == pytest.approx(expected.outputs[0].hidden_states.tolist(), abs=1e-4)
+    assert body["loss"] == pytest.approx(expected.loss, abs=1e-4)
+    assert len(body["loss"]) == len(model.tokenizer.encode(prompt)) - 1  # per-token NLL of the prompt
+
+
 @pytest.mark.parametrize("body,code", [
     ({}, 509), ({"prompt": ""}, 510), ({"prompt": "hi", "generate_config": {"top_p": 2}}, 516),
     ({"prompt": "hi", "generate_config": {"bogus": 1}}, 516), ({"prompt": "hi", "surprise": 1}, 507),
