@@ -214,7 +214,7 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
             return _error(UNKNOWN_ERROR, "client disconnected", status=499)
         errors = [o.error for o in outputs if o.error]
         if errors:
-            return _error(UNKNOWN_ERROR, errors[0], status=500)
+            return _error(UNKNOWN_ERROR, errors[0], status=_error_status(errors[0]))
         bodies = [native_response(o, parsed.config) for o in outputs]
         return {"response_batch": bodies} if parsed.batch else bodies[0]
 
@@ -222,6 +222,14 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
 async def _stream(ctx: ServerContext, parsed: NativeRequest, prompt_ids: List[int]) -> AsyncIterator[str]:
     previous: Optional[List[str]] = None
     async for output in ctx.engine.generate(prompt_ids, parsed.config):
+        if output.error:  # the stream's last event says why it ended
+            yield sse({"error_code": UNKNOWN_ERROR, "message": output.error})
+            break
         yield sse(native_response(output, parsed.config, previous))
         previous = [o.text for o in output.outputs]
     yield sse("[done]")
+
+
+def _error_status(message: str) -> int:
+    """503 when the engine core is gone (nothing can be served until a restart), else 500."""
+    return 503 if message.startswith("engine core") else 500

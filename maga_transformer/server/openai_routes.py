@@ -27,6 +27,17 @@ def _error(err: OpenAIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status)
 
 
+def _failure(outputs: List[RequestOutput]) -> Optional[OpenAIError]:
+    """The error of a request the engine could not finish (a failed step, a timeout, the engine
+    core gone: 503 then, the server cannot serve until it is restarted)."""
+    message = next((o.error for o in outputs if o.error), None)
+    if message is None:
+        return None
+    if message.startswith("engine core"):
+        return OpenAIError(message, 503, err_type="service_unavailable")
+    return OpenAIError(message, 500, err_type="server_error")
+
+
 @dataclass
 class _ChoiceCursor:
     """How much of one choice's text and tokens the client has been sent."""
@@ -121,6 +132,9 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
             ctx.slots.release(body.n)
         if outputs is None:
             return _error(OpenAIError("client disconnected", 499))
+        failed = _failure(outputs)
+        if failed is not None:
+            return _error(failed)
         return openai_api.chat_response(request_id, model_name, outputs[0], logprobs)
 
     @app.post("/v1/completions")
@@ -155,6 +169,9 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
             ctx.slots.release(needed)
         if outputs is None:
             return _error(OpenAIError("client disconnected", 499))
+        failed = _failure(outputs)
+        if failed is not None:
+            return _error(failed)
         return openai_api.completion_response(model_name, body, prompts, outputs, logprobs)
 
 
@@ -173,6 +190,11 @@ async def _chat_stream(ctx: ServerContext, ids: List[int], config: GenerateConfi
                  for i in range(config.num_return_sequences)])
     state, last = _StreamState(), None
     async for last in ctx.engine.generate(ids, config):
+        failed = _failure([last])
+        if failed is not None:  # as vLLM streams it: an error event, then the end of the stream
+            yield _sse(failed.body())
+            yield _DONE
+            return
         choices = []
         for index, seq, delta in state.deltas(0, last):
             logprobs = openai_api.chat_logprobs(seq, delta.start, delta.end, token_text) if token_text else None
@@ -202,21 +224,36 @@ async def _completion_stream(ctx: ServerContext, body: openai_api.CompletionRequ
         yield chunk([{"index": p * body.n + s, "text": prompt, "logprobs": None, "finish_reason": None}
                      for p, prompt in enumerate(prompts) for s in range(body.n)])
     finals: Dict[int, RequestOutput] = {}
-    async for p_index, output in merge_streams([ctx.engine.generate(ids, config) for ids in prompt_ids]):
-        choices = []
-        for index, seq, delta in state.deltas(p_index * body.n, output):
-            logprobs = None
-            if token_text is not None:
-                logprobs = openai_api.completion_logprobs(seq, delta.start, delta.end, token_text,
-                                                          text_offsets.get(index, 0))
-                text_offsets[index] = text_offsets.get(index, 0) + sum(len(t) for t in logprobs["tokens"])
-            choices.append({"index": index, "text": delta.text, "logprobs": logprobs,
-                            "finish_reason": delta.finish_reason})
-        if output.finished:
-            finals[p_index] = output
-        if choices:
-            yield chunk(choices)
+    merged = merge_streams([ctx.engine.generate(ids, config) for ids in prompt_ids])
+    try:
+        async for p_index, output in merged:
+            failed = _failure([output])
+            if failed is not None:  # as vLLM streams it: an error event, then the end of the stream
+                yield _sse(failed.body())
+                yield _DONE
+                return
+            choices = _completion_choices(state, body.n, p_index, output, token_text, text_offsets)
+            if output.finished:
+                finals[p_index] = output
+            if choices:
+                yield chunk(choices)
+    finally:
+        await merged.aclose()  # aborts the prompts still running when the stream ends early
     if body.include_usage:
         outputs = list(finals.values())
         yield chunk([], {"usage": openai_api.usage(sum(o.aux_info.input_len for o in outputs), outputs)})
     yield _DONE
+
+
+def _completion_choices(state: _StreamState, n: int, p_index: int, output: RequestOutput,
+                        token_text: Optional[Callable[[int], str]], text_offsets: Dict[int, int]) -> List[Dict[str, Any]]:
+    choices = []
+    for index, seq, delta in state.deltas(p_index * n, output):
+        logprobs = None
+        if token_text is not None:
+            logprobs = openai_api.completion_logprobs(seq, delta.start, delta.end, token_text,
+                                                      text_offsets.get(index, 0))
+            text_offsets[index] = text_offsets.get(index, 0) + sum(len(t) for t in logprobs["tokens"])
+        choices.append({"index": index, "text": delta.text, "logprobs": logprobs,
+                        "finish_reason": delta.finish_reason})
+    return choices
