@@ -135,7 +135,7 @@ class FrontEnd:
         names = [rid or f"req-{next(_request_ids)}" for rid in ids_given]
         handles = [RequestHandle(self, name, sink) for name in names]
         with self._lock:
-            taken = [n for n in names if n in self._handles] or [n for n in names if names.count(n) > 1]
+            taken = [n for n in names if n in self._handles] or _repeated(names)
             if taken:
                 raise ValueError(f"request_id {taken[0]!r} is already in use")
             self._check_alive()
@@ -187,6 +187,11 @@ class FrontEnd:
             by_sink[id(handle.queue)].append(output)
             sinks[id(handle.queue)] = handle.queue
         return [(sinks[key], group) for key, group in by_sink.items()]
+
+
+def _repeated(names: List[str]) -> List[str]:
+    seen: set = set()
+    return [n for n in names if n in seen or seen.add(n)]
 
 
 def _deliver(routed) -> None:

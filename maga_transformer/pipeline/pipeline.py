@@ -59,10 +59,7 @@ class Pipeline:
         self.engine.start()
 
     def encode(self, prompt: str) -> List[int]:
-        if not isinstance(prompt, str):
-            raise ValueError(f"prompt: expected a string, got {type(prompt).__name__}")
-        if not prompt:
-            raise ValueError("prompt: must not be empty")
+        _check_prompt(prompt)
         return self.tokenizer.encode(prompt)
 
     def chat_prompt(self, messages: List[Dict[str, str]]) -> str:
@@ -94,7 +91,10 @@ class Pipeline:
         merged = dict(generate_config or {})
         merged.update(kwargs)
         config = GenerateConfig.from_dict(merged)
-        token_ids = [self.encode(p) for p in prompts]
+        for prompt in prompts:
+            _check_prompt(prompt)
+        # one batched call: the Rust tokenizer encodes the prompts in parallel threads
+        token_ids = self.tokenizer(prompts)["input_ids"] if len(prompts) > 1 else [self.encode(prompts[0])]
         for ids in token_ids:
             self.engine.validate(ids, config)  # all checked before any is submitted
         return token_ids, config
@@ -124,6 +124,13 @@ class Pipeline:
 
     def stop(self) -> None:
         self.engine.stop()
+
+
+def _check_prompt(prompt) -> None:
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt: expected a string, got {type(prompt).__name__}")
+    if not prompt:
+        raise ValueError("prompt: must not be empty")
 
 
 def _texts(output: RequestOutput, config: GenerateConfig) -> Union[str, List[str]]:

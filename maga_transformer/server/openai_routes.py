@@ -224,7 +224,8 @@ async def _completion_stream(ctx: ServerContext, body: openai_api.CompletionRequ
         yield chunk([{"index": p * body.n + s, "text": prompt, "logprobs": None, "finish_reason": None}
                      for p, prompt in enumerate(prompts) for s in range(body.n)])
     finals: Dict[int, RequestOutput] = {}
-    merged = merge_streams([ctx.engine.generate(ids, config) for ids in prompt_ids])
+    streams = [ctx.engine.generate(ids, config) for ids in prompt_ids]
+    merged = merge_streams(streams) if len(streams) > 1 else _tagged(streams[0])
     try:
         async for p_index, output in merged:
             failed = _failure([output])
@@ -257,3 +258,12 @@ def _completion_choices(state: _StreamState, n: int, p_index: int, output: Reque
         choices.append({"index": index, "text": delta.text, "logprobs": logprobs,
                         "finish_reason": delta.finish_reason})
     return choices
+
+
+async def _tagged(stream: AsyncIterator[RequestOutput]) -> AsyncIterator[Tuple[int, RequestOutput]]:
+    """One prompt's stream in merge_streams' shape, without its pump task and queue per output."""
+    try:
+        async for output in stream:
+            yield 0, output
+    finally:
+        await stream.aclose()

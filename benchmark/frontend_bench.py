@@ -1,0 +1,146 @@
+"""The server's front end alone: how many streamed tokens per second it can hand out when the engine
+costs nothing. A stand-in core (no model) answers every request with one token per step at a fixed
+step time, through the real front end (output processor, detokenizer, sinks) and the real FastAPI
+app under uvicorn; client processes stream /v1/completions as benchmark/serving.py does.
+
+    python3 benchmark/frontend_bench.py [--streams 64 256] [--step-ms 5] [--tokens 128] [--client-procs 4]
+
+If the output rate stays at streams x 1000 / step-ms, the front end keeps up with an engine of that
+step time; where it falls short, the front end is the bottleneck (run py-spy on this process to see
+where its time goes). The stand-in's tokens are drawn from a word-level vocabulary, so every token is
+one word of text.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import sys
+import threading
+import time
+from types import SimpleNamespace
+from typing import Dict, List, Tuple
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from maga_transformer.engine.frontend import FrontEnd  # noqa: E402
+from maga_transformer.engine.limits import RequestLimits  # noqa: E402
+from maga_transformer.engine.messages import (CoreStepOutput, EngineInfo, EngineRequest, EngineStats,  # noqa: E402
+                                              RequestFinal)
+
+logger = logging.getLogger("benchmark.frontend")
+VOCAB = 512
+
+
+class StandInCore(FrontEnd):
+    """A front end whose core is a thread emitting one token per live request every step."""
+
+    def __init__(self, tokenizer, step_ms: float) -> None:
+        info = EngineInfo(vocab_size=VOCAB, max_seq_len=4096, block_size=16, num_blocks=1 << 20,
+                          max_num_batched_tokens=8192, enable_chunked_prefill=True, eos_token_ids=[2])
+        super().__init__(tokenizer, info, RequestLimits(info, lambda ids: None))
+        self.step_s = step_ms / 1000
+        self.healthy, self.failure = True, None
+        self._live: Dict[str, Tuple[EngineRequest, int]] = {}
+        self._inbox: List[EngineRequest] = []
+        self._aborts: List[str] = []
+        self._inbox_lock = threading.Lock()
+        self._rng = random.Random(0)
+        self.steps = 0
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def _submit(self, requests: List[EngineRequest]) -> None:
+        with self._inbox_lock:
+            self._inbox.extend(requests)
+
+    def _send_aborts(self, request_ids: List[str]) -> None:
+        with self._inbox_lock:
+            self._aborts.extend(request_ids)
+
+    def _send_stops(self, stops) -> None:
+        self._send_aborts([rid for rid, _ in stops])
+
+    def _loop(self) -> None:
+        deadline = time.perf_counter()
+        while True:
+            deadline += self.step_s
+            time.sleep(max(0.0, deadline - time.perf_counter()))
+            self.on_core_output(self._step())
+
+    def _step(self) -> CoreStepOutput:
+        with self._inbox_lock:
+            inbox, self._inbox = self._inbox, []
+            aborts, self._aborts = self._aborts, []
+        for request in inbox:
+            self._live[request.request_id] = (request, 0)
+        out = CoreStepOutput()
+        for request_id in aborts:
+            if self._live.pop(request_id, None) is not None:
+                out.deltas.append((request_id, 0, [], [], None, "abort", None))
+                out.finals.append(RequestFinal(request_id, 0.0, 0, 0, 0, None))
+        for request_id, (request, made) in list(self._live.items()):
+            made += 1
+            done = made >= request.config.max_new_tokens
+            out.deltas.append((request_id, 0, [self._rng.randrange(3, VOCAB)], [-1.0], None,
+                               "length" if done else None, None))
+            if done:
+                del self._live[request_id]
+                out.finals.append(RequestFinal(request_id, 0.0, made, 0, 0, None))
+            else:
+                self._live[request_id] = (request, made)
+        self.steps += 1
+        out.stats = EngineStats(num_running=len(self._live))
+        return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--streams", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--step-ms", type=float, default=5.0)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--client-procs", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    import uvicorn
+
+    from benchmark.product_path import server_level
+    from maga_transformer.config.server_config import ServerConfig
+    from maga_transformer.server.app import create_app
+    from maga_transformer.test.fixtures import _tiny_tokenizer_dir
+    from maga_transformer.test.server.live_server import free_port
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(_tiny_tokenizer_dir(VOCAB))
+    engine = StandInCore(tokenizer, args.step_ms)
+    model = SimpleNamespace(engine=engine, tokenizer=tokenizer, max_seq_len=4096, stop=lambda: None)
+    port = free_port()
+    app = create_app(model, ServerConfig(host="127.0.0.1", port=port, concurrency_limit=4096))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}"
+    rng = random.Random(1)
+    report = {"step_ms": args.step_ms, "tokens": args.tokens}
+    for streams in args.streams:
+        prompts = [" ".join(f"w{rng.randrange(3, VOCAB)}" for _ in range(64)) for _ in range(streams * args.rounds)]
+        result = server_level(url, prompts, args.tokens, streams, args.client_procs)
+        result["engine_rate_tok_s"] = streams * 1000 / args.step_ms
+        result["share_of_engine_rate"] = result["output_tok_s"] / result["engine_rate_tok_s"]
+        report[f"streams_{streams}"] = result
+        logger.info(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}))
+    server.should_exit = True
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
