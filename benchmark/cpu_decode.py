@@ -3,7 +3,9 @@
     python3 benchmark/cpu_decode.py [--model DIR] [--out results.json]
 
 1. batch-1 decode: one chat prompt, 128 new tokens (EOS ignored), tokens/s;
-2. 16 concurrent requests (128 new tokens each) vs generate with a static batch of 16 (left-padded).
+2. 16 concurrent requests (128 new tokens each) vs generate with a static batch of 16 (left-padded);
+3. batch-1 decode through the Pipeline (streaming, first to last update), the engine core in its own
+   process (the default) and in-process (ENGINE_PROCESS=0), each model loaded and stopped in turn.
 Default model: the embedded SmolLM2-135M-Instruct, fp32. Threads: torch's default for the machine.
 """
 from __future__ import annotations
@@ -51,6 +53,23 @@ def bench_engine(model, prompts, new_tokens: int) -> float:
     return produced / elapsed
 
 
+def bench_pipeline_modes(model_dir: str, question: str, new_tokens: int) -> dict:
+    """Streaming batch-1 decode rate through the Pipeline with the core in its own process and in-process."""
+    from maga_transformer.pipeline import Pipeline
+    rates = {}
+    for name, process in (("process", True), ("in_process", False)):
+        model = ModelFactory.from_huggingface(model_dir, engine_config=EngineConfig(kv_cache_mem_mb=1024,
+                                                                                    engine_process=process))
+        pipeline = Pipeline(model)
+        prompt = pipeline.chat_prompt([{"role": "user", "content": question}])
+        list(pipeline([prompt], max_new_tokens=8, top_k=1))  # warm-up
+        times = [time.perf_counter() for _ in pipeline([prompt], max_new_tokens=new_tokens, top_k=1, ignore_eos=True)]
+        rates[f"pipeline_batch1_tok_s_{name}"] = (len(times) - 1) / (times[-1] - times[0])
+        pipeline.stop()
+    rates["pipeline_process_over_in_process"] = rates["pipeline_batch1_tok_s_process"] / rates["pipeline_batch1_tok_s_in_process"]
+    return rates
+
+
 def bench_hf(hf_model, tokenizer, prompts, new_tokens: int) -> float:
     width = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -85,6 +104,8 @@ def main() -> None:
         f"ours_concurrent{args.batch}_tok_s": bench_engine(model, prompts, args.new_tokens),
         f"hf_static{args.batch}_tok_s": bench_hf(hf_model, model.tokenizer, prompts, args.new_tokens),
     }
+    model.stop()
+    results.update(bench_pipeline_modes(model_dir, QUESTIONS[0], args.new_tokens))
     results["batch1_ratio"] = results["ours_batch1_tok_s"] / results["hf_batch1_tok_s"]
     results[f"batch{args.batch}_ratio"] = (results[f"ours_concurrent{args.batch}_tok_s"]
                                            / results[f"hf_static{args.batch}_tok_s"])

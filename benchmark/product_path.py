@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import logging
 import multiprocessing
@@ -196,7 +197,8 @@ def _pipeline_callers(pipeline, callers: int, rounds: int) -> Dict[str, float]:
 # ---- phase 3: the server --------------------------------------------------------------------------
 
 def _warm_client(_: int) -> None:
-    import benchmark.serving  # noqa: F401  (httpx and friends: imported before the clock starts)
+    """Import what a client needs (httpx and friends) before the clock starts."""
+    importlib.import_module("benchmark.serving")
 
 
 def _client_share(args):
@@ -298,6 +300,7 @@ def main() -> None:
         return
     import torch
     from benchmark.gpu_bench import emit_report
+    from benchmark.serving import _commit
     report: Dict[str, object] = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
                                  "date": time.strftime("%Y-%m-%d"), "commit": _commit(),
                                  "model": "Llama-3-8B shape, bf16", "engine_size": ENGINE_SIZE}
@@ -320,13 +323,6 @@ def _run_phase(phase: str, args) -> dict:
     if proc.returncode != 0 or not lines:
         return {"failed": f"exit code {proc.returncode}"}
     return json.loads(lines[-1][len("RESULT "):])
-
-
-def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 if __name__ == "__main__":

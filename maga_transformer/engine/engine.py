@@ -12,7 +12,7 @@ from typing import List, Optional, Tuple
 
 from maga_transformer.config.engine_config import EngineConfig
 from maga_transformer.engine.core import EngineCore
-from maga_transformer.engine.frontend import FrontEnd, RequestHandle  # noqa: F401  (RequestHandle: re-export)
+from maga_transformer.engine.frontend import FrontEnd
 from maga_transformer.engine.messages import EngineRequest
 from maga_transformer.engine.output import RequestOutput
 from maga_transformer.models.decoder import DecoderModel

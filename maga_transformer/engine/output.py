@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from maga_transformer.engine.request import FinishReason, Request, Sequence
+from maga_transformer.engine.request import FinishReason, Sequence
 
 
 @dataclass
@@ -77,12 +77,6 @@ class Detokenizer:
             state.prefix_offset, state.read_offset = state.read_offset, len(ids)
         return state.text
 
-    def adopt(self, child: Sequence, parent: Sequence) -> None:
-        parent_state = self._states.get(parent.seq_id)
-        if parent_state is not None:
-            self._states[child.seq_id] = _DetokState(parent_state.text, parent_state.prefix_offset,
-                                                     parent_state.read_offset)
-
     def forget(self, seq: Sequence) -> None:
         self._states.pop(seq.seq_id, None)
 
@@ -121,14 +115,3 @@ def hold_back_partial_stop(text: str, stops: List[str]) -> str:
 
 def ends_with_token_stop(token_ids: List[int], stop_lists: List[List[int]]) -> bool:
     return any(len(token_ids) >= len(s) and token_ids[-len(s):] == s for s in stop_lists)
-
-
-def build_aux_info(request: Request, now: float) -> AuxInfo:
-    seqs = request.seqs
-    first = None if request.first_token_time is None else (request.first_token_time - request.arrival_time) * 1e3
-    return AuxInfo(
-        cost_time=(now - request.arrival_time) * 1e3, iter_count=request.num_steps,
-        input_len=request.prompt_len, prefix_len=0, reuse_len=request.reuse_len,
-        output_len=max((s.num_output_tokens for s in seqs), default=0),
-        cum_log_probs=[s.cum_logprob for s in seqs], num_preemptions=request.num_preemptions,
-        first_token_time=first)
