@@ -69,6 +69,14 @@ class PoolView:
     def num_free_blocks(self) -> int:
         return self._frontend.stats.num_free_blocks
 
+    def check_idle(self) -> None:
+        """With no request live, every block is free or an evictable cached one (the core's own
+        BlockPool.check_idle, as its last step message reported it)."""
+        stats = self._frontend.stats
+        if stats.num_free_blocks != self.num_blocks:
+            raise AssertionError(f"{self.num_blocks - stats.num_free_blocks} KV blocks still held with "
+                                 f"{self._frontend.num_live_requests} request(s) live")
+
 
 class FrontEnd:
     """Subclasses send to the core: _submit, _send_aborts, _send_stops."""
