@@ -44,7 +44,6 @@ class StandInCore(FrontEnd):
                           max_num_batched_tokens=8192, enable_chunked_prefill=True, eos_token_ids=[2])
         super().__init__(tokenizer, info, RequestLimits(info, lambda ids: None))
         self.step_s = step_ms / 1000
-        self.healthy, self.failure = True, None
         self._live: Dict[str, Tuple[EngineRequest, int]] = {}
         self._inbox: List[EngineRequest] = []
         self._aborts: List[str] = []

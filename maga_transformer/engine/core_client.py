@@ -113,7 +113,7 @@ class EngineProcessClient(FrontEnd):
         self._proc, self._channel = proc, channel
         super().__init__(tokenizer, info, RequestLimits(info, prompt_layout))
         self.step_timeout_s = step_timeout_s
-        self.failure: Optional[str] = None  # why the core is gone, once it is
+        self._failure: Optional[str] = None  # why the core is gone, once it is
         self._closing = False
         self._last_message = time.monotonic()
         self._reader = threading.Thread(target=self._read_loop, name="maga-engine-reader", daemon=True)
@@ -127,7 +127,11 @@ class EngineProcessClient(FrontEnd):
 
     @property
     def healthy(self) -> bool:
-        return self.failure is None and not self._closing
+        return self._failure is None and not self._closing
+
+    @property
+    def failure(self) -> Optional[str]:
+        return self._failure
 
     def has_work(self) -> bool:
         return self.num_live_requests > 0
@@ -206,9 +210,9 @@ class EngineProcessClient(FrontEnd):
             self._kill()
 
     def _on_core_gone(self, reason: str) -> None:
-        if self.failure is not None:
+        if self._failure is not None:
             return
-        self.failure = reason
+        self._failure = reason
         logger.error("%s: failing %d live request(s); the server reports unhealthy", reason, self.num_live_requests)
         self.fail_all(f"engine core failed: {reason}")
 

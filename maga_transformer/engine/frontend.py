@@ -102,6 +102,15 @@ class FrontEnd:
 
     # ---- public API (thread-safe) ---------------------------------------------------------------
     @property
+    def healthy(self) -> bool:
+        """False once no core serves requests (the process client says why in `failure`)."""
+        return True
+
+    @property
+    def failure(self) -> Optional[str]:
+        return None
+
+    @property
     def max_seq_len(self) -> int:
         return self.info.max_seq_len
 

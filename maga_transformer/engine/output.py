@@ -59,7 +59,8 @@ class Detokenizer:
         self._states: Dict[int, _DetokState] = {}
         self._backend_decode = _backend_decoder(tokenizer)
 
-    def _decode(self, ids: List[int]) -> str:
+    def decode(self, ids: List[int]) -> str:
+        """The whole text of `ids`, special tokens skipped (the fast backend path when it is exact)."""
         if self._backend_decode is not None:
             return self._backend_decode(ids, skip_special_tokens=True)
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -68,10 +69,10 @@ class Detokenizer:
         ids = seq.output_ids
         state = self._states.setdefault(seq.seq_id, _DetokState())
         if seq.is_finished:
-            state.text = self._decode(ids)  # exact final text, whatever the window saw
+            state.text = self.decode(ids)  # exact final text, whatever the window saw
             return state.text
-        prefix = self._decode(ids[state.prefix_offset:state.read_offset])
-        window = self._decode(ids[state.prefix_offset:])
+        prefix = self.decode(ids[state.prefix_offset:state.read_offset])
+        window = self.decode(ids[state.prefix_offset:])
         if len(window) > len(prefix) and not window.endswith("\ufffd"):
             state.text += window[len(prefix):]
             state.prefix_offset, state.read_offset = state.read_offset, len(ids)

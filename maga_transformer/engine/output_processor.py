@@ -125,16 +125,13 @@ class OutputProcessor:
         cfg = request.config
         if seq.stopped_here:
             return seq.text
-        if beams:  # re-chosen every step: decode whole
-            text = self.detok._decode(seq.output_ids)
-        else:
-            text = self.detok.update(seq)
+        # beams are re-chosen every step: decode them whole
+        text = self.detok.decode(seq.output_ids) if beams else self.detok.update(seq)
         words = cfg.stop_words_str
         if not words:
             return text
-        found = find_stop_string(text, words)
-        if found is not None:
-            text = text[:found[1]] if cfg.print_stop_words else text[:found[0]]
+        text, found = _cut_at_stop(text, cfg)
+        if found:
             if not beams:  # a beam's stop string only trims its text: the search decides when beams end
                 if not seq.is_finished:
                     stops.append((request.request_id, index))
@@ -146,12 +143,11 @@ class OutputProcessor:
 
     def _build(self, request: FrontRequest, texts: List[str], finished: bool) -> RequestOutput:
         cfg, final = request.config, request.final
-        extras = final if final is not None else None
         seq_outputs = [SequenceOutput(
             text=text, token_ids=list(seq.output_ids), finish_reason=seq.finish_reason, cum_logprob=seq.cum_logprob,
             logprobs=list(seq.logprobs), top_logprobs=list(seq.top_logprobs) if cfg.top_logprobs else None,
-            logits=extras.logits.get(index) if extras else None,
-            hidden_states=extras.hidden.get(index) if extras else None)
+            logits=final.logits.get(index) if final else None,
+            hidden_states=final.hidden.get(index) if final else None)
             for index, (seq, text) in enumerate(zip(request.seqs, texts))]
         beam_responses = None
         if final is not None and final.beams:
@@ -166,13 +162,9 @@ class OutputProcessor:
             error=final.error if final is not None else None)
 
     def _beam_outputs(self, request: FrontRequest) -> List[SequenceOutput]:
-        cfg = request.config
         outputs = []
         for token_ids, score in request.final.beams:
-            text = self.detok._decode(token_ids)
-            found = find_stop_string(text, cfg.stop_words_str) if cfg.stop_words_str else None
-            if found is not None:
-                text = text[:found[1]] if cfg.print_stop_words else text[:found[0]]
+            text, _ = _cut_at_stop(self.detok.decode(token_ids), request.config)
             outputs.append(SequenceOutput(text=text, token_ids=list(token_ids), finish_reason=FinishReason.STOP,
                                           cum_logprob=score))
         return outputs
@@ -195,6 +187,14 @@ class OutputProcessor:
         for seq in request.seqs:
             self.detok.forget(seq)
         self.requests.pop(request.request_id, None)
+
+
+def _cut_at_stop(text: str, cfg: GenerateConfig) -> Tuple[str, bool]:
+    """The text up to its first stop string (through it with print_stop_words), and whether one was found."""
+    found = find_stop_string(text, cfg.stop_words_str) if cfg.stop_words_str else None
+    if found is None:
+        return text, False
+    return (text[:found[1]] if cfg.print_stop_words else text[:found[0]]), True
 
 
 def _apply_delta(request: FrontRequest, delta) -> None:

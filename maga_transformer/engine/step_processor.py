@@ -209,7 +209,7 @@ class StepProcessor:
     @staticmethod
     def _deltas(request: Request, out: CoreStepOutput) -> None:
         rid, beams, top = request.request_id, request.is_beam_search, request.config.top_logprobs
-        if request.num_steps and not request.started_sent and request.first_token_time is not None:
+        if not request.started_sent and request.first_token_time is not None:
             request.started_sent = True
             out.started.append((rid, request.reuse_len))
         for index, seq in enumerate(request.seqs):

@@ -55,11 +55,11 @@ class AsyncEngine:
 
     @property
     def healthy(self) -> bool:
-        return getattr(self.engine, "healthy", True)
+        return self.engine.healthy
 
     @property
     def failure(self) -> str:
-        return getattr(self.engine, "failure", None) or "the engine was stopped"
+        return self.engine.failure or "the engine was stopped"
 
     def validate(self, prompt_ids: List[int], config: GenerateConfig) -> None:
         if not self.healthy:

@@ -30,7 +30,7 @@ class _EngineState:
         yield CounterMetricFamily("vllm:prefix_cache_hits", "Prompt blocks found in the prefix cache",
                                   stats.prefix_cache_hits)
         yield GaugeMetricFamily("maga:engine_core_healthy", "1 while the engine core serves, 0 once it failed",
-                                1.0 if getattr(self.engine, "healthy", True) else 0.0)
+                                1.0 if self.engine.healthy else 0.0)
 
 
 class ServerMetrics:
