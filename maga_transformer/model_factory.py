@@ -18,6 +18,8 @@ from maga_transformer.engine.core_client import EngineProcessClient, StartingCor
 from maga_transformer.engine.core_main import CoreLaunch
 from maga_transformer.engine.engine import Engine
 from maga_transformer.config.placement import choose_placement
+from maga_transformer.distributed.parallel_config import ParallelConfig
+from maga_transformer.distributed.tensor_parallel import TensorParallel
 from maga_transformer.model_loader import iter_checkpoint_tensors, load_tokenizer, resolve_model_dir
 from maga_transformer.model_loader.resolve import resolve_tokenizer_dir
 from maga_transformer.models import resolve_model_class
@@ -94,12 +96,13 @@ class ModelFactory:
     def from_huggingface(name_or_path: Union[str, ModelConfig, None] = None,
                          model_config: Optional[ModelConfig] = None,
                          engine_config: Optional[EngineConfig] = None,
-                         device: Union[str, torch.device, None] = None) -> AsyncModel:
+                         device: Union[str, torch.device, None] = None,
+                         parallel: Optional[ParallelConfig] = None) -> AsyncModel:
         """Load a checkpoint. `name_or_path` may be a directory, a .gguf file, a name mapped by
         MAGA_MODEL_DIRS, a ModelConfig, or None for the embedded default model (SmolLM2-135M).
         `device` defaults to $MAGA_DEVICE, else the GPU when one is visible (config/placement.py; the
         compute dtype follows: the checkpoint's half precision on CUDA, fp32 on CPU, unless
-        act_type says otherwise)."""
+        act_type says otherwise). `parallel`: tensor parallelism (TP_SIZE etc.; docs/MultiGPU.md)."""
         if isinstance(name_or_path, ModelConfig):
             model_config, name_or_path = name_or_path, name_or_path.ckpt_path
         config = model_config or ModelConfig()
@@ -111,7 +114,7 @@ class ModelFactory:
                                      device=device, maga_device=os.environ.get("MAGA_DEVICE"),
                                      act_type=config.act_type, bf16_supported=cuda and torch.cuda.is_bf16_supported())
         logger.info("placement: %s", placement.reason)
-        return _load(config, engine_config, placement.device, placement.dtype)
+        return _load(config, engine_config, placement.device, placement.dtype, parallel or ParallelConfig())
 
     @staticmethod
     def create_from_env(env: Optional[dict] = None) -> AsyncModel:
@@ -128,23 +131,37 @@ class ModelFactory:
             tokenizer_path=env.get("TOKENIZER_PATH", ""), max_seq_len=max_seq_len, seq_size_per_block=block,
             weight_type=WEIGHT_TYPE.from_str(env.get("WEIGHT_TYPE") or "fp32"),
             act_type=ACT_TYPE.from_str(env["ACT_TYPE"]) if env.get("ACT_TYPE") else None)
-        return ModelFactory.from_huggingface(config, engine_config=EngineConfig.from_env(env))
+        return ModelFactory.from_huggingface(config, engine_config=EngineConfig.from_env(env),
+                                             parallel=ParallelConfig.from_env(env))
 
 
-def load_model_weights(ckpt_path: str, model_type: str, dtype: torch.dtype, device: torch.device) -> DecoderModel:
+def load_model_weights(ckpt_path: str, model_type: str, dtype: torch.dtype, device: torch.device,
+                       tp: Optional[TensorParallel] = None, load_threads: int = 1) -> DecoderModel:
     """The model family's class built on `device` with the checkpoint's weights (where the engine
-    core lives: this process in-process, the core's process otherwise)."""
+    core lives: this process in-process, the core's process otherwise); under tensor parallelism,
+    this rank's shard of them."""
     hf_config = _read_json(os.path.join(ckpt_path, "config.json"))
     model_cls = resolve_model_class(model_type, hf_config)
-    model = model_cls(model_cls.arch_from_hf_config(hf_config), dtype, device)
-    logger.info("loading %s (%s) from %s as %s on %s", model_cls.__name__, hf_config.get("model_type"),
-                ckpt_path, dtype, device)
+    model = model_cls(model_cls.arch_from_hf_config(hf_config), dtype, device, tp)
+    model.load_threads = load_threads
+    logger.info("loading %s (%s) from %s as %s on %s%s", model_cls.__name__, hf_config.get("model_type"),
+                ckpt_path, dtype, device, f", {model.tp}" if tp is not None else "")
     model.load_weights(iter_checkpoint_tensors(ckpt_path))
     return model
 
 
+def _check_parallel(parallel: ParallelConfig, arch, device: torch.device, engine_config: EngineConfig) -> None:
+    if not parallel.enabled:
+        return
+    if not engine_config.engine_process:
+        raise ValueError(f"TP_SIZE ({parallel.tp_size}) > 1 needs the engine core in its own process: "
+                         "unset ENGINE_PROCESS=0")
+    parallel.check(torch.cuda.device_count() if device.type == "cuda" else None)
+    parallel.check_model(arch.num_heads, arch.num_kv_heads)
+
+
 def _load(config: ModelConfig, engine_config: Optional[EngineConfig], device: torch.device,
-          dtype: torch.dtype) -> AsyncModel:
+          dtype: torch.dtype, parallel: ParallelConfig) -> AsyncModel:
     """Everything the front end needs (config, tokenizer, limits) is read here; the weights are
     loaded here in-process, or by the engine-core process it starts."""
     hf_config = _read_json(os.path.join(config.ckpt_path, "config.json"))
@@ -156,6 +173,7 @@ def _load(config: ModelConfig, engine_config: Optional[EngineConfig], device: to
         config = replace(config, max_seq_len=arch.context_length)
     engine_config = engine_config or EngineConfig.from_env()
     eos = _configured_eos_ids(config.ckpt_path, hf_config)
+    _check_parallel(parallel, arch, device, engine_config)
     if not engine_config.engine_process:
         tokenizer = load_tokenizer(config.tokenizer_path, config.ckpt_path)
         eos = eos if eos is not None else _tokenizer_eos_ids(tokenizer)
@@ -168,7 +186,8 @@ def _load(config: ModelConfig, engine_config: Optional[EngineConfig], device: to
     launch = CoreLaunch(ckpt_path=config.ckpt_path, model_type=config.model_type,
                         dtype=str(dtype).replace("torch.", ""), device=str(device), engine_config=engine_config,
                         max_seq_len=config.max_seq_len, block_size=config.seq_size_per_block, eos_token_ids=eos,
-                        log_level=logging.getLogger().getEffectiveLevel())
+                        log_level=logging.getLogger().getEffectiveLevel(),
+                        parallel=parallel.with_free_port() if parallel.enabled else parallel)
     starting = StartingCore(launch)  # the weights load there while the tokenizer loads here
     try:
         tokenizer = tokenizer or load_tokenizer(config.tokenizer_path, config.ckpt_path)

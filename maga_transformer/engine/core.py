@@ -32,31 +32,47 @@ from maga_transformer.models.decoder import DecoderModel
 logger = logging.getLogger(__name__)
 
 
+def build_model_runner(model: DecoderModel, engine_config: EngineConfig, max_seq_len: int, block_size: int,
+                       ranks=None, sends_steps: bool = True) -> ModelRunner:
+    """Plan the KV cache (profiling the largest step on CUDA), allocate it, capture the decode graphs.
+    Under tensor parallelism every rank runs this in step (the profile and the captures call
+    collectives) and all keep the KV blocks the tightest rank has room for; rank 0's runner
+    (sends_steps) then hands every step to the others."""
+    step_tokens = min(engine_config.max_num_batched_tokens, max_seq_len)
+    num_blocks = plan_num_blocks(
+        model, block_size, engine_config, graph_reserve_mb=CUDA_GRAPH_RESERVE_MB,
+        profile=lambda: profile_forward(model, block_size, step_tokens, min(engine_config.max_num_seqs, step_tokens)))
+    if ranks is not None:
+        num_blocks = ranks.agree_min(num_blocks)
+    return ModelRunner(model, block_size, num_blocks, max_seq_len, engine_config.max_num_seqs,
+                       ranks if sends_steps else None)
+
+
 class EngineCore:
     def __init__(self, model: DecoderModel, engine_config: EngineConfig, max_seq_len: int,
-                 block_size: int, eos_token_ids: List[int]) -> None:
+                 block_size: int, eos_token_ids: List[int], ranks=None) -> None:
+        """ranks: the tensor-parallel group (distributed/ranks.py) when this core is rank 0 of one."""
         self.model = model
         self.config = engine_config
         self.max_seq_len = max_seq_len
         self.block_size = block_size
-        step_tokens = min(engine_config.max_num_batched_tokens, max_seq_len)
-        num_blocks = plan_num_blocks(
-            model, block_size, engine_config, graph_reserve_mb=CUDA_GRAPH_RESERVE_MB,
-            profile=lambda: profile_forward(model, block_size, step_tokens, min(engine_config.max_num_seqs, step_tokens)))
+        self.ranks = ranks
+        self.runner = build_model_runner(model, engine_config, max_seq_len, block_size, ranks)
+        num_blocks = self.runner.num_blocks
         prefix_cache = engine_config.enable_prefix_cache and not model.USES_PROMPT_LAYOUT
         if engine_config.enable_prefix_cache and not prefix_cache:
             logger.info("prefix cache off: %s's keys depend on the whole prompt", type(model).__name__)
         self.pool = BlockPool(num_blocks, prefix_cache)
         self.scheduler = Scheduler(self.pool, block_size, engine_config.max_num_batched_tokens,
                                    engine_config.max_num_seqs, engine_config.enable_chunked_prefill)
-        self.runner = ModelRunner(model, block_size, num_blocks, max_seq_len, engine_config.max_num_seqs)
         self.processor = StepProcessor(self.scheduler)
         self.info = EngineInfo(
             vocab_size=model.arch.vocab_size, max_seq_len=max_seq_len, block_size=block_size, num_blocks=num_blocks,
             max_num_batched_tokens=engine_config.max_num_batched_tokens,
             enable_chunked_prefill=engine_config.enable_chunked_prefill, eos_token_ids=list(eos_token_ids),
             description=f"{model.device.type} {str(model.dtype).replace('torch.', '')}, KV cache "
-                        f"{num_blocks * block_size:,} tokens ({num_blocks:,} blocks of {block_size})")
+                        f"{num_blocks * block_size:,} tokens ({num_blocks:,} blocks of {block_size})"
+                        + (f", tensor parallel over {model.tp.size} ranks" if model.tp.size > 1 else ""))
         self.limits = RequestLimits(self.info, model.prompt_layout)
         overlap = engine_config.overlap_scheduling
         self.overlap = model.device.type == "cuda" if overlap is None else overlap

@@ -12,14 +12,18 @@ import gc
 import logging
 import os
 import sys
+import threading
 import traceback
 from dataclasses import dataclass
 from typing import List, Optional
 
 from maga_transformer.config.engine_config import EngineConfig
+from maga_transformer.distributed.parallel_config import ParallelConfig
 from maga_transformer.engine.ipc import Channel
 
 logger = logging.getLogger(__name__)
+_STOPPING = threading.Event()  # a clean shutdown: workers exiting now is expected
+HEARTBEAT_S = 5.0  # an idle tensor-parallel core pings its workers this often (distributed/ranks.py)
 
 
 @dataclass
@@ -34,6 +38,7 @@ class CoreLaunch:
     block_size: int
     eos_token_ids: List[int]
     log_level: int = logging.WARNING
+    parallel: ParallelConfig = ParallelConfig()  # tensor parallelism: this core is rank 0 of the group
 
 
 class _ForwardLogs(logging.Handler):
@@ -48,14 +53,36 @@ class _ForwardLogs(logging.Handler):
             pass  # the front end is gone; the loop notices
 
 
+def _start_group(launch: CoreLaunch, device):
+    """Rank 0 of a tensor-parallel group: this machine's other ranks start as worker processes
+    (unless torchrun started every rank), and a watchdog ends this process when one of them exits."""
+    from maga_transformer.distributed.ranks import RankGroup
+    from maga_transformer.distributed.worker import spawn_workers, watch_processes
+    parallel = launch.parallel
+    workers = [] if parallel.torchrun else spawn_workers(launch, range(1, parallel.local_world_size), 1)
+
+    def on_worker_exit(proc) -> None:
+        if _STOPPING.is_set():
+            return
+        logger.error("tensor-parallel worker process %d exited with code %s; the engine core stops",
+                     proc.pid, proc.returncode)
+        os._exit(3)
+    watch_processes(workers, on_worker_exit)
+    return RankGroup(parallel, 0, device), workers
+
+
 def _build_core(launch: CoreLaunch):
     import torch
 
     from maga_transformer.engine.core import EngineCore
     from maga_transformer.model_factory import load_model_weights
-    model = load_model_weights(launch.ckpt_path, launch.model_type, getattr(torch, launch.dtype),
-                               torch.device(launch.device))
-    return EngineCore(model, launch.engine_config, launch.max_seq_len, launch.block_size, launch.eos_token_ids)
+    device = torch.device(launch.device)
+    ranks, workers = _start_group(launch, device) if launch.parallel.enabled else (None, [])
+    model = load_model_weights(launch.ckpt_path, launch.model_type, getattr(torch, launch.dtype), device,
+                               ranks.tp if ranks is not None else None, launch.parallel.load_threads)
+    logger.info("rank 0: %.1f MiB of weights", model.weight_bytes() / 2**20)
+    core = EngineCore(model, launch.engine_config, launch.max_seq_len, launch.block_size, launch.eos_token_ids, ranks)
+    return core, workers
 
 
 def _apply(core, message) -> bool:
@@ -76,18 +103,24 @@ def serve(core, channel: Channel) -> None:
     """The step loop. Blocks on the socket only when the core has nothing to do."""
     last_stats: Optional[object] = None
     running = True
+    ranks = core.ranks
+    idle_wait = HEARTBEAT_S if ranks is not None else None
     while running or core.has_work():
-        if running and channel.poll(0 if core.has_work() else None):
+        if running and channel.poll(0 if core.has_work() else idle_wait):
             for message in channel.recv_ready():
                 running = _apply(core, message) and running
             if not running:  # shutdown: abort what is live, finish the loop's last messages
                 core.abort(list(core.scheduler.requests))
+        elif ranks is not None and not core.has_work():
+            ranks.heartbeat()  # idle: a lost rank fails this, not the next request
         if not core.has_work():
             continue
         try:
             out = core.step()
         except Exception as err:  # a bug outside the model step: fail what is live, keep serving
             logger.exception("engine step failed")
+            if ranks is not None:
+                raise  # the other ranks may be inside the step's collectives: the group cannot go on
             out = core.fail_all(err)
         if not out.is_empty or out.stats != last_stats:
             channel.send(("step", out))
@@ -102,7 +135,7 @@ def main(argv: List[str]) -> int:
     root.setLevel(launch.log_level)
     root.addHandler(_ForwardLogs(channel))
     try:
-        core = _build_core(launch)
+        core, workers = _build_core(launch)
     except BaseException as err:  # bad checkpoint, out of memory, ...: the user must read why
         logger.debug("engine core start-up failed:\n%s", traceback.format_exc())
         channel.send(("failed", type(err).__name__, str(err) or type(err).__name__))
@@ -115,6 +148,14 @@ def main(argv: List[str]) -> int:
         serve(core, channel)
     except (EOFError, OSError):
         pass  # the front end closed the socket: nobody is left to serve
+    except Exception:  # a tensor-parallel step failed (a rank lost or hung): the group is done
+        logger.exception("the tensor-parallel group failed; the engine core stops")
+        os._exit(3)  # the other ranks may be stuck in collectives: do not wait for them
+    if core.ranks is not None:
+        _STOPPING.set()
+        core.ranks.send_stop()
+        from maga_transformer.distributed.worker import stop_processes
+        stop_processes(workers)
     return 0
 
 

@@ -26,6 +26,45 @@ from maga_transformer.models.decoder import DecoderModel
 logger = logging.getLogger(__name__)
 
 @dataclass
+class BatchInputs:
+    """An eager step's flat batch as plain lists (what ForwardBatch is built from on every rank)."""
+    input_ids: List[int]
+    positions: List[int]
+    slots: List[int]
+    rope_lens: List[int]
+    query_lens: List[int]
+    context_lens: List[int]
+    tables: List[List[int]]
+    bidirectional_lens: Optional[List[int]] = None
+    block_positions: Optional[List[int]] = None
+
+
+@dataclass
+class LossSpan:
+    """Prompt positions [start, stop) of one sequence computed this step, at token offset `offset`
+    of the batch, and the tokens that follow them (calculate_loss)."""
+    seq_id: int
+    offset: int
+    start: int
+    targets: List[int]
+
+
+@dataclass
+class StepInputs:
+    """Everything one model step computes from, with no engine objects in it: rank 0 derives it from
+    the scheduler's plan, and under tensor parallelism every other rank runs the same step from it
+    (DESIGN.md, "Processes"), so every rank calls the same collectives in the same order."""
+    block_copies: List[Tuple[int, int]] = field(default_factory=list)
+    graph_rows: Optional[List[DecodeRow]] = None  # a decode step for the CUDA graphs
+    batch: Optional[BatchInputs] = None  # an eager step
+    logit_rows: List[int] = field(default_factory=list)  # batch token index of each sampled row
+    row_of_seq: Dict[int, int] = field(default_factory=dict)
+    loss_spans: List[LossSpan] = field(default_factory=list)
+    want_hidden: bool = False
+    num_pending: int = 0  # overlap scheduling: input tokens still on the device, one per row
+
+
+@dataclass
 class StepResult:
     """Model outputs the engine needs, keyed by sequence id."""
 
@@ -92,11 +131,14 @@ class _LayoutColumns:
 
 class ModelRunner:
     def __init__(self, model: DecoderModel, block_size: int, num_blocks: int, max_seq_len: int = 0,
-                 max_batch: int = 0) -> None:
+                 max_batch: int = 0, ranks=None) -> None:
+        """ranks: the tensor-parallel group's step channel on rank 0 (distributed/ranks.py), which
+        hands each step's inputs to the other ranks before this one runs it; None alone."""
         self.model = model
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.device = model.device
+        self.ranks = ranks
         self.kv_caches = _allocate_kv(model, block_size, num_blocks)
         logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB)", num_blocks, block_size,
                     num_blocks * block_size, num_blocks * kv_bytes_per_block(model, block_size) / 2**20)
@@ -107,26 +149,29 @@ class ModelRunner:
         elif model.device.type == "cuda":
             logger.info("decode runs without CUDA graphs: %s", reason or "no max_seq_len / batch given")
 
-    @torch.inference_mode()
     def execute(self, plan: SchedulerOutput, pending_tokens: Optional[torch.Tensor] = None) -> StepResult:
         """Run one step. pending_tokens (overlap scheduling): a decode step whose input tokens are
         still on the device, one per row in plan order, drawn by the step before and not yet appended
         to the sequences; without it every input token is in seq.token_ids."""
-        if plan.block_copies:
-            src = to_device([s for s, _ in plan.block_copies], torch.long, self.device)
-            dst = to_device([d for _, d in plan.block_copies], torch.long, self.device)
-            for k_cache, v_cache in self.kv_caches:
-                ops.copy_kv_blocks(k_cache, v_cache, src, dst)
-        pending = pending_tokens is not None
+        inputs = self.prepare(plan, pending_tokens is not None)
+        if self.ranks is not None:
+            self.ranks.send_step(inputs, pending_tokens)
+        return self.run(inputs, pending_tokens)
+
+    # ---- rank 0: the plan as inputs -------------------------------------------------------------
+    def prepare(self, plan: SchedulerOutput, pending: bool = False) -> StepInputs:
+        inputs = StepInputs(block_copies=list(plan.block_copies))
         rows = self._graph_rows(plan, pending)
         if rows is not None:
-            logits = self.graphs.run([row for _, row in rows], pending_tokens)
-            return StepResult(logits=logits, row_of_seq={seq.seq_id: i for i, (seq, _) in enumerate(rows)})
-        batch, seqs, loss_seqs = self._build_batch(plan, pending)
-        if pending:
-            batch.input_ids = pending_tokens
-        hidden = self.model.forward(batch, self.kv_caches)
-        return self._gather_outputs(hidden, batch, seqs, loss_seqs, plan, pending)
+            inputs.graph_rows = [row for _, row in rows]
+            inputs.row_of_seq = {seq.seq_id: i for i, (seq, _) in enumerate(rows)}
+            inputs.num_pending = len(rows) if pending else 0
+            return inputs
+        inputs.batch, seqs, loss_seqs = self._build_batch(plan, pending)
+        self._plan_outputs(inputs, seqs, loss_seqs, pending)
+        inputs.want_hidden = any(item.request.config.return_hidden_states for item in plan.scheduled)
+        inputs.num_pending = len(seqs) if pending else 0
+        return inputs
 
     def _graph_rows(self, plan: SchedulerOutput, pending: bool) -> Optional[List[Tuple[Sequence, DecodeRow]]]:
         """The step as graph rows, or None when it must run eagerly (a prefill chunk, a request that
@@ -150,13 +195,7 @@ class ModelRunner:
         return rows
 
     def _build_batch(self, plan: SchedulerOutput, pending: bool = False):
-        input_ids: List[int] = []
-        positions: List[int] = []
-        slots: List[int] = []
-        rope_lens: List[int] = []
-        query_lens: List[int] = []
-        context_lens: List[int] = []
-        tables: List[List[int]] = []
+        batch = BatchInputs([], [], [], [], [], [], [])
         seqs: List[Sequence] = []
         loss_seqs: List[Sequence] = []
         layouts = _LayoutColumns()
@@ -164,53 +203,74 @@ class ModelRunner:
             layout = item.request.prompt_layout
             for seq in item.request.live_seqs:
                 start, end = seq.num_computed_tokens, seq.num_computed_tokens + item.num_tokens
-                input_ids.extend(seq.token_ids[start:end] if not pending else [0])  # pending: filled on the device
-                positions.extend(range(start, end) if layout is None else layout.positions(start, end))
+                batch.input_ids.extend(seq.token_ids[start:end] if not pending else [0])  # pending: filled on the device
+                batch.positions.extend(range(start, end) if layout is None else layout.positions(start, end))
                 layouts.add(layout, start, end)
                 table = seq.block_table
-                slots.extend(table[p // self.block_size] * self.block_size + p % self.block_size
-                             for p in range(start, end))
-                rope_lens.extend([end] * item.num_tokens)
-                query_lens.append(item.num_tokens)
-                context_lens.append(start)
-                tables.append(table)
+                batch.slots.extend(table[p // self.block_size] * self.block_size + p % self.block_size
+                                   for p in range(start, end))
+                batch.rope_lens.extend([end] * item.num_tokens)
+                batch.query_lens.append(item.num_tokens)
+                batch.context_lens.append(start)
+                batch.tables.append(table)
                 seqs.append(seq)
                 if item.request.config.calculate_loss:
                     loss_seqs.append(seq)
-        as_tensor = lambda values: to_device(values, torch.long, self.device)  # noqa: E731
-        attn = ops.build_attention_metadata(query_lens, context_lens, tables, self.block_size, self.device,
-                                            self.model.arch.sliding_window, layouts.bidirectional_lens)
-        batch = ForwardBatch(as_tensor(input_ids), as_tensor(positions), as_tensor(slots), as_tensor(rope_lens),
-                             attn)
-        if layouts.block_positions is not None:
-            batch.block_positions = as_tensor(layouts.block_positions)
+        batch.bidirectional_lens, batch.block_positions = layouts.bidirectional_lens, layouts.block_positions
         return batch, seqs, loss_seqs
 
-    def _gather_outputs(self, hidden: torch.Tensor, batch: ForwardBatch, seqs: List[Sequence],
-                        loss_seqs: List[Sequence], plan: SchedulerOutput, pending: bool = False) -> StepResult:
-        ends: List[int] = []
-        result = StepResult(logits=torch.empty(0))
+    def _plan_outputs(self, inputs: StepInputs, seqs: List[Sequence], loss_seqs: List[Sequence],
+                      pending: bool) -> None:
+        """Which batch rows are sampled (sequences that reached their last token) and which prompt
+        spans get their log-probs."""
         offset = 0
-        for seq, q_len in zip(seqs, batch.attn.query_lens):
+        for seq, q_len in zip(seqs, inputs.batch.query_lens):
             if seq.num_computed_tokens + q_len == len(seq.token_ids) + (1 if pending else 0):
-                result.row_of_seq[seq.seq_id] = len(ends)
-                ends.append(offset + q_len - 1)
+                inputs.row_of_seq[seq.seq_id] = len(inputs.logit_rows)
+                inputs.logit_rows.append(offset + q_len - 1)
             if seq in loss_seqs:
-                result.prompt_logprobs[seq.seq_id] = self._prompt_logprobs(hidden, seq, offset, q_len)
+                start = seq.num_computed_tokens
+                stop = min(start + q_len, seq.prompt_len - 1)
+                inputs.loss_spans.append(LossSpan(seq.seq_id, offset, start, seq.token_ids[start + 1:stop + 1]))
             offset += q_len
-        rows = hidden[to_device(ends, torch.long, self.device)]
+
+    # ---- every rank: the step from its inputs ---------------------------------------------------
+    @torch.inference_mode()
+    def run(self, inputs: StepInputs, pending_tokens: Optional[torch.Tensor] = None) -> StepResult:
+        if inputs.block_copies:
+            src = to_device([s for s, _ in inputs.block_copies], torch.long, self.device)
+            dst = to_device([d for _, d in inputs.block_copies], torch.long, self.device)
+            for k_cache, v_cache in self.kv_caches:
+                ops.copy_kv_blocks(k_cache, v_cache, src, dst)
+        if inputs.graph_rows is not None:
+            return StepResult(logits=self.graphs.run(inputs.graph_rows, pending_tokens), row_of_seq=inputs.row_of_seq)
+        batch = self._forward_batch(inputs.batch)
+        if pending_tokens is not None:
+            batch.input_ids = pending_tokens
+        hidden = self.model.forward(batch, self.kv_caches)
+        result = StepResult(logits=torch.empty(0), row_of_seq=inputs.row_of_seq)
+        for span in inputs.loss_spans:
+            result.prompt_logprobs[span.seq_id] = self._prompt_logprobs(hidden, span)
+        rows = hidden[to_device(inputs.logit_rows, torch.long, self.device)]
         result.logits = self.model.compute_logits(rows)
-        if any(item.request.config.return_hidden_states for item in plan.scheduled):
+        if inputs.want_hidden:
             result.hidden = rows.float()
         return result
 
-    def _prompt_logprobs(self, hidden: torch.Tensor, seq: Sequence, offset: int,
-                         q_len: int) -> Tuple[int, torch.Tensor]:
+    def _forward_batch(self, b: BatchInputs) -> ForwardBatch:
+        as_tensor = lambda values: to_device(values, torch.long, self.device)  # noqa: E731
+        attn = ops.build_attention_metadata(b.query_lens, b.context_lens, b.tables, self.block_size, self.device,
+                                            self.model.arch.sliding_window, b.bidirectional_lens)
+        batch = ForwardBatch(as_tensor(b.input_ids), as_tensor(b.positions), as_tensor(b.slots),
+                             as_tensor(b.rope_lens), attn)
+        if b.block_positions is not None:
+            batch.block_positions = as_tensor(b.block_positions)
+        return batch
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, span: LossSpan) -> Tuple[int, torch.Tensor]:
         """log p(prompt[p + 1] | prompt[..p]) for the prompt positions p computed this step."""
-        start = seq.num_computed_tokens
-        stop = min(start + q_len, seq.prompt_len - 1)
-        if stop <= start:
-            return start, torch.empty(0)
-        logits = self.model.compute_logits(hidden[offset:offset + stop - start])
-        targets = torch.tensor(seq.token_ids[start + 1:stop + 1], dtype=torch.long, device=logits.device)
-        return start, torch.log_softmax(logits, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1).cpu()
+        if not span.targets:
+            return span.start, torch.empty(0)
+        logits = self.model.compute_logits(hidden[span.offset:span.offset + len(span.targets)])
+        targets = torch.tensor(span.targets, dtype=torch.long, device=logits.device)
+        return span.start, torch.log_softmax(logits, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1).cpu()

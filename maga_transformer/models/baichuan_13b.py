@@ -21,10 +21,10 @@ from maga_transformer.models.registry import register_model
 
 
 class Baichuan13BModel(BaichuanModel):
-    def __init__(self, arch: ModelArch, dtype: torch.dtype, device: torch.device) -> None:
-        super().__init__(arch, dtype, device)
+    def __init__(self, arch: ModelArch, dtype: torch.dtype, device: torch.device, tp=None) -> None:
+        super().__init__(arch, dtype, device, tp)
         # Baichuan's _get_interleave is the ALiBi paper's schedule, added to the scaled scores
-        self.alibi = ops.alibi_slopes(arch.num_heads).to(device)
+        self.alibi = self.tp.query_heads(ops.alibi_slopes(arch.num_heads), arch, dim=0).to(device)
 
     @classmethod
     def specialize(cls, hf: dict) -> type:
@@ -48,7 +48,7 @@ class Baichuan13BModel(BaichuanModel):
         v = qkv[:, q_width + k_width:].view(tokens, arch.num_kv_heads, arch.head_dim)
         ops.write_kv_cache(k, v, k_cache, v_cache, batch.slot_mapping)
         out = ops.paged_attention(q, k_cache, v_cache, batch.attn, self.scale, self.alibi)
-        return ops.linear(out.reshape(tokens, -1), layer.o, layer.o_bias)
+        return self.tp.row_linear(out.reshape(tokens, -1), layer.o, layer.o_bias)
 
 
 class Baichuan2_13BModel(Baichuan13BModel):

@@ -3,11 +3,13 @@ must fill in, the model's arch / dtype / device, and turning checkpoint tensors 
 DecoderModel (LLaMA-shaped families) and GptDecoderModel (GPT-style families) build on it."""
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from maga_transformer import ops
+from maga_transformer.distributed.tensor_parallel import SINGLE, TensorParallel, tensor_bytes
 from maga_transformer.models.arch import ModelArch, PromptLayout
 
 WeightName = Tuple[Optional[int], str]  # (layer index or None for global weights, canonical name)
@@ -18,11 +20,18 @@ class FamilyModel:
     # without CUDA graphs (their positions are not the token indices)
     USES_PROMPT_LAYOUT = False
 
-    def __init__(self, arch: ModelArch, dtype: torch.dtype, device: torch.device) -> None:
-        self.arch = arch
+    def __init__(self, arch: ModelArch, dtype: torch.dtype, device: torch.device,
+                 tp: Optional[TensorParallel] = None) -> None:
+        """arch: the whole model's; under tensor parallelism `self.arch` holds this rank's share of the
+        heads (what the forward pass and the KV cache see) and `self.full_arch` the whole (what
+        loading and the checkpoint's layouts need)."""
+        self.tp = tp or SINGLE
+        self.full_arch = arch
+        self.arch = self.tp.local_arch(arch)
         self.dtype = dtype
         self.device = device
         self.scale = arch.head_dim ** -0.5
+        self.load_threads = 1  # LOAD_CKPT_NUM_PROCESS: layers assembled in parallel
 
     # ---- family hooks -------------------------------------------------------------------------
     @classmethod
@@ -49,3 +58,22 @@ class FamilyModel:
 
     def _linear(self, tensor: torch.Tensor) -> ops.LinearWeight:
         return ops.prepare_linear(self._cast(tensor))
+
+    def _assemble_layers(self, per_layer: List[Dict[str, torch.Tensor]], assemble: Callable) -> list:
+        """assemble(index, weights) over the layers, on load_threads threads (slicing, casting and
+        copying to the device release the interpreter lock)."""
+        if self.load_threads <= 1:
+            return [assemble(i, w) for i, w in enumerate(per_layer)]
+        with ThreadPoolExecutor(self.load_threads) as pool:
+            return list(pool.map(assemble, range(len(per_layer)), per_layer))
+
+    def weight_bytes(self) -> int:
+        """Bytes of the weights this rank keeps (every tensor attribute, each storage once)."""
+        return tensor_bytes(list(vars(self).values()))
+
+    # ---- tensor-parallel pieces of the forward pass ----------------------------------------------
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.tp.embed(input_ids, self.embed)
+
+    def _vocab_linear(self, tensor: torch.Tensor) -> ops.LinearWeight:
+        return self._linear(self.tp.vocab_rows(tensor))

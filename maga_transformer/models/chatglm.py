@@ -98,7 +98,7 @@ class ChatGLMModel(DecoderModel):
         return super()._assemble_layer(index, w)
 
     def _qk_rows_to_halves(self, qkv: torch.Tensor) -> torch.Tensor:
-        arch = self.arch
+        arch = self.full_arch  # the checkpoint's whole projection, before this rank takes its heads
         q_rows, k_rows = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
         q, k, v = qkv.split([q_rows, k_rows, qkv.shape[0] - q_rows - k_rows])
         rotary_dim = arch.rope.rotary_dim

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from maga_transformer import ops
+from maga_transformer.distributed.tensor_parallel import TensorParallel
 from maga_transformer.models.arch import ForwardBatch, ModelArch
 from maga_transformer.models.base import FamilyModel, WeightName  # noqa: F401  (WeightName: re-exported)
 from maga_transformer.models.rotary_embedding import RotaryEmbedding
@@ -45,8 +45,9 @@ class LayerWeights:
 class DecoderModel(FamilyModel):
     """Base class of the LLaMA-shaped families. Subclasses set how config.json and names map."""
 
-    def __init__(self, arch: ModelArch, dtype: torch.dtype, device: torch.device) -> None:
-        super().__init__(arch, dtype, device)
+    def __init__(self, arch: ModelArch, dtype: torch.dtype, device: torch.device,
+                 tp: Optional[TensorParallel] = None) -> None:
+        super().__init__(arch, dtype, device, tp)
         self.rotary = RotaryEmbedding(arch.rope, arch.max_position_embeddings, device)
         self.embed: Optional[torch.Tensor] = None
         self.final_norm: Optional[torch.Tensor] = None
@@ -58,27 +59,27 @@ class DecoderModel(FamilyModel):
         self._assemble(*group_checkpoint_tensors(tensors, self.map_weight_name, self.arch.num_layers))
 
     def _assemble(self, globals_: Dict[str, torch.Tensor], per_layer: List[Dict[str, torch.Tensor]]) -> None:
-        self.embed = self._cast(require_weight(globals_, "embed", None))
+        self.embed = self._cast(self.tp.vocab_rows(require_weight(globals_, "embed", None)))
         self.final_norm = self._cast(require_weight(globals_, "final_norm", None))
         if "lm_head" in globals_ and not self.arch.tie_word_embeddings:
-            self.lm_head = self._linear(globals_["lm_head"])
+            self.lm_head = self._vocab_linear(globals_["lm_head"])
         else:
             self.lm_head = ops.prepare_linear(self.embed)
-        self.layers = [self._assemble_layer(i, w) for i, w in enumerate(per_layer)]
+        self.layers = self._assemble_layers(per_layer, self._assemble_layer)
 
     def _assemble_layer(self, index: int, w: Dict[str, torch.Tensor]) -> LayerWeights:
         get = lambda key: require_weight(w, key, index)  # noqa: E731
         opt = lambda key, flag: self._cast(get(key)) if flag else None  # noqa: E731
-        # checkpoints that already fuse q/k/v (Baichuan's W_pack, Qwen v1's c_attn) give "qkv" directly
-        qkv = w["qkv"] if "qkv" in w else torch.cat([get("q"), get("k"), get("v")])
-        qkv_bias = None
-        if self.arch.qkv_bias:
-            qkv_bias = w["qkv_bias"] if "qkv_bias" in w else torch.cat([get("q_bias"), get("k_bias"), get("v_bias")])
-            qkv_bias = self._cast(qkv_bias)
+        tp, full = self.tp, self.full_arch
+        # checkpoints that already fuse q/k/v (Baichuan's W_pack, Qwen v1's c_attn) give "qkv" directly;
+        # each rank slices its heads out of the separate projections before joining them
+        fused = lambda key: tp.qkv(w[key], full) if key in w else torch.cat(  # noqa: E731
+            [tp.query_heads(get(f"q{key[3:]}"), full, dim=0), tp.kv_heads(get(f"k{key[3:]}"), full),
+             tp.kv_heads(get(f"v{key[3:]}"), full)])
         layer = LayerWeights(
             input_norm=self._cast(get("input_norm")),
-            qkv=self._linear(qkv), qkv_bias=qkv_bias,
-            o=self._linear(get("o")), o_bias=opt("o_bias", self.arch.o_bias),
+            qkv=self._linear(fused("qkv")), qkv_bias=self._cast(fused("qkv_bias")) if self.arch.qkv_bias else None,
+            o=self._linear(tp.query_heads(get("o"), full)), o_bias=opt("o_bias", self.arch.o_bias),
             post_norm=self._cast(get("post_norm")),
             q_norm=opt("q_norm", self.arch.qk_norm), k_norm=opt("k_norm", self.arch.qk_norm))
         self._assemble_mlp(layer, w, index)
@@ -86,19 +87,27 @@ class DecoderModel(FamilyModel):
 
     def _assemble_mlp(self, layer: LayerWeights, w: Dict[str, torch.Tensor], index: int) -> None:
         """Family hook: the dense gated MLP, fused gate/up. MoE families build `layer.mlp` instead."""
-        get = lambda key: require_weight(w, key, index)  # noqa: E731
+        layer.gate_up, layer.down = self._gated_mlp_weights(w, index, "")
         if self.arch.mlp_bias:
-            layer.gate_up_bias = self._cast(torch.cat([get("gate_bias"), get("up_bias")]))
-            layer.down_bias = self._cast(get("down_bias"))
+            get = lambda key: require_weight(w, key, index)  # noqa: E731
+            layer.gate_up_bias = self._cast(torch.cat([self.tp.even(get("gate_bias")), self.tp.even(get("up_bias"))]))
+            layer.down_bias = self._cast(get("down_bias"))  # added once, after the ranks' partial sums
+
+    def _gated_mlp_weights(self, w: Dict[str, torch.Tensor], index: int,
+                           prefix: str) -> Tuple[ops.LinearWeight, ops.LinearWeight]:
+        """This rank's [gate; up] rows and down columns of the gated MLP named prefix + gate/up/down."""
+        get = lambda key: require_weight(w, prefix + key, index)  # noqa: E731
+        tp = self.tp
         # ChatGLM's dense_h_to_4h already stacks [gate; up]
-        layer.gate_up = self._linear(w["gate_up"] if "gate_up" in w else torch.cat([get("gate"), get("up")]))
-        layer.down = self._linear(get("down"))
+        gate_up = (tp.even(w[prefix + "gate_up"], parts=2) if prefix + "gate_up" in w
+                   else torch.cat([tp.even(get("gate")), tp.even(get("up"))]))
+        return self._linear(gate_up), self._linear(tp.even(get("down"), dim=1))
 
     # ---- forward --------------------------------------------------------------------------------
     def forward(self, batch: ForwardBatch, kv_caches: List[KVCache]) -> torch.Tensor:
         """Hidden states after the final norm, [tokens, hidden]."""
         arch = self.arch
-        hidden = F.embedding(batch.input_ids, self.embed)
+        hidden = self._embed(batch.input_ids)
         cos, sin = self.rotary.cos_sin(batch.positions, batch.rope_seq_lens)
         residual = hidden
         x = ops.rms_norm(hidden, self.layers[0].input_norm, arch.norm_eps)
@@ -125,7 +134,7 @@ class DecoderModel(FamilyModel):
         q = ops.rotate_and_write_kv(qk, v, cos, sin, arch.rope.rotary_dim, arch.num_heads, k_cache, v_cache,
                                     batch.slot_mapping)
         out = ops.paged_attention(q, k_cache, v_cache, batch.attn, self.scale)
-        return ops.linear(out.reshape(tokens, -1), layer.o, layer.o_bias)
+        return self.tp.row_linear(out.reshape(tokens, -1), layer.o, layer.o_bias)
 
     def _qk_norm(self, layer: LayerWeights, qk: torch.Tensor) -> torch.Tensor:
         """Qwen3: RMSNorm over each head's channels, separate weights for queries and keys."""
@@ -138,10 +147,10 @@ class DecoderModel(FamilyModel):
         """Family hook: the dense gated MLP (MoE families override)."""
         gate_up = ops.linear(x, layer.gate_up, layer.gate_up_bias)
         act = ops.gated_activation(gate_up, ops.gate_kind(self.arch.hidden_act))
-        return ops.linear(act, layer.down, layer.down_bias)
+        return self.tp.row_linear(act, layer.down, layer.down_bias)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return ops.linear(hidden, self.lm_head).float()
+        return self.tp.logits(ops.linear(hidden, self.lm_head), self.arch.vocab_size).float()
 
 
 def group_checkpoint_tensors(tensors: Iterable[Tuple[str, torch.Tensor]],

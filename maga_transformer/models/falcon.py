@@ -72,7 +72,7 @@ class FalconModel(GptDecoderModel):
 
     def alibi_slopes(self) -> torch.Tensor:
         # Falcon adds ALiBi to the raw q.k scores and scales both together by 1/sqrt(head_dim).
-        return ops.alibi_slopes(self.arch.num_heads) * self.scale
+        return ops.alibi_slopes(self.full_arch.num_heads) * self.scale
 
 
 register_model(["falcon", "refinedweb", "refinedwebmodel", "rw"], FalconModel,

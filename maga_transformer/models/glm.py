@@ -118,8 +118,9 @@ class GlmV1Model(GptDecoderModel):
     USES_PROMPT_LAYOUT = True
     DEFAULTS = _CHATGLM_6B
 
-    def __init__(self, arch: GlmArch, dtype: torch.dtype, device: torch.device) -> None:
-        super().__init__(arch, dtype, device)
+    def __init__(self, arch: GlmArch, dtype: torch.dtype, device: torch.device, tp=None) -> None:
+        super().__init__(arch, dtype, device, tp)
+        self.UP_PARTS = 2 if arch.geglu else 1  # GeGLU's up projection stacks [a | b]
         self.alpha = math.sqrt(2 * arch.num_layers)
         self.inv_freq_fp16 = self.rotary.inv_freq.to(torch.float16)
 
@@ -189,7 +190,7 @@ class GlmV1Model(GptDecoderModel):
         if not self.arch.geglu:
             return super()._mlp(layer, x)
         a, b = ops.linear(x, layer.up, layer.up_bias).chunk(2, dim=-1)
-        return ops.linear(a * F.gelu(b), layer.down, layer.down_bias)
+        return self.tp.row_linear(a * F.gelu(b), layer.down, layer.down_bias)
 
 
 class Glm130BModel(GlmV1Model):

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from maga_transformer import ops
+from maga_transformer.distributed.tensor_parallel import TensorParallel
 from maga_transformer.models.arch import ForwardBatch, ModelArch
 from maga_transformer.models.base import FamilyModel
 from maga_transformer.models.decoder import KVCache, group_checkpoint_tensors
@@ -74,12 +75,15 @@ class GptDecoderModel(FamilyModel):
 
     # Fused qkv rows grouped per KV head (see ungroup_qkv) rather than [q | k | v].
     QKV_GROUPED_BY_KV_HEAD = False
+    # Blocks the up projection stacks (GeGLU's [a | b]: 2); tensor parallelism splits each one.
+    UP_PARTS = 1
 
-    def __init__(self, arch: ModelArch, dtype: torch.dtype, device: torch.device) -> None:
-        super().__init__(arch, dtype, device)
+    def __init__(self, arch: ModelArch, dtype: torch.dtype, device: torch.device,
+                 tp: Optional[TensorParallel] = None) -> None:
+        super().__init__(arch, dtype, device, tp)
         self.rotary = (RotaryEmbedding(arch.rope, arch.max_position_embeddings, device)
                        if arch.position_encoding == "rope" else None)
-        self.alibi = (self.alibi_slopes().to(device=device, dtype=torch.float32)
+        self.alibi = (self.tp.query_heads(self.alibi_slopes(), arch, dim=0).to(device=device, dtype=torch.float32)
                       if arch.position_encoding == "alibi" else None)
         self.gelu_approximation = GELU_APPROXIMATION[arch.hidden_act]
         self.embed: Optional[torch.Tensor] = None
@@ -91,29 +95,29 @@ class GptDecoderModel(FamilyModel):
         self.layers: List[GptLayerWeights] = []
 
     def alibi_slopes(self) -> torch.Tensor:
-        """Per-head ALiBi slopes, added to the already scaled scores (Bloom's convention)."""
-        return ops.alibi_slopes(self.arch.num_heads)
+        """Per-head ALiBi slopes of the whole model, added to the already scaled scores (Bloom's convention)."""
+        return ops.alibi_slopes(self.full_arch.num_heads)
 
     # ---- loading --------------------------------------------------------------------------------
     def load_weights(self, tensors: Iterable[Tuple[str, torch.Tensor]]) -> None:
         globals_, per_layer = group_checkpoint_tensors(tensors, self.map_weight_name, self.arch.num_layers)
         self._assemble_globals(globals_)
-        self.layers = [self._assemble_layer(i, w) for i, w in enumerate(per_layer)]
+        self.layers = self._assemble_layers(per_layer, self._assemble_layer)
 
     def _norm_weights(self, weights: Dict[str, torch.Tensor], key: str, layer: Optional[int]) -> Norm:
         return self._cast(_require(weights, key, layer)), self._cast(weights.get(key + "_bias"))
 
     def _assemble_globals(self, g: Dict[str, torch.Tensor]) -> None:
         arch = self.arch
-        self.embed = self._cast(_require(g, "embed", None))
+        self.embed = self._cast(self.tp.vocab_rows(_require(g, "embed", None)))
         if arch.position_encoding == "learned":
             self.pos_embed = self._cast(_require(g, "pos_embed", None))
         if arch.embedding_norm:
             self.embed_norm = self._norm_weights(g, "embed_norm", None)
         self.final_norm = self._norm_weights(g, "final_norm", None)
         tied = arch.tie_word_embeddings or "lm_head" not in g
-        self.lm_head = ops.prepare_linear(self.embed) if tied else self._linear(g["lm_head"])
-        self.lm_head_bias = self._cast(g.get("lm_head_bias"))
+        self.lm_head = ops.prepare_linear(self.embed) if tied else self._vocab_linear(g["lm_head"])
+        self.lm_head_bias = self._cast(self.tp.vocab_rows(g.get("lm_head_bias")))
 
     def _fused_qkv(self, w: Dict[str, torch.Tensor], index: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """[q | k | v] weight and bias, whichever way the checkpoint stores them."""
@@ -123,26 +127,30 @@ class GptDecoderModel(FamilyModel):
             return weight, bias
         weight, bias = w["qkv"], w.get("qkv_bias")
         if self.QKV_GROUPED_BY_KV_HEAD:
-            arch = self.arch
+            arch = self.full_arch
             weight = ungroup_qkv(weight, arch.num_kv_heads, arch.num_heads, arch.head_dim)
             bias = None if bias is None else ungroup_qkv(bias, arch.num_kv_heads, arch.num_heads, arch.head_dim)
         return weight, bias
 
     def _assemble_layer(self, index: int, w: Dict[str, torch.Tensor]) -> GptLayerWeights:
         get = lambda key: _require(w, key, index)  # noqa: E731
+        tp, full = self.tp, self.full_arch
         qkv, qkv_bias = self._fused_qkv(w, index)
+        up_bias = w.get("up_bias")
         mlp_norm = None if self.arch.shared_block_norm else self._norm_weights(w, "mlp_norm", index)
         return GptLayerWeights(
             attn_norm=self._norm_weights(w, "attn_norm", index), mlp_norm=mlp_norm,
-            qkv=self._linear(qkv), qkv_bias=self._cast(qkv_bias),
-            o=self._linear(get("o")), o_bias=self._cast(w.get("o_bias")),
-            up=self._linear(get("up")), up_bias=self._cast(w.get("up_bias")),
-            down=self._linear(get("down")), down_bias=self._cast(w.get("down_bias")))
+            qkv=self._linear(tp.qkv(qkv, full)), qkv_bias=self._cast(None if qkv_bias is None else tp.qkv(qkv_bias, full)),
+            o=self._linear(tp.query_heads(get("o"), full)), o_bias=self._cast(w.get("o_bias")),
+            up=self._linear(tp.even(get("up"), parts=self.UP_PARTS)),
+            up_bias=self._cast(None if up_bias is None else tp.even(up_bias, parts=self.UP_PARTS)),
+            # row-parallel: each rank a slice of the input columns; the bias is added once
+            down=self._linear(tp.even(get("down"), dim=1)), down_bias=self._cast(w.get("down_bias")))
 
     # ---- forward --------------------------------------------------------------------------------
     def forward(self, batch: ForwardBatch, kv_caches: List[KVCache]) -> torch.Tensor:
         """Hidden states after the final norm, [tokens, hidden]."""
-        hidden = F.embedding(batch.input_ids, self.embed)
+        hidden = self._embed(batch.input_ids)
         if self.pos_embed is not None:
             hidden = hidden + F.embedding(batch.positions, self.pos_embed)
         if self.embed_norm is not None:
@@ -188,14 +196,14 @@ class GptDecoderModel(FamilyModel):
         v = qkv[:, qk_heads * arch.head_dim:].view(tokens, arch.num_kv_heads, arch.head_dim)
         ops.write_kv_cache(k, v, k_cache, v_cache, batch.slot_mapping)
         out = ops.paged_attention(q, k_cache, v_cache, batch.attn, self.scale, self.alibi)
-        return ops.linear(out.reshape(tokens, -1), layer.o, layer.o_bias)
+        return self.tp.row_linear(out.reshape(tokens, -1), layer.o, layer.o_bias)
 
     def _mlp(self, layer: GptLayerWeights, x: torch.Tensor) -> torch.Tensor:
         up = F.gelu(ops.linear(x, layer.up, layer.up_bias), approximate=self.gelu_approximation)
-        return ops.linear(up, layer.down, layer.down_bias)
+        return self.tp.row_linear(up, layer.down, layer.down_bias)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return ops.linear(hidden, self.lm_head, self.lm_head_bias).float()
+        return self.tp.logits(ops.linear(hidden, self.lm_head, self.lm_head_bias), self.arch.vocab_size).float()
 
 
 def _require(weights: Dict[str, torch.Tensor], key: str, layer: Optional[int]) -> torch.Tensor:

@@ -92,19 +92,18 @@ class SparseMoeMixin:
             super()._assemble_mlp(layer, w, index)  # a dense layer
             return
         get = lambda key: require_weight(w, key, index)  # noqa: E731
-        gate_up = lambda prefix: self._linear(torch.cat([get(f"{prefix}.gate"), get(f"{prefix}.up")]))  # noqa: E731
-        experts = range(self.arch.num_experts)
-        has_shared = "shared.gate" in w
+        # tensor parallelism splits inside every expert (each rank a slice of each expert's width), so
+        # routing is the same on every rank and one all-reduce sums the MoE output
+        experts = [self._gated_mlp_weights(w, index, f"expert.{e}.") for e in range(self.arch.num_experts)]
+        shared = self._gated_mlp_weights(w, index, "shared.") if "shared.gate" in w else (None, None)
         layer.mlp = MoeWeights(
             router=self._linear(get("router")),
-            gate_up=[gate_up(f"expert.{e}") for e in experts],
-            down=[self._linear(get(f"expert.{e}.down")) for e in experts],
+            gate_up=[gate_up for gate_up, _ in experts], down=[down for _, down in experts],
             top_k=self.arch.num_experts_per_token, normalize=self.arch.normalize_expert_weights,
-            shared_gate_up=gate_up("shared") if has_shared else None,
-            shared_down=self._linear(get("shared.down")) if has_shared else None,
-            shared_gate=self._linear(get("shared_gate")) if has_shared else None)
+            shared_gate_up=shared[0], shared_down=shared[1],
+            shared_gate=self._linear(get("shared_gate")) if shared[0] is not None else None)
 
     def _mlp(self, layer, x: torch.Tensor) -> torch.Tensor:
         if layer.mlp is None:
             return super()._mlp(layer, x)
-        return moe_mlp(x, layer.mlp)
+        return self.tp.all_reduce(moe_mlp(x, layer.mlp))

@@ -60,7 +60,7 @@ class MptModel(GptDecoderModel):
         return map_with_tables(name, _LAYER_NAME, _LAYER_KEYS, _GLOBAL_KEYS)
 
     def alibi_slopes(self) -> torch.Tensor:
-        return mpt_alibi_slopes(self.arch.num_heads, self.arch.alibi_bias_max)
+        return mpt_alibi_slopes(self.full_arch.num_heads, self.arch.alibi_bias_max)
 
 
 register_model(["mpt"], MptModel, architectures=["MptForCausalLM", "MPTForCausalLM"])
