@@ -8,7 +8,7 @@ import logging
 import os
 import threading
 from dataclasses import replace
-from typing import List, Optional, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 
@@ -103,36 +103,56 @@ class ModelFactory:
         `device` defaults to $MAGA_DEVICE, else the GPU when one is visible (config/placement.py; the
         compute dtype follows: the checkpoint's half precision on CUDA, fp32 on CPU, unless
         act_type says otherwise). `parallel`: tensor parallelism (TP_SIZE etc.; docs/MultiGPU.md)."""
-        if isinstance(name_or_path, ModelConfig):
-            model_config, name_or_path = name_or_path, name_or_path.ckpt_path
-        config = model_config or ModelConfig()
-        ckpt_dir = resolve_model_dir(name_or_path or config.ckpt_path or None)
-        tokenizer_dir = resolve_tokenizer_dir(config.tokenizer_path) if config.tokenizer_path else ckpt_dir
-        config = replace(config, ckpt_path=ckpt_dir, tokenizer_path=tokenizer_dir)
-        cuda = torch.cuda.is_available()
-        placement = choose_placement(cuda_available=cuda, hf_config=_read_json(os.path.join(ckpt_dir, "config.json")),
-                                     device=device, maga_device=os.environ.get("MAGA_DEVICE"),
-                                     act_type=config.act_type, bf16_supported=cuda and torch.cuda.is_bf16_supported())
-        logger.info("placement: %s", placement.reason)
-        return _load(config, engine_config, placement.device, placement.dtype, parallel or ParallelConfig())
+        config, device, dtype = _placed(name_or_path, model_config, device)
+        return _load(config, engine_config, device, dtype, parallel or ParallelConfig())
 
     @staticmethod
     def create_from_env(env: Optional[dict] = None) -> AsyncModel:
         """The seed's environment variables: MODEL_TYPE, CHECKPOINT_PATH, TOKENIZER_PATH, MAX_SEQ_LEN, ..."""
-        env = dict(os.environ if env is None else env)
-        env_bool(env, "ASYNC_MODE", True)  # accepted for rtp-llm's scripts: we always batch dynamically
-        try:
-            max_seq_len = int(env.get("MAX_SEQ_LEN") or 0)
-            block = int(env.get("SEQ_SIZE_PER_BLOCK") or 8)
-        except ValueError as err:
-            raise ValueError(f"MAX_SEQ_LEN / SEQ_SIZE_PER_BLOCK: expected an integer ({err})") from None
-        config = ModelConfig(
-            model_type=env.get("MODEL_TYPE", ""), ckpt_path=env.get("CHECKPOINT_PATH", ""),
-            tokenizer_path=env.get("TOKENIZER_PATH", ""), max_seq_len=max_seq_len, seq_size_per_block=block,
-            weight_type=WEIGHT_TYPE.from_str(env.get("WEIGHT_TYPE") or "fp32"),
-            act_type=ACT_TYPE.from_str(env["ACT_TYPE"]) if env.get("ACT_TYPE") else None)
-        return ModelFactory.from_huggingface(config, engine_config=EngineConfig.from_env(env),
-                                             parallel=ParallelConfig.from_env(env))
+        config, engine_config, parallel = _configs_from_env(dict(os.environ if env is None else env))
+        return ModelFactory.from_huggingface(config, engine_config=engine_config, parallel=parallel)
+
+    @staticmethod
+    def worker_launch_from_env(env: Optional[dict] = None) -> CoreLaunch:
+        """What the tensor-parallel workers of a machine without the HTTP server build, from the same
+        environment as the first machine's (start_server with WORLD_RANK > 0, or torchrun's ranks)."""
+        config, engine_config, parallel = _configs_from_env(dict(os.environ if env is None else env))
+        config, device, dtype = _placed(config, None, None)
+        config, _, _, arch = _model_plan(config)
+        _check_parallel(parallel, arch, device, engine_config)
+        return _core_launch(config, engine_config, device, dtype, parallel, [])
+
+
+def _configs_from_env(env: dict) -> Tuple[ModelConfig, EngineConfig, ParallelConfig]:
+    env_bool(env, "ASYNC_MODE", True)  # accepted for rtp-llm's scripts: we always batch dynamically
+    try:
+        max_seq_len = int(env.get("MAX_SEQ_LEN") or 0)
+        block = int(env.get("SEQ_SIZE_PER_BLOCK") or 8)
+    except ValueError as err:
+        raise ValueError(f"MAX_SEQ_LEN / SEQ_SIZE_PER_BLOCK: expected an integer ({err})") from None
+    config = ModelConfig(
+        model_type=env.get("MODEL_TYPE", ""), ckpt_path=env.get("CHECKPOINT_PATH", ""),
+        tokenizer_path=env.get("TOKENIZER_PATH", ""), max_seq_len=max_seq_len, seq_size_per_block=block,
+        weight_type=WEIGHT_TYPE.from_str(env.get("WEIGHT_TYPE") or "fp32"),
+        act_type=ACT_TYPE.from_str(env["ACT_TYPE"]) if env.get("ACT_TYPE") else None)
+    return config, EngineConfig.from_env(env), ParallelConfig.from_env(env)
+
+
+def _placed(name_or_path, model_config: Optional[ModelConfig],
+            device) -> Tuple[ModelConfig, torch.device, torch.dtype]:
+    """The resolved checkpoint and tokenizer directories, the device and the compute dtype."""
+    if isinstance(name_or_path, ModelConfig):
+        model_config, name_or_path = name_or_path, name_or_path.ckpt_path
+    config = model_config or ModelConfig()
+    ckpt_dir = resolve_model_dir(name_or_path or config.ckpt_path or None)
+    tokenizer_dir = resolve_tokenizer_dir(config.tokenizer_path) if config.tokenizer_path else ckpt_dir
+    config = replace(config, ckpt_path=ckpt_dir, tokenizer_path=tokenizer_dir)
+    cuda = torch.cuda.is_available()
+    placement = choose_placement(cuda_available=cuda, hf_config=_read_json(os.path.join(ckpt_dir, "config.json")),
+                                 device=device, maga_device=os.environ.get("MAGA_DEVICE"),
+                                 act_type=config.act_type, bf16_supported=cuda and torch.cuda.is_bf16_supported())
+    logger.info("placement: %s", placement.reason)
+    return config, placement.device, placement.dtype
 
 
 def load_model_weights(ckpt_path: str, model_type: str, dtype: torch.dtype, device: torch.device,
@@ -160,10 +180,8 @@ def _check_parallel(parallel: ParallelConfig, arch, device: torch.device, engine
     parallel.check_model(arch.num_heads, arch.num_kv_heads)
 
 
-def _load(config: ModelConfig, engine_config: Optional[EngineConfig], device: torch.device,
-          dtype: torch.dtype, parallel: ParallelConfig) -> AsyncModel:
-    """Everything the front end needs (config, tokenizer, limits) is read here; the weights are
-    loaded here in-process, or by the engine-core process it starts."""
+def _model_plan(config: ModelConfig):
+    """(config with its max_seq_len settled, config.json, the family class, the model's arch)."""
     hf_config = _read_json(os.path.join(config.ckpt_path, "config.json"))
     if not hf_config and not config.model_type:  # with a model_type, the family's defaults (GLM-130B's SAT release)
         raise ValueError(f"ckpt_path: {config.ckpt_path} has no config.json (or give MODEL_TYPE)")
@@ -171,6 +189,23 @@ def _load(config: ModelConfig, engine_config: Optional[EngineConfig], device: to
     arch = model_cls.arch_from_hf_config(hf_config)
     if config.max_seq_len == 0:
         config = replace(config, max_seq_len=arch.context_length)
+    return config, hf_config, model_cls, arch
+
+
+def _core_launch(config: ModelConfig, engine_config: EngineConfig, device: torch.device, dtype: torch.dtype,
+                 parallel: ParallelConfig, eos: List[int]) -> CoreLaunch:
+    return CoreLaunch(ckpt_path=config.ckpt_path, model_type=config.model_type,
+                      dtype=str(dtype).replace("torch.", ""), device=str(device), engine_config=engine_config,
+                      max_seq_len=config.max_seq_len, block_size=config.seq_size_per_block, eos_token_ids=eos,
+                      log_level=logging.getLogger().getEffectiveLevel(),
+                      parallel=parallel.with_free_port() if parallel.enabled and parallel.machines == 1 else parallel)
+
+
+def _load(config: ModelConfig, engine_config: Optional[EngineConfig], device: torch.device,
+          dtype: torch.dtype, parallel: ParallelConfig) -> AsyncModel:
+    """Everything the front end needs (config, tokenizer, limits) is read here; the weights are
+    loaded here in-process, or by the engine-core process it starts."""
+    config, hf_config, model_cls, arch = _model_plan(config)
     engine_config = engine_config or EngineConfig.from_env()
     eos = _configured_eos_ids(config.ckpt_path, hf_config)
     _check_parallel(parallel, arch, device, engine_config)
@@ -183,11 +218,7 @@ def _load(config: ModelConfig, engine_config: Optional[EngineConfig], device: to
     if eos is None:  # only the tokenizer knows: read it before the core needs it
         tokenizer = load_tokenizer(config.tokenizer_path, config.ckpt_path)
         eos = _tokenizer_eos_ids(tokenizer)
-    launch = CoreLaunch(ckpt_path=config.ckpt_path, model_type=config.model_type,
-                        dtype=str(dtype).replace("torch.", ""), device=str(device), engine_config=engine_config,
-                        max_seq_len=config.max_seq_len, block_size=config.seq_size_per_block, eos_token_ids=eos,
-                        log_level=logging.getLogger().getEffectiveLevel(),
-                        parallel=parallel.with_free_port() if parallel.enabled else parallel)
+    launch = _core_launch(config, engine_config, device, dtype, parallel, eos)
     starting = StartingCore(launch)  # the weights load there while the tokenizer loads here
     try:
         tokenizer = tokenizer or load_tokenizer(config.tokenizer_path, config.ckpt_path)

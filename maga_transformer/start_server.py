@@ -48,13 +48,40 @@ def describe_layout(engine) -> str:
     return f"{engine.info.description}; {core}, front end in process {os.getpid()}"
 
 
+def serve_worker_ranks() -> int:
+    """A machine (or torchrun process) of a tensor-parallel group whose ranks do not start at 0: no
+    HTTP server, only its ranks' workers, until the first machine stops the group."""
+    from maga_transformer.distributed import worker
+    from maga_transformer.model_factory import ModelFactory
+    try:
+        launch = ModelFactory.worker_launch_from_env()
+    except ValueError as err:
+        logger.error("cannot start: %s", err)
+        sys.stderr.write(f"cannot start: {err}\n")
+        return 2
+    parallel = launch.parallel
+    if parallel.torchrun:  # torchrun started this process as one rank on GPU LOCAL_RANK
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        return worker.run_worker(worker.WorkerLaunch(launch, parallel.world_rank,
+                                                     worker.rank_device(launch.device, local_rank)))
+    ranks = range(parallel.world_rank, parallel.world_rank + parallel.local_world_size)
+    sys.stderr.write(f"maga_transformer: tensor-parallel ranks {ranks.start}..{ranks.stop - 1} of "
+                     f"{parallel.world_size}, rendezvous {parallel.master_addr}:{parallel.master_port}\n")
+    procs = worker.spawn_workers(launch, ranks, 0)
+    return worker.wait_group(procs)
+
+
 def main() -> int:
     try:
         server_config = ServerConfig.from_env()
+        from maga_transformer.distributed.parallel_config import ParallelConfig
+        parallel = ParallelConfig.from_env(os.environ)
     except ValueError as err:
         sys.stderr.write(f"cannot start: {err}\n")
         return 2
     configure_logging(server_config)
+    if parallel.enabled and not parallel.serves_http:
+        return serve_worker_ranks()
     try:
         import uvicorn
 

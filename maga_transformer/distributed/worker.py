@@ -50,6 +50,7 @@ def spawn_workers(core_launch, ranks: Sequence[int], first_local_index: int) -> 
         launch = WorkerLaunch(core_launch, rank, rank_device(core_launch.device, first_local_index + offset))
         proc = subprocess.Popen([sys.executable, "-m", "maga_transformer.distributed.worker"],
                                 stdin=subprocess.PIPE, env=env)
+        proc.rank = rank  # for the messages that name a lost rank
         proc.stdin.write(pickle.dumps(launch, protocol=5))
         proc.stdin.close()
         procs.append(proc)
@@ -79,6 +80,30 @@ def stop_processes(procs: Sequence[subprocess.Popen], timeout_s: float = 30.0) -
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=30)
+
+
+def wait_group(procs: Sequence[subprocess.Popen]) -> int:
+    """Wait for a machine's workers; when one exits, the others go too (the group cannot go on
+    without it). The exit status is the first one's."""
+    first: List[subprocess.Popen] = []
+    done = threading.Event()
+
+    def on_exit(proc: subprocess.Popen) -> None:
+        first.append(proc)
+        done.set()
+    watch_processes(procs, on_exit)
+    try:
+        done.wait()
+    except KeyboardInterrupt:
+        pass
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    stop_processes(procs, timeout_s=10.0)
+    code = first[0].returncode if first else 1
+    if code:
+        logger.error("tensor-parallel worker %d exited with code %s; this machine's ranks stopped", first[0].pid, code)
+    return code
 
 
 def _exit_with_parent() -> None:

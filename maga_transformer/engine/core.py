@@ -234,6 +234,8 @@ class EngineCore:
         self.processor.emit([request for request, _ in step.ready], out)
 
     def _fail_step(self, plan: SchedulerOutput, err: Exception, out: CoreStepOutput) -> None:
+        if self.ranks is not None:  # the ranks may be inside different collectives now: the group is done
+            raise err
         for item in plan.scheduled:
             item.request.error = f"internal error: {type(err).__name__}: {err}"
             self._finish(item.request, FinishReason.ERROR, out)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from typing import List, Optional, Tuple
 
 from maga_transformer.engine.core_main import CoreLaunch
 from maga_transformer.engine.frontend import FrontEnd
-from maga_transformer.engine.ipc import Channel
+from maga_transformer.engine.ipc import Channel, describe_exit
 from maga_transformer.engine.limits import PromptLayoutFn, RequestLimits
 from maga_transformer.engine.messages import EngineInfo, EngineRequest
 
@@ -38,15 +37,6 @@ class EngineUnavailable(RuntimeError):
     """The engine core is not running (it exited, hung, or was stopped)."""
 
 
-def _describe_exit(code: Optional[int]) -> str:
-    if code is None:
-        return "stopped answering"
-    if code < 0:
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with code {code}"
 
 
 def _spawn(launch: CoreLaunch) -> Tuple[subprocess.Popen, Channel]:
@@ -68,14 +58,14 @@ def _wait_ready(proc: subprocess.Popen, channel: Channel):
     while True:
         if not channel.poll(0.5):
             if proc.poll() is not None:
-                raise RuntimeError(f"the engine core process {_describe_exit(proc.returncode)} during start-up "
+                raise RuntimeError(f"the engine core process {describe_exit(proc.returncode)} during start-up "
                                    "(its output above says why)")
             continue
         try:
             message = channel.recv()
         except (EOFError, OSError):
             proc.wait(timeout=30)
-            raise RuntimeError(f"the engine core process {_describe_exit(proc.returncode)} during start-up "
+            raise RuntimeError(f"the engine core process {describe_exit(proc.returncode)} during start-up "
                                "(its output above says why)") from None
         if message[0] == "log":
             core_logger.log(message[1], "%s", message[3])
@@ -184,7 +174,7 @@ class EngineProcessClient(FrontEnd):
                 message = channel.recv()
             except (EOFError, OSError):
                 if not self._closing:
-                    self._on_core_gone(f"the engine core process {_describe_exit(self._proc.wait(timeout=30))}")
+                    self._on_core_gone(f"the engine core process {describe_exit(self._proc.wait(timeout=30))}")
                 return
             self._last_message = time.monotonic()
             kind = message[0]
@@ -192,6 +182,8 @@ class EngineProcessClient(FrontEnd):
                 self._handle_step(message[1])
             elif kind == "log":
                 core_logger.log(message[1], "%s", message[3])
+            elif kind == "fatal":  # the core is about to exit, and says why (a lost tensor-parallel rank)
+                self._on_core_gone(message[1])
             elif kind == "stopped":
                 return
 
@@ -203,7 +195,7 @@ class EngineProcessClient(FrontEnd):
 
     def _check_hang(self) -> None:
         if self._proc.poll() is not None and not self._closing:
-            self._on_core_gone(f"the engine core process {_describe_exit(self._proc.returncode)}")
+            self._on_core_gone(f"the engine core process {describe_exit(self._proc.returncode)}")
         elif self.has_work() and time.monotonic() - self._last_message > self.step_timeout_s:
             self._on_core_gone(f"the engine core sent nothing for {self.step_timeout_s:.0f} s with requests live "
                                "(ENGINE_STEP_TIMEOUT_S); it was stopped")

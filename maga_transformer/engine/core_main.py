@@ -13,13 +13,14 @@ import logging
 import os
 import sys
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 from typing import List, Optional
 
 from maga_transformer.config.engine_config import EngineConfig
 from maga_transformer.distributed.parallel_config import ParallelConfig
-from maga_transformer.engine.ipc import Channel
+from maga_transformer.engine.ipc import Channel, describe_exit
 
 logger = logging.getLogger(__name__)
 _STOPPING = threading.Event()  # a clean shutdown: workers exiting now is expected
@@ -53,7 +54,7 @@ class _ForwardLogs(logging.Handler):
             pass  # the front end is gone; the loop notices
 
 
-def _start_group(launch: CoreLaunch, device):
+def _start_group(launch: CoreLaunch, device, channel: Channel):
     """Rank 0 of a tensor-parallel group: this machine's other ranks start as worker processes
     (unless torchrun started every rank), and a watchdog ends this process when one of them exits."""
     from maga_transformer.distributed.ranks import RankGroup
@@ -62,22 +63,45 @@ def _start_group(launch: CoreLaunch, device):
     workers = [] if parallel.torchrun else spawn_workers(launch, range(1, parallel.local_world_size), 1)
 
     def on_worker_exit(proc) -> None:
-        if _STOPPING.is_set():
-            return
-        logger.error("tensor-parallel worker process %d exited with code %s; the engine core stops",
-                     proc.pid, proc.returncode)
-        os._exit(3)
+        if not _STOPPING.is_set():
+            _die(channel, _rank_exit_reason(proc))
     watch_processes(workers, on_worker_exit)
     return RankGroup(parallel, 0, device), workers
 
 
-def _build_core(launch: CoreLaunch):
+def _rank_exit_reason(proc) -> str:
+    return f"tensor-parallel rank {proc.rank} (process {proc.pid}) {describe_exit(proc.returncode)}"
+
+
+def _lost_rank(workers, wait_s: float) -> Optional[str]:
+    """Why a local worker exited, if one did within wait_s (a failed collective usually means one)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        for proc in workers:
+            if proc.poll() is not None:
+                return _rank_exit_reason(proc)
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.05)
+
+
+def _die(channel: Channel, reason: str) -> None:
+    """Tell the front end why (it fails what is live with this reason), then exit at once: rank 0
+    may be stuck in a collective with a lost rank, so nothing is waited for."""
+    logger.error("%s; the engine core stops", reason)
+    try:
+        channel.send(("fatal", reason))
+    finally:
+        os._exit(3)
+
+
+def _build_core(launch: CoreLaunch, channel: Channel):
     import torch
 
     from maga_transformer.engine.core import EngineCore
     from maga_transformer.model_factory import load_model_weights
     device = torch.device(launch.device)
-    ranks, workers = _start_group(launch, device) if launch.parallel.enabled else (None, [])
+    ranks, workers = _start_group(launch, device, channel) if launch.parallel.enabled else (None, [])
     model = load_model_weights(launch.ckpt_path, launch.model_type, getattr(torch, launch.dtype), device,
                                ranks.tp if ranks is not None else None, launch.parallel.load_threads)
     logger.info("rank 0: %.1f MiB of weights", model.weight_bytes() / 2**20)
@@ -135,7 +159,7 @@ def main(argv: List[str]) -> int:
     root.setLevel(launch.log_level)
     root.addHandler(_ForwardLogs(channel))
     try:
-        core, workers = _build_core(launch)
+        core, workers = _build_core(launch, channel)
     except BaseException as err:  # bad checkpoint, out of memory, ...: the user must read why
         logger.debug("engine core start-up failed:\n%s", traceback.format_exc())
         channel.send(("failed", type(err).__name__, str(err) or type(err).__name__))
@@ -148,9 +172,10 @@ def main(argv: List[str]) -> int:
         serve(core, channel)
     except (EOFError, OSError):
         pass  # the front end closed the socket: nobody is left to serve
-    except Exception:  # a tensor-parallel step failed (a rank lost or hung): the group is done
-        logger.exception("the tensor-parallel group failed; the engine core stops")
-        os._exit(3)  # the other ranks may be stuck in collectives: do not wait for them
+    except Exception as err:  # a tensor-parallel step failed (a rank lost or hung): the group is done
+        logger.debug("tensor-parallel step failure:\n%s", traceback.format_exc())
+        _die(channel, _lost_rank(workers, wait_s=1.0)
+             or f"the tensor-parallel group failed: {type(err).__name__}: {err}")
     if core.ranks is not None:
         _STOPPING.set()
         core.ranks.send_stop()

@@ -9,6 +9,7 @@ benchmark/ipc_bench.py measures a step message's round trip at realistic batch s
 from __future__ import annotations
 
 import pickle
+import signal
 import threading
 from multiprocessing.connection import Connection
 from typing import Any, List, Optional
@@ -39,3 +40,15 @@ class Channel:
 
     def close(self) -> None:
         self.conn.close()
+
+
+def describe_exit(code: Optional[int]) -> str:
+    """A process's exit status in words ("was killed by SIGKILL", "exited with code 3")."""
+    if code is None:
+        return "stopped answering"
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"

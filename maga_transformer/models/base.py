@@ -54,7 +54,12 @@ class FamilyModel:
 
     # ---- loading helpers ------------------------------------------------------------------------
     def _cast(self, tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        return None if tensor is None else tensor.to(device=self.device, dtype=self.dtype).contiguous()
+        if tensor is None:
+            return None
+        out = tensor.to(device=self.device, dtype=self.dtype).contiguous()
+        if self.tp.size > 1 and out.untyped_storage().nbytes() > out.numel() * out.element_size():
+            out = out.clone()  # a rank's slice, still a view of the whole checkpoint tensor: keep the slice only
+        return out
 
     def _linear(self, tensor: torch.Tensor) -> ops.LinearWeight:
         return ops.prepare_linear(self._cast(tensor))
