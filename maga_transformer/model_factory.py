@@ -166,7 +166,7 @@ def load_model_weights(ckpt_path: str, model_type: str, dtype: torch.dtype, devi
     model.load_threads = load_threads
     logger.info("loading %s (%s) from %s as %s on %s%s", model_cls.__name__, hf_config.get("model_type"),
                 ckpt_path, dtype, device, f", {model.tp}" if tp is not None else "")
-    model.load_weights(iter_checkpoint_tensors(ckpt_path))
+    model.load_weights(iter_checkpoint_tensors(ckpt_path, lazy=model.tp.size > 1))
     return model
 
 

@@ -32,6 +32,7 @@ class TensorParallel:
         self.rank, self.size, self.group = rank, size, group
         self.split_embeddings = split_embeddings
         self.collectives = size > 1 if collectives is None else collectives
+        self.captured_collectives = 0  # calls made while a CUDA graph was capturing (they replay with it)
 
     def __repr__(self) -> str:
         return f"TensorParallel(rank={self.rank}, size={self.size})"
@@ -40,14 +41,20 @@ class TensorParallel:
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.collectives:
             import torch.distributed as dist
+            self._count_capture(x)
             dist.all_reduce(x, group=self.group)
         return x
+
+    def _count_capture(self, x: torch.Tensor) -> None:
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            self.captured_collectives += 1
 
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
         """[.., n] on every rank -> [.., size * n], rank order."""
         if not self.collectives:
             return x
         import torch.distributed as dist
+        self._count_capture(x)
         parts = [torch.empty_like(x) for _ in range(self.size)]
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)

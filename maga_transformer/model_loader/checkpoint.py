@@ -10,6 +10,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from maga_transformer.model_loader.lazy_tensor import LazyTensor
 from maga_transformer.model_loader.sat_checkpoint import iter_sat_tensors, sat_shard_files
 
 logger = logging.getLogger(__name__)
@@ -93,8 +94,13 @@ def _count_safetensors(paths: List[str]) -> Optional[int]:
     return total
 
 
-def _iter_safetensors(path: str) -> Iterator[Tuple[str, torch.Tensor]]:
+def _iter_safetensors(path: str, lazy: bool = False) -> Iterator[Tuple[str, torch.Tensor]]:
     from safetensors import safe_open
+    if lazy:  # the handle stays open as long as a LazyTensor of it lives
+        handle = safe_open(path, framework="pt")
+        for name in handle.keys():
+            yield name, LazyTensor.of(handle, name)
+        return
     with safe_open(path, framework="pt") as f:
         for name in f.keys():
             yield name, f.get_tensor(name)
@@ -110,12 +116,15 @@ def _iter_bin(path: str) -> Iterator[Tuple[str, torch.Tensor]]:
         yield name, state.pop(name)
 
 
-def _iter_file(path: str) -> Iterator[Tuple[str, torch.Tensor]]:
-    return _iter_safetensors(path) if path.endswith(".safetensors") else _iter_bin(path)
+def _iter_file(path: str, lazy: bool) -> Iterator[Tuple[str, torch.Tensor]]:
+    return _iter_safetensors(path, lazy) if path.endswith(".safetensors") else _iter_bin(path)
 
 
-def iter_checkpoint_tensors(ckpt_dir: str, show_progress: bool = True) -> Iterator[Tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) for every tensor of every weight file, one at a time (bounded memory)."""
+def iter_checkpoint_tensors(ckpt_dir: str, show_progress: bool = True,
+                            lazy: bool = False) -> Iterator[Tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) for every tensor of every weight file, one at a time (bounded memory).
+    lazy: safetensors tensors come as LazyTensors, read only as far as they are sliced (a
+    tensor-parallel rank reads its shard); .bin files and GLM-130B's shards are read whole."""
     from tqdm.auto import tqdm
     shards = sat_shard_files(ckpt_dir)
     if shards:
@@ -128,7 +137,7 @@ def iter_checkpoint_tensors(ckpt_dir: str, show_progress: bool = True) -> Iterat
     with tqdm(total=total, desc="Loading weights", unit="tensor", disable=disabled) as bar:
         for path in paths:
             bar.set_postfix_str(os.path.basename(path), refresh=False)
-            for name, tensor in _iter_file(path):
+            for name, tensor in _iter_file(path, lazy):
                 yield name, tensor
                 bar.update(1)
 

@@ -69,3 +69,19 @@ def test_rank_shapes(checkpoints):
     assert (model.full_arch.num_heads, model.full_arch.num_kv_heads) == (8, 4)
     assert (layer.qkv.out_features, layer.o.in_features) == ((2 + 1 + 1) * 32, 2 * 32)
     assert (layer.gate_up.out_features, layer.down.in_features) == (2 * 1024 // 4, 1024 // 4)
+
+
+def test_each_rank_reads_only_its_shard(checkpoints, monkeypatch):
+    """Bytes a rank reads from the safetensors file (LLaMA names: separate q/k/v, gate/up), ~1/TP."""
+    import os
+
+    from maga_transformer.model_loader.lazy_tensor import LazyTensor
+    read = []
+    original = LazyTensor.materialize
+    monkeypatch.setattr(LazyTensor, "materialize", lambda self: read.append(original(self)) or read[-1])
+    file_bytes = os.path.getsize(os.path.join(checkpoints["llama"], "model.safetensors"))
+    for rank in range(2):
+        read.clear()
+        _load(checkpoints["llama"], TensorParallel(rank, 2))
+        read_bytes = sum(t.numel() * t.element_size() for t in read)
+        assert file_bytes / 2 * 0.97 <= read_bytes <= file_bytes / 2 * 1.03, (rank, read_bytes / file_bytes)
