@@ -58,7 +58,10 @@ class RankGroup:
         self._broadcast(_PING)
 
     def send_stop(self) -> None:
-        self._broadcast(_STOP)
+        try:
+            self._broadcast(_STOP)
+        except RuntimeError:  # a rank already gone (torchrun or a signal stopped it first): nothing to stop
+            logger.debug("stopping the group: a rank was already gone", exc_info=True)
 
     def _broadcast(self, message) -> None:
         self._dist.broadcast_object_list([message], src=0, group=self.object_group)

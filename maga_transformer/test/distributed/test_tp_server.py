@@ -17,33 +17,11 @@ import pytest
 from maga_transformer.config import EngineConfig
 from maga_transformer.distributed.parallel_config import ParallelConfig
 from maga_transformer.model_factory import ModelFactory
+from maga_transformer.test.distributed.procs import alive, children
 from maga_transformer.test.fixtures import tiny_llama
 from maga_transformer.test.server.live_server import LiveServer, metrics
 
 FAILURE_BOUND_S = 5.0  # the core's watchdog polls its workers every 0.2 s
-
-
-def children(pid: int) -> List[int]:
-    """Processes whose parent is pid (from /proc: no psutil on a fresh machine)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found.append(int(entry))
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="module")

@@ -27,9 +27,11 @@ def test_two_launchers_equal_one(tmp_path):
 
     machines = {**common, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                 "MASTER_PORT": str(free_port())}
-    second = subprocess.Popen([sys.executable, "-m", "maga_transformer.start_server"],
-                              env={**os.environ, **machines, "WORLD_RANK": "1", "PYTHONPATH": REPO,
-                                   "FT_SERVER_TEST": "1"}, stderr=subprocess.PIPE, text=True)
+    log_path = tmp_path / "second.log"
+    with open(log_path, "w") as log:  # a file, not a pipe nobody reads while the test runs
+        second = subprocess.Popen([sys.executable, "-m", "maga_transformer.start_server"],
+                                  env={**os.environ, **machines, "WORLD_RANK": "1", "PYTHONPATH": REPO,
+                                       "FT_SERVER_TEST": "1"}, stdout=log, stderr=subprocess.STDOUT)
     try:
         first = ModelFactory.create_from_env({**machines, "WORLD_RANK": "0"})
         try:
@@ -37,7 +39,7 @@ def test_two_launchers_equal_one(tmp_path):
             assert run_greedy(first.engine, PARITY_PROMPTS, 24) == expected
         finally:
             first.stop()
-        assert second.wait(timeout=60) == 0, second.stderr.read()[-3000:]
+        assert second.wait(timeout=60) == 0, log_path.read_text()[-3000:]
     finally:
         if second.poll() is None:
             second.kill()
