@@ -17,6 +17,7 @@ rank (rank 0 serves HTTP, the others run workers), and nothing else is spawned.
 """
 from __future__ import annotations
 
+import dataclasses
 import socket
 from dataclasses import dataclass
 from typing import Mapping, Optional
@@ -56,7 +57,7 @@ class ParallelConfig:
         with socket.socket() as probe:
             probe.bind((self.master_addr, 0))
             port = probe.getsockname()[1]
-        return ParallelConfig(**{**self.__dict__, "master_port": port})
+        return dataclasses.replace(self, master_port=port)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "ParallelConfig":

@@ -66,8 +66,7 @@ class TensorParallel:
             return arch
         return dataclasses.replace(arch, num_heads=arch.num_heads // self.size,
                                    num_kv_heads=self.kv_head_span(arch.num_heads, arch.num_kv_heads)[1],
-                                   intermediate_size=arch.intermediate_size // self.size,
-                                   rope=dataclasses.replace(arch.rope))
+                                   intermediate_size=arch.intermediate_size // self.size)
 
     def head_span(self, num_heads: int) -> Tuple[int, int]:
         """(first query head, count) of this rank."""
@@ -88,9 +87,9 @@ class TensorParallel:
 
     def even(self, tensor: torch.Tensor, dim: int = 0, parts: int = 1) -> torch.Tensor:
         """This rank's slice of each of `parts` equal blocks along dim (gate/up: parts=2), joined."""
-        blocks = tensor.chunk(parts, dim=dim) if parts > 1 else (tensor,)
-        return torch.cat([self._even_block(block, dim) for block in blocks], dim=dim) if parts > 1 \
-            else self._even_block(tensor, dim)
+        if parts == 1:
+            return self._even_block(tensor, dim)
+        return torch.cat([self._even_block(block, dim) for block in tensor.chunk(parts, dim=dim)], dim=dim)
 
     def _even_block(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
         if self.size == 1:
