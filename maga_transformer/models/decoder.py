@@ -70,20 +70,25 @@ class DecoderModel(FamilyModel):
     def _assemble_layer(self, index: int, w: Dict[str, torch.Tensor]) -> LayerWeights:
         get = lambda key: require_weight(w, key, index)  # noqa: E731
         opt = lambda key, flag: self._cast(get(key)) if flag else None  # noqa: E731
-        tp, full = self.tp, self.full_arch
-        # checkpoints that already fuse q/k/v (Baichuan's W_pack, Qwen v1's c_attn) give "qkv" directly;
-        # each rank slices its heads out of the separate projections before joining them
-        fused = lambda key: tp.qkv(w[key], full) if key in w else torch.cat(  # noqa: E731
-            [tp.query_heads(get(f"q{key[3:]}"), full, dim=0), tp.kv_heads(get(f"k{key[3:]}"), full),
-             tp.kv_heads(get(f"v{key[3:]}"), full)])
         layer = LayerWeights(
             input_norm=self._cast(get("input_norm")),
-            qkv=self._linear(fused("qkv")), qkv_bias=self._cast(fused("qkv_bias")) if self.arch.qkv_bias else None,
-            o=self._linear(tp.query_heads(get("o"), full)), o_bias=opt("o_bias", self.arch.o_bias),
+            qkv=self._linear(self._qkv_rows(w, index)),
+            qkv_bias=self._cast(self._qkv_rows(w, index, "_bias")) if self.arch.qkv_bias else None,
+            o=self._linear(self.tp.query_heads(get("o"), self.full_arch)), o_bias=opt("o_bias", self.arch.o_bias),
             post_norm=self._cast(get("post_norm")),
             q_norm=opt("q_norm", self.arch.qk_norm), k_norm=opt("k_norm", self.arch.qk_norm))
         self._assemble_mlp(layer, w, index)
         return layer
+
+    def _qkv_rows(self, w: Dict[str, torch.Tensor], index: int, suffix: str = "") -> torch.Tensor:
+        """This rank's rows of the fused [q | k | v] weight (suffix "_bias": of its bias)."""
+        tp, full = self.tp, self.full_arch
+        if "qkv" + suffix in w:  # checkpoints that fuse q/k/v already (Baichuan's W_pack, Qwen v1's c_attn)
+            return tp.qkv(w["qkv" + suffix], full)
+        get = lambda key: require_weight(w, key + suffix, index)  # noqa: E731
+        # each rank slices its heads out of the separate projections (reading only those) before joining
+        return torch.cat([tp.query_heads(get("q"), full, dim=0), tp.kv_heads(get("k"), full),
+                          tp.kv_heads(get("v"), full)])
 
     def _assemble_mlp(self, layer: LayerWeights, w: Dict[str, torch.Tensor], index: int) -> None:
         """Family hook: the dense gated MLP, fused gate/up. MoE families build `layer.mlp` instead."""
