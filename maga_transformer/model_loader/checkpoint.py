@@ -124,11 +124,12 @@ def iter_checkpoint_tensors(ckpt_dir: str, show_progress: bool = True,
                             lazy: bool = False) -> Iterator[Tuple[str, torch.Tensor]]:
     """Yield (name, tensor) for every tensor of every weight file, one at a time (bounded memory).
     lazy: safetensors tensors come as LazyTensors, read only as far as they are sliced (a
-    tensor-parallel rank reads its shard); .bin files and GLM-130B's shards are read whole."""
+    tensor-parallel rank reads its shard), and GLM-130B's shards come as LazyCats (a rank reads the
+    shards its slice overlaps); .bin files are read whole."""
     from tqdm.auto import tqdm
     shards = sat_shard_files(ckpt_dir)
     if shards:
-        yield from iter_sat_tensors(shards)
+        yield from iter_sat_tensors(shards, lazy)
         return
     paths = find_weight_files(ckpt_dir)
     disabled = _progress_disabled(show_progress)

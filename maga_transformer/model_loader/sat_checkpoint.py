@@ -18,6 +18,8 @@ from typing import Dict, Iterator, List, Tuple
 
 import torch
 
+from maga_transformer.model_loader.lazy_tensor import LazyCat
+
 logger = logging.getLogger(__name__)
 
 _SHARD = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
@@ -53,16 +55,20 @@ def _load_module(path: str) -> Dict[str, torch.Tensor]:
     return state["module"]
 
 
-def merge_sat_tensor(name: str, parts: List[torch.Tensor]) -> torch.Tensor:
+def merge_sat_tensor(name: str, parts: List[torch.Tensor], lazy: bool = False):
+    """The whole tensor from its shards; lazy: a LazyCat of them, so a tensor-parallel rank reads
+    only the shards its slice overlaps."""
     if len(parts) == 1 or name.endswith(_REPLICATED):
         return parts[0]
     if name.endswith(_GLU):
         halves = [part.chunk(2, dim=0) for part in parts]
-        return torch.cat([a for a, _ in halves] + [b for _, b in halves], dim=0)
-    return torch.cat(parts, dim=1 if name.endswith(_ROW_PARALLEL) else 0)
+        parts, dim = [a for a, _ in halves] + [b for _, b in halves], 0
+    else:
+        dim = 1 if name.endswith(_ROW_PARALLEL) else 0
+    return LazyCat(parts, dim) if lazy else torch.cat(parts, dim=dim)
 
 
-def iter_sat_tensors(shard_files: List[str]) -> Iterator[Tuple[str, torch.Tensor]]:
+def iter_sat_tensors(shard_files: List[str], lazy: bool = False) -> Iterator[Tuple[str, torch.Tensor]]:
     """(name, merged tensor) for every tensor of the shards, one at a time."""
     modules = [_load_module(path) for path in shard_files]
     logger.info("merging %d SwissArmyTransformer model-parallel shard(s)", len(modules))
@@ -72,4 +78,4 @@ def iter_sat_tensors(shard_files: List[str]) -> Iterator[Tuple[str, torch.Tensor
         missing = [i for i, module in enumerate(modules) if name not in module]
         if missing:
             raise ValueError(f"tensor {name} is missing from shard(s) {missing}")
-        yield name, merge_sat_tensor(name, [module[name] for module in modules])
+        yield name, merge_sat_tensor(name, [module[name] for module in modules], lazy)

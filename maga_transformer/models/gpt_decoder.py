@@ -119,28 +119,38 @@ class GptDecoderModel(FamilyModel):
         self.lm_head = ops.prepare_linear(self.embed) if tied else self._vocab_linear(g["lm_head"])
         self.lm_head_bias = self._cast(self.tp.vocab_rows(g.get("lm_head_bias")))
 
-    def _fused_qkv(self, w: Dict[str, torch.Tensor], index: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """[q | k | v] weight and bias, whichever way the checkpoint stores them."""
+    def _qkv_rows(self, w: Dict[str, torch.Tensor], index: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """This rank's [q | k | v] rows, weight and bias, whichever way the checkpoint stores them."""
+        tp, full = self.tp, self.full_arch
         if "qkv" not in w:
-            weight = torch.cat([_require(w, key, index) for key in ("q", "k", "v")])
-            bias = torch.cat([w[key] for key in ("q_bias", "k_bias", "v_bias")]) if "q_bias" in w else None
-            return weight, bias
-        weight, bias = w["qkv"], w.get("qkv_bias")
-        if self.QKV_GROUPED_BY_KV_HEAD:
-            arch = self.full_arch
-            weight = ungroup_qkv(weight, arch.num_kv_heads, arch.num_heads, arch.head_dim)
-            bias = None if bias is None else ungroup_qkv(bias, arch.num_kv_heads, arch.num_heads, arch.head_dim)
-        return weight, bias
+            rows = lambda suffix: torch.cat([  # noqa: E731  (each rank reads only its heads)
+                tp.query_heads(_require(w, "q" + suffix, index), full, dim=0),
+                tp.kv_heads(_require(w, "k" + suffix, index), full), tp.kv_heads(_require(w, "v" + suffix, index), full)])
+            return rows(""), rows("_bias") if "q_bias" in w else None
+        local = self._grouped_rows if self.QKV_GROUPED_BY_KV_HEAD else (lambda t: tp.qkv(t, full))
+        bias = w.get("qkv_bias")
+        return local(w["qkv"]), None if bias is None else local(bias)
+
+    def _grouped_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rows grouped per KV head (see ungroup_qkv) -> this rank's [q | k | v]. When the ranks split
+        the KV heads evenly, a rank's groups are consecutive rows: it reads only those."""
+        tp, full = self.tp, self.full_arch
+        if full.num_kv_heads % tp.size:  # KV heads replicated over ranks: ungroup all, then take the rank's
+            return tp.qkv(ungroup_qkv(tensor, full.num_kv_heads, full.num_heads, full.head_dim), full)
+        first, count = tp.kv_head_span(full.num_heads, full.num_kv_heads)
+        rows = tensor.shape[0] // full.num_kv_heads
+        return ungroup_qkv(tensor.narrow(0, first * rows, count * rows), count, full.num_heads // tp.size,
+                           full.head_dim)
 
     def _assemble_layer(self, index: int, w: Dict[str, torch.Tensor]) -> GptLayerWeights:
         get = lambda key: _require(w, key, index)  # noqa: E731
         tp, full = self.tp, self.full_arch
-        qkv, qkv_bias = self._fused_qkv(w, index)
+        qkv, qkv_bias = self._qkv_rows(w, index)
         up_bias = w.get("up_bias")
         mlp_norm = None if self.arch.shared_block_norm else self._norm_weights(w, "mlp_norm", index)
         return GptLayerWeights(
             attn_norm=self._norm_weights(w, "attn_norm", index), mlp_norm=mlp_norm,
-            qkv=self._linear(tp.qkv(qkv, full)), qkv_bias=self._cast(None if qkv_bias is None else tp.qkv(qkv_bias, full)),
+            qkv=self._linear(qkv), qkv_bias=self._cast(qkv_bias),
             o=self._linear(tp.query_heads(get("o"), full)), o_bias=self._cast(w.get("o_bias")),
             up=self._linear(tp.even(get("up"), parts=self.UP_PARTS)),
             up_bias=self._cast(None if up_bias is None else tp.even(up_bias, parts=self.UP_PARTS)),

@@ -5,6 +5,7 @@ GPU test, which use them at different sizes."""
 from __future__ import annotations
 
 import math
+import os
 from types import SimpleNamespace
 from typing import Dict, List
 
@@ -194,6 +195,31 @@ def glm_v1_tensors(hidden: int, heads: int, inner: int, vocab: int, layers: int,
             state[p + name + ".weight"] = rand(rows, cols, std=cols ** -0.5)
             state[p + name + ".bias"] = rand(rows, std=0.1)
     return state
+
+
+def save_sat_shards(directory: str, state: dict, ranks: int) -> None:
+    """GLM-130B's release form: `latest` + <iteration>/mp_rank_NN_model_states.pt = {"module": shard},
+    split as SAT's model-parallel layers hold them (the inverse of GLM-130B's tools/convert_tp.py)."""
+    folder = os.path.join(directory, "49300")
+    os.makedirs(folder)
+    with open(os.path.join(directory, "latest"), "w") as f:
+        f.write("49300\n")
+    shards = [{} for _ in range(ranks)]
+    for name, tensor in state.items():
+        if "layernorm" in name or name.endswith(("dense.bias", "dense_4h_to_h.bias")):
+            parts = [tensor] * ranks  # replicated
+        elif "dense_h_to_4h" in name:  # GeGLU: every rank holds its slice of a, then of b
+            a, b = tensor.chunk(2, dim=0)
+            parts = [torch.cat([pa, pb]) for pa, pb in zip(a.chunk(ranks), b.chunk(ranks))]
+        else:
+            dim = 1 if name.endswith(("attention.dense.weight", "dense_4h_to_h.weight")) else 0
+            parts = tensor.chunk(ranks, dim=dim)
+        for shard, part in zip(shards, parts):
+            shard[name] = part.clone()
+    for shard in shards:
+        shard["transformer.layers.0.attention.rotary_emb.inv_freq"] = torch.ones(4)  # skipped by the loader
+    for rank, shard in enumerate(shards):
+        torch.save({"module": shard, "iteration": 49300}, os.path.join(folder, f"mp_rank_{rank:02d}_model_states.pt"))
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from maga_transformer.models.glm import Glm130BModel, GlmV1Model, glm_prompt_lay
 from maga_transformer.models.registry import resolve_model_class
 from maga_transformer.test.fixtures import assert_prompt_logits_match, run_greedy, save_original_checkpoint
 from maga_transformer.test.model_test.original_layouts import (GLM_GMASK, GLM_MASK, GLM_SOP, GlmV1Reference,
-                                                               glm_v1_config, glm_v1_tensors)
+                                                               glm_v1_config, glm_v1_tensors, save_sat_shards)
 
 ATOL = 1e-4
 NEW_TOKENS = 32
@@ -135,39 +135,13 @@ def test_reference_is_bidirectional_over_the_context():
     assert not torch.allclose(a[0], b[0])
 
 
-def _save_sat_shards(directory: str, state: dict, ranks: int) -> None:
-    """GLM-130B's release form: `latest` + <iteration>/mp_rank_NN_model_states.pt = {"module": shard},
-    split as SAT's model-parallel layers hold them (the inverse of GLM-130B's tools/convert_tp.py)."""
-    import os
-    folder = os.path.join(directory, "49300")
-    os.makedirs(folder)
-    with open(os.path.join(directory, "latest"), "w") as f:
-        f.write("49300\n")
-    shards = [{} for _ in range(ranks)]
-    for name, tensor in state.items():
-        if "layernorm" in name or name.endswith(("dense.bias", "dense_4h_to_h.bias")):
-            parts = [tensor] * ranks  # replicated
-        elif "dense_h_to_4h" in name:  # GeGLU: every rank holds its slice of a, then of b
-            a, b = tensor.chunk(2, dim=0)
-            parts = [torch.cat([pa, pb]) for pa, pb in zip(a.chunk(ranks), b.chunk(ranks))]
-        else:
-            dim = 1 if name.endswith(("attention.dense.weight", "dense_4h_to_h.weight")) else 0
-            parts = tensor.chunk(ranks, dim=dim)
-        for shard, part in zip(shards, parts):
-            shard[name] = part.clone()
-    for shard in shards:
-        shard["transformer.layers.0.attention.rotary_emb.inv_freq"] = torch.ones(4)  # skipped by the loader
-    for rank, shard in enumerate(shards):
-        torch.save({"module": shard, "iteration": 49300}, os.path.join(folder, f"mp_rank_{rank:02d}_model_states.pt"))
-
-
 def test_glm_130b_model_parallel_sat_shards_load(tmp_path):
     """4 SAT shards (heads, GeGLU halves, vocab and row-parallel weights split) merge on load into
     the model the reference computes."""
     state = glm_v1_tensors(**SIZES, geglu=True, tied=True)
     config = glm_v1_config(False, SIZES["hidden"], SIZES["heads"], SIZES["inner"], SIZES["vocab"], SIZES["layers"])
     directory = save_original_checkpoint(str(tmp_path), config, {}, SIZES["vocab"])
-    _save_sat_shards(directory, state, ranks=4)
+    save_sat_shards(directory, state, ranks=4)
     model = _load(directory, "glm_130b")
     reference = GlmV1Reference(state, SIZES["heads"], SIZES["layers"], two_d=False, geglu=True)
     assert run_greedy(model.engine, PROMPTS[:2], 16) == [reference.greedy(p, 16) for p in PROMPTS[:2]]
