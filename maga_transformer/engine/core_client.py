@@ -72,6 +72,9 @@ def _wait_ready(proc: subprocess.Popen, channel: Channel):
         elif message[0] == "failed":
             proc.wait(timeout=30)
             raise _STARTUP_ERRORS.get(message[1], RuntimeError)(f"engine core start-up failed: {message[2]}")
+        elif message[0] == "fatal":  # a tensor-parallel worker failed while the group started
+            proc.wait(timeout=30)
+            raise RuntimeError(f"engine core start-up failed: {message[1]}")
         elif message[0] == "ready":
             return message[1]
 

@@ -181,6 +181,7 @@ def main(argv: List[str]) -> int:
         core.ranks.send_stop()
         from maga_transformer.distributed.worker import stop_processes
         stop_processes(workers)
+        core.ranks.close()
     return 0
 
 
