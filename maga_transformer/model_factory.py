@@ -156,7 +156,8 @@ def _placed(name_or_path, model_config: Optional[ModelConfig],
 
 
 def load_model_weights(ckpt_path: str, model_type: str, dtype: torch.dtype, device: torch.device,
-                       tp: Optional[TensorParallel] = None, load_threads: int = 1) -> DecoderModel:
+                       tp: Optional[TensorParallel] = None, load_threads: int = 1,
+                       int8_weights: bool = False) -> DecoderModel:
     """The model family's class built on `device` with the checkpoint's weights (where the engine
     core lives: this process in-process, the core's process otherwise); under tensor parallelism,
     this rank's shard of them."""
@@ -164,6 +165,7 @@ def load_model_weights(ckpt_path: str, model_type: str, dtype: torch.dtype, devi
     model_cls = resolve_model_class(model_type, hf_config)
     model = model_cls(model_cls.arch_from_hf_config(hf_config), dtype, device, tp)
     model.load_threads = load_threads
+    model.int8_weights = int8_weights
     logger.info("loading %s (%s) from %s as %s on %s%s", model_cls.__name__, hf_config.get("model_type"),
                 ckpt_path, dtype, device, f", {model.tp}" if tp is not None else "")
     model.load_weights(iter_checkpoint_tensors(ckpt_path, lazy=model.tp.size > 1))
@@ -198,7 +200,8 @@ def _core_launch(config: ModelConfig, engine_config: EngineConfig, device: torch
                       dtype=str(dtype).replace("torch.", ""), device=str(device), engine_config=engine_config,
                       max_seq_len=config.max_seq_len, block_size=config.seq_size_per_block, eos_token_ids=eos,
                       log_level=logging.getLogger().getEffectiveLevel(),
-                      parallel=parallel.with_free_port() if parallel.enabled and parallel.machines == 1 else parallel)
+                      parallel=parallel.with_free_port() if parallel.enabled and parallel.machines == 1 else parallel,
+                      int8_weights=config.weight_type == WEIGHT_TYPE.INT8)
 
 
 def _load(config: ModelConfig, engine_config: Optional[EngineConfig], device: torch.device,
@@ -212,7 +215,8 @@ def _load(config: ModelConfig, engine_config: Optional[EngineConfig], device: to
     if not engine_config.engine_process:
         tokenizer = load_tokenizer(config.tokenizer_path, config.ckpt_path)
         eos = eos if eos is not None else _tokenizer_eos_ids(tokenizer)
-        model = load_model_weights(config.ckpt_path, config.model_type, dtype, device)
+        model = load_model_weights(config.ckpt_path, config.model_type, dtype, device,
+                                   int8_weights=config.weight_type == WEIGHT_TYPE.INT8)
         return AsyncModel(model, tokenizer, config, hf_config, eos, engine_config)
     tokenizer = None
     if eos is None:  # only the tokenizer knows: read it before the core needs it

@@ -21,7 +21,8 @@ def _parse_enum(cls, field_name: str, value: str):
 
 
 class WEIGHT_TYPE(enum.Enum):
-    """Storage type of the linear weights. INT8 is weight-only, quantized at load time (later issue)."""
+    """Storage type of the linear weights. INT8 is weight-only: the layers' projections quantized per
+    output channel while loading (docs/Quantization.md); the others follow the compute dtype."""
 
     FP32 = "fp32"
     FP16 = "fp16"
@@ -71,8 +72,6 @@ class ModelConfig:
             self.act_type = ACT_TYPE.from_str(self.act_type) if self.act_type else None
         if isinstance(self.weight_type, str):
             self.weight_type = WEIGHT_TYPE.from_str(self.weight_type)
-        if self.weight_type == WEIGHT_TYPE.INT8:
-            raise ValueError("weight_type: INT8 weight-only quantization is not supported yet")
         if self.seq_size_per_block <= 0:
             raise ValueError(f"seq_size_per_block must be positive, got {self.seq_size_per_block}")
         if self.max_seq_len < 0:

@@ -70,7 +70,8 @@ class EngineCore:
             vocab_size=model.arch.vocab_size, max_seq_len=max_seq_len, block_size=block_size, num_blocks=num_blocks,
             max_num_batched_tokens=engine_config.max_num_batched_tokens,
             enable_chunked_prefill=engine_config.enable_chunked_prefill, eos_token_ids=list(eos_token_ids),
-            description=f"{model.device.type} {str(model.dtype).replace('torch.', '')}, KV cache "
+            description=f"{model.device.type} {str(model.dtype).replace('torch.', '')}"
+                        + (" with int8 weights" if model.int8_weights else "") + ", KV cache "
                         f"{num_blocks * block_size:,} tokens ({num_blocks:,} blocks of {block_size})"
                         + (f", tensor parallel over {model.tp.size} ranks" if model.tp.size > 1 else ""))
         self.limits = RequestLimits(self.info, model.prompt_layout)

@@ -32,6 +32,7 @@ class FamilyModel:
         self.device = device
         self.scale = arch.head_dim ** -0.5
         self.load_threads = 1  # LOAD_CKPT_NUM_PROCESS: layers assembled in parallel
+        self.int8_weights = False  # WEIGHT_TYPE=INT8: the projections stored weight-only int8
 
     # ---- family hooks -------------------------------------------------------------------------
     @classmethod
@@ -63,6 +64,14 @@ class FamilyModel:
 
     def _linear(self, tensor: torch.Tensor) -> ops.LinearWeight:
         return ops.prepare_linear(self._cast(tensor))
+
+    def _proj(self, tensor: torch.Tensor) -> ops.LinearWeight:
+        """A layer's projection (q/k/v, o, gate/up, down, an MoE expert's): weight-only int8 under
+        WEIGHT_TYPE=INT8, quantized from the checkpoint's values on the device one tensor at a time;
+        otherwise as `_linear`. Embeddings, the LM head, norms and MoE routers stay full precision."""
+        if not self.int8_weights:
+            return self._linear(tensor)
+        return ops.prepare_int8_linear(tensor.to(self.device).contiguous())
 
     def _assemble_layers(self, per_layer: List[Dict[str, torch.Tensor]], assemble: Callable) -> list:
         """assemble(index, weights) over the layers, on load_threads threads (slicing, casting and

@@ -72,9 +72,9 @@ class DecoderModel(FamilyModel):
         opt = lambda key, flag: self._cast(get(key)) if flag else None  # noqa: E731
         layer = LayerWeights(
             input_norm=self._cast(get("input_norm")),
-            qkv=self._linear(self._qkv_rows(w, index)),
+            qkv=self._proj(self._qkv_rows(w, index)),
             qkv_bias=self._cast(self._qkv_rows(w, index, "_bias")) if self.arch.qkv_bias else None,
-            o=self._linear(self.tp.query_heads(get("o"), self.full_arch)), o_bias=opt("o_bias", self.arch.o_bias),
+            o=self._proj(self.tp.query_heads(get("o"), self.full_arch)), o_bias=opt("o_bias", self.arch.o_bias),
             post_norm=self._cast(get("post_norm")),
             q_norm=opt("q_norm", self.arch.qk_norm), k_norm=opt("k_norm", self.arch.qk_norm))
         self._assemble_mlp(layer, w, index)
@@ -106,7 +106,7 @@ class DecoderModel(FamilyModel):
         # ChatGLM's dense_h_to_4h already stacks [gate; up]
         gate_up = (tp.even(w[prefix + "gate_up"], parts=2) if prefix + "gate_up" in w
                    else torch.cat([tp.even(get("gate")), tp.even(get("up"))]))
-        return self._linear(gate_up), self._linear(tp.even(get("down"), dim=1))
+        return self._proj(gate_up), self._proj(tp.even(get("down"), dim=1))
 
     # ---- forward --------------------------------------------------------------------------------
     def forward(self, batch: ForwardBatch, kv_caches: List[KVCache]) -> torch.Tensor:

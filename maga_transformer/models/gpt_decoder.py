@@ -150,12 +150,12 @@ class GptDecoderModel(FamilyModel):
         mlp_norm = None if self.arch.shared_block_norm else self._norm_weights(w, "mlp_norm", index)
         return GptLayerWeights(
             attn_norm=self._norm_weights(w, "attn_norm", index), mlp_norm=mlp_norm,
-            qkv=self._linear(qkv), qkv_bias=self._cast(qkv_bias),
-            o=self._linear(tp.query_heads(get("o"), full)), o_bias=self._cast(w.get("o_bias")),
-            up=self._linear(tp.even(get("up"), parts=self.UP_PARTS)),
+            qkv=self._proj(qkv), qkv_bias=self._cast(qkv_bias),
+            o=self._proj(tp.query_heads(get("o"), full)), o_bias=self._cast(w.get("o_bias")),
+            up=self._proj(tp.even(get("up"), parts=self.UP_PARTS)),
             up_bias=self._cast(None if up_bias is None else tp.even(up_bias, parts=self.UP_PARTS)),
             # row-parallel: each rank a slice of the input columns; the bias is added once
-            down=self._linear(tp.even(get("down"), dim=1)), down_bias=self._cast(w.get("down_bias")))
+            down=self._proj(tp.even(get("down"), dim=1)), down_bias=self._cast(w.get("down_bias")))
 
     # ---- forward --------------------------------------------------------------------------------
     def forward(self, batch: ForwardBatch, kv_caches: List[KVCache]) -> torch.Tensor:

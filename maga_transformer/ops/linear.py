@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +53,13 @@ class LinearWeight:
     weight: Optional[torch.Tensor] = None  # plain [out, in] layout (released when only oneDNN needs it)
     packed: Optional[torch.Tensor] = None  # oneDNN blocked layout (CPU)
     gemv: bool = False  # our CPU GEMV serves batches of up to _GEMV_MAX_ROWS rows
+    # weight-only int8 (WEIGHT_TYPE=INT8): int8 [out, in] and one fp32 scale per output row
+    qweight: Optional[torch.Tensor] = None
+    scale: Optional[torch.Tensor] = None
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight the int8 one stands for, [out, in] in dtype (the quantization's oracle)."""
+        return (self.qweight.to(torch.float32) * self.scale[:, None]).to(dtype)
 
 
 def _pack_onednn(weight: torch.Tensor) -> Optional[torch.Tensor]:
@@ -72,6 +79,33 @@ def prepare_linear(weight: torch.Tensor) -> LinearWeight:
     packed = _pack_onednn(weight)
     keep_plain = gemv or packed is None
     return LinearWeight(out_features, in_features, weight=weight if keep_plain else None, packed=packed, gemv=gemv)
+
+
+def quantize_int8(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: scale = absmax(row) / 127, q = round(w / scale) in [-127, 127]
+    (rtp-llm's scheme). An all-zero row gets scale 1, so it dequantizes to zeros."""
+    w = weight.float()
+    scale = w.abs().amax(dim=1) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q.contiguous(), scale.contiguous()
+
+
+def prepare_int8_linear(weight: torch.Tensor) -> LinearWeight:
+    """A weight-only int8 linear from a full-precision weight (on its device; the full weight is dropped)."""
+    out_features, in_features = weight.shape
+    q, scale = quantize_int8(weight)
+    return LinearWeight(out_features, in_features, qweight=q, scale=scale)
+
+
+def _int8_linear(x: torch.Tensor, w: LinearWeight, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Few fp32 rows on the CPU: our int8 GEMV (a quarter of the bytes streamed). Otherwise the
+    reference: dequantize in x's dtype, then one GEMM (prefill, large batches, the GPU for now)."""
+    kernels = cpu_kernels() if not x.is_cuda else None
+    if (kernels is not None and x.dim() == 2 and x.dtype == torch.float32
+            and x.shape[0] <= kernels.max_gemv_rows):
+        return kernels.gemv_i8(x, w.qweight, w.scale, bias)
+    return F.linear(x, w.dequantized(x.dtype), bias)
 
 
 def gemv_f32(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -113,6 +147,8 @@ def _cuda_gemv(x: torch.Tensor, w: LinearWeight) -> Optional[torch.Tensor]:
 
 
 def linear(x: torch.Tensor, w: LinearWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    if w.qweight is not None:
+        return _int8_linear(x, w, bias)
     if bias is None and x.is_cuda:
         out = _cuda_gemv(x, w)
         if out is not None:

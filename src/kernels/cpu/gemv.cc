@@ -21,4 +21,22 @@ void gemv_f32(const float* __restrict x, const float* __restrict w, const float*
   }
 }
 
+// The same walk over int8 weights: each weight row is widened to fp32 in registers (the compiler
+// vectorises the int8 -> fp32 conversion with the dot product) and scaled once at the end.
+void gemv_i8(const float* __restrict x, const int8_t* __restrict w, const float* __restrict scale,
+             const float* __restrict bias, float* __restrict y, int64_t rows, int64_t in, int64_t out) {
+#pragma omp parallel for schedule(static)
+  for (int64_t o = 0; o < out; ++o) {
+    const int8_t* w_row = w + o * in;
+    const float b = bias ? bias[o] : 0.f;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* x_row = x + r * in;
+      float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t i = 0; i < in; ++i) acc += x_row[i] * static_cast<float>(w_row[i]);
+      y[r * out + o] = acc * scale[o] + b;
+    }
+  }
+}
+
 }  // namespace th_transformer
