@@ -11,6 +11,14 @@
 
 namespace {
 
+// An optional fp32 bias of `out` values, contiguous (undefined when absent).
+torch::Tensor checked_bias(const c10::optional<torch::Tensor>& bias, int64_t out, const char* op) {
+  if (!bias.has_value()) return torch::Tensor();
+  auto bc = bias->contiguous();
+  TORCH_CHECK(bc.scalar_type() == torch::kFloat && bc.numel() == out, op, ": bias [out] fp32");
+  return bc;
+}
+
 torch::Tensor gemv_f32(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "gemv_f32: CPU tensors only");
   TORCH_CHECK(x.scalar_type() == torch::kFloat && w.scalar_type() == torch::kFloat, "gemv_f32: fp32 only");
@@ -18,13 +26,8 @@ torch::Tensor gemv_f32(const torch::Tensor& x, const torch::Tensor& w, const c10
   TORCH_CHECK(x.size(0) <= th_transformer::kMaxGemvRows, "gemv_f32: at most ", th_transformer::kMaxGemvRows, " rows");
   auto xc = x.contiguous();
   auto wc = w.contiguous();
-  const float* bias_ptr = nullptr;
-  torch::Tensor bc;
-  if (bias.has_value()) {
-    bc = bias->contiguous();
-    TORCH_CHECK(bc.scalar_type() == torch::kFloat && bc.numel() == w.size(0), "gemv_f32: bias [out] fp32");
-    bias_ptr = bc.data_ptr<float>();
-  }
+  torch::Tensor bc = checked_bias(bias, w.size(0), "gemv_f32");
+  const float* bias_ptr = bc.defined() ? bc.data_ptr<float>() : nullptr;
   auto y = torch::empty({x.size(0), w.size(0)}, x.options());
   th_transformer::gemv_f32(xc.data_ptr<float>(), wc.data_ptr<float>(), bias_ptr, y.data_ptr<float>(), x.size(0),
                            w.size(1), w.size(0));
@@ -42,13 +45,8 @@ torch::Tensor gemv_i8(const torch::Tensor& x, const torch::Tensor& w, const torc
   auto xc = x.contiguous();
   auto wc = w.contiguous();
   auto sc = scale.contiguous();
-  const float* bias_ptr = nullptr;
-  torch::Tensor bc;
-  if (bias.has_value()) {
-    bc = bias->contiguous();
-    TORCH_CHECK(bc.scalar_type() == torch::kFloat && bc.numel() == w.size(0), "gemv_i8: bias [out] fp32");
-    bias_ptr = bc.data_ptr<float>();
-  }
+  torch::Tensor bc = checked_bias(bias, w.size(0), "gemv_i8");
+  const float* bias_ptr = bc.defined() ? bc.data_ptr<float>() : nullptr;
   auto y = torch::empty({x.size(0), w.size(0)}, x.options());
   th_transformer::gemv_i8(xc.data_ptr<float>(), wc.data_ptr<int8_t>(), sc.data_ptr<float>(), bias_ptr,
                           y.data_ptr<float>(), x.size(0), w.size(1), w.size(0));

@@ -19,7 +19,7 @@ from maga_transformer.distributed.parallel_config import ParallelConfig
 from maga_transformer.model_factory import ModelFactory
 from maga_transformer.test.distributed.procs import alive, children
 from maga_transformer.test.fixtures import tiny_llama
-from maga_transformer.test.server.live_server import LiveServer, metrics
+from maga_transformer.test.server.live_server import LiveServer, metrics, wait_running
 
 FAILURE_BOUND_S = 5.0  # the core's watchdog polls its workers every 0.2 s
 
@@ -78,10 +78,7 @@ def _streams_then(server: LiveServer, fault, bound_s: float) -> List[dict]:
     streams = [threading.Thread(target=_stream, args=(server.url, out)) for out in results]
     for thread in streams:
         thread.start()
-    deadline = time.monotonic() + 20
-    while metrics(server)["vllm:num_requests_running"] < 2:
-        assert time.monotonic() < deadline, "the streams never ran together"
-        time.sleep(0.02)
+    wait_running(server, 2)
     fault_at = time.monotonic()
     fault()
     for thread in streams:

@@ -49,6 +49,14 @@ def metrics(server: LiveServer) -> dict:
     return values
 
 
+def wait_running(server: LiveServer, count: int, within_s: float = 20.0) -> None:
+    """Until `count` requests run in the engine together (from /metrics), else fail the test."""
+    deadline = time.monotonic() + within_s
+    while metrics(server)["vllm:num_requests_running"] < count:
+        assert time.monotonic() < deadline, f"{count} requests never ran together"
+        time.sleep(0.02)
+
+
 def wait_idle(server: LiveServer, within_s: float = 1.0) -> dict:
     """/metrics once nothing runs and no KV block is held, or after `within_s`, whichever comes first."""
     deadline = time.monotonic() + within_s

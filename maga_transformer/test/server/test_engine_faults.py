@@ -15,7 +15,7 @@ import pytest
 from maga_transformer.config import EngineConfig
 from maga_transformer.model_factory import ModelFactory
 from maga_transformer.test.fixtures import tiny_llama
-from maga_transformer.test.server.live_server import LiveServer, metrics
+from maga_transformer.test.server.live_server import LiveServer, metrics, wait_running
 
 LONG = {"max_new_tokens": 400, "top_k": 1, "ignore_eos": True}
 
@@ -54,10 +54,7 @@ def test_core_killed_mid_stream_fails_everything_at_once(doomed):
                for fn, out in zip((_native_stream, _openai_stream, _native_plain), results)]
     for worker in workers:
         worker.start()
-    deadline = time.monotonic() + 20
-    while metrics(server)["vllm:num_requests_running"] < 3:
-        assert time.monotonic() < deadline, "the requests never ran together"
-        time.sleep(0.02)
+    wait_running(server, 3)
     killed_at = time.monotonic()
     os.kill(model.engine.pid, signal.SIGKILL)
     for worker in workers:
