@@ -5,6 +5,8 @@ import os
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
+KV_CACHE_DTYPES = ("auto", "int8", "fp8")  # the quantized ones are ops/kv_cache.py's
+
 
 def env_int(env: Mapping[str, str], name: str, default: Optional[int]) -> Optional[int]:
     raw = env.get(name)
@@ -45,8 +47,13 @@ class EngineConfig:
     engine_process: bool = True
     # ENGINE_STEP_TIMEOUT_S: with requests live, a core that sends nothing for this long is hung
     step_timeout_s: float = 120.0
+    # KV_CACHE_DTYPE: "auto" (the model's dtype), "int8" (INT8_KV_CACHE=1) or "fp8" (e4m3), each
+    # quantized per token and KV head as it is written (ops/kv_cache.py, docs/Quantization.md)
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"KV_CACHE_DTYPE: expected one of {list(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         for name in ("max_num_batched_tokens", "max_num_seqs", "concurrency_limit"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -70,4 +77,15 @@ class EngineConfig:
             overlap_scheduling=env_bool(env, "OVERLAP_SCHEDULING", True) if env.get("OVERLAP_SCHEDULING") else None,
             engine_process=env_bool(env, "ENGINE_PROCESS", True),
             step_timeout_s=float(env_int(env, "ENGINE_STEP_TIMEOUT_S", 120)),
+            kv_cache_dtype=_kv_cache_dtype_from_env(env),
         )
+
+
+def _kv_cache_dtype_from_env(env: Mapping[str, str]) -> str:
+    """KV_CACHE_DTYPE, or rtp-llm's INT8_KV_CACHE=1 for "int8"; the two must not disagree."""
+    chosen = (env.get("KV_CACHE_DTYPE") or "auto").strip().lower()
+    if env_bool(env, "INT8_KV_CACHE", False):
+        if chosen not in ("auto", "int8"):
+            raise ValueError(f"INT8_KV_CACHE=1 and KV_CACHE_DTYPE={chosen} disagree: set one of them")
+        return "int8"
+    return chosen

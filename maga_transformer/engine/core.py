@@ -45,7 +45,16 @@ def build_model_runner(model: DecoderModel, engine_config: EngineConfig, max_seq
     if ranks is not None:
         num_blocks = ranks.agree_min(num_blocks)
     return ModelRunner(model, block_size, num_blocks, max_seq_len, engine_config.max_num_seqs,
-                       ranks if sends_steps else None)
+                       ranks if sends_steps else None, engine_config.kv_cache_dtype)
+
+
+def _description(model: DecoderModel, engine_config: EngineConfig, num_blocks: int, block_size: int) -> str:
+    """What the start-up log and /info say the core runs: device, dtype, quantization, KV tokens, ranks."""
+    weights = " with int8 weights" if model.int8_weights else ""
+    kv = "" if engine_config.kv_cache_dtype == "auto" else f"{engine_config.kv_cache_dtype} "
+    tp = f", tensor parallel over {model.tp.size} ranks" if model.tp.size > 1 else ""
+    return (f"{model.device.type} {str(model.dtype).replace('torch.', '')}{weights}, KV cache {kv}"
+            f"{num_blocks * block_size:,} tokens ({num_blocks:,} blocks of {block_size}){tp}")
 
 
 class EngineCore:
@@ -70,10 +79,7 @@ class EngineCore:
             vocab_size=model.arch.vocab_size, max_seq_len=max_seq_len, block_size=block_size, num_blocks=num_blocks,
             max_num_batched_tokens=engine_config.max_num_batched_tokens,
             enable_chunked_prefill=engine_config.enable_chunked_prefill, eos_token_ids=list(eos_token_ids),
-            description=f"{model.device.type} {str(model.dtype).replace('torch.', '')}"
-                        + (" with int8 weights" if model.int8_weights else "") + ", KV cache "
-                        f"{num_blocks * block_size:,} tokens ({num_blocks:,} blocks of {block_size})"
-                        + (f", tensor parallel over {model.tp.size} ranks" if model.tp.size > 1 else ""))
+            description=_description(model, engine_config, num_blocks, block_size))
         self.limits = RequestLimits(self.info, model.prompt_layout)
         overlap = engine_config.overlap_scheduling
         self.overlap = model.device.type == "cuda" if overlap is None else overlap

@@ -40,10 +40,12 @@ class DecodeRow:
     block_table: Sequence[int]
 
 
-def graphs_supported(model: DecoderModel) -> Optional[str]:
+def graphs_supported(model: DecoderModel, kv_cache_dtype: str = "auto") -> Optional[str]:
     """None if decode steps of this model can be captured, else the reason they cannot."""
     if model.device.type != "cuda":
         return "not on a CUDA device"
+    if kv_cache_dtype != "auto":
+        return f"a {kv_cache_dtype} KV cache is read by the torch reference attention, which reads each step's lengths on the host"
     if os.environ.get("MAGA_DISABLE_CUDA_GRAPHS") == "1":
         return "MAGA_DISABLE_CUDA_GRAPHS=1"
     kernels = cuda_kernels()

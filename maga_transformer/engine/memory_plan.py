@@ -17,6 +17,7 @@ import torch
 
 from maga_transformer.config.engine_config import EngineConfig
 from maga_transformer.models.decoder import DecoderModel
+from maga_transformer.ops.kv_cache import kv_element_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -28,10 +29,10 @@ MIN_KV_BLOCKS = 2  # the floor EngineConfig.num_kv_blocks keeps too
 MIB = 1 << 20
 
 
-def kv_bytes_per_block(model: DecoderModel, block_size: int) -> int:
+def kv_bytes_per_block(model: DecoderModel, block_size: int, kv_cache_dtype: str = "auto") -> int:
     arch = model.arch
-    element = torch.tensor([], dtype=model.dtype).element_size()
-    return 2 * arch.num_layers * block_size * arch.num_kv_heads * arch.head_dim * element
+    per_head = kv_element_bytes(model.dtype, kv_cache_dtype, arch.head_dim)
+    return int(2 * arch.num_layers * block_size * arch.num_kv_heads * per_head)
 
 
 def _available_host_mb() -> int:
@@ -146,7 +147,7 @@ def plan_num_blocks(model: DecoderModel, block_size: int, cfg: EngineConfig,
     """`profile` runs the largest forward step (CUDA only); its activation peak is kept free."""
     if cfg.num_kv_blocks is not None:
         return cfg.num_kv_blocks
-    bytes_per_block = kv_bytes_per_block(model, block_size)
+    bytes_per_block = kv_bytes_per_block(model, block_size, cfg.kv_cache_dtype)
     if cfg.kv_cache_mem_mb is not None:
         return blocks_for_user_budget(cfg.kv_cache_mem_mb, bytes_per_block, block_size)
     if model.device.type == "cuda":

@@ -21,7 +21,7 @@ from maga_transformer.engine.sampler import SamplingRow, sample
 from maga_transformer.engine.scheduler import SchedulerOutput
 from maga_transformer.engine.transfer import to_device
 from maga_transformer.models.arch import ForwardBatch, PromptLayout
-from maga_transformer.models.decoder import DecoderModel
+from maga_transformer.models.decoder import DecoderModel, KVCache
 
 logger = logging.getLogger(__name__)
 
@@ -75,12 +75,11 @@ class StepResult:
     prompt_logprobs: Dict[int, Tuple[int, torch.Tensor]] = field(default_factory=dict)
 
 
-def _allocate_kv(model: DecoderModel, block_size: int, num_blocks: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+def _allocate_kv(model: DecoderModel, block_size: int, num_blocks: int, kv_cache_dtype: str) -> List[KVCache]:
     arch = model.arch
     shape = (num_blocks, block_size, arch.num_kv_heads, arch.head_dim)
-    # zeros, not empty: padded attention reads unused slots with weight 0, and 0 * NaN is NaN
-    return [(torch.zeros(shape, dtype=model.dtype, device=model.device),
-             torch.zeros(shape, dtype=model.dtype, device=model.device)) for _ in range(arch.num_layers)]
+    return [(ops.allocate_kv(shape, model.dtype, model.device, kv_cache_dtype),
+             ops.allocate_kv(shape, model.dtype, model.device, kv_cache_dtype)) for _ in range(arch.num_layers)]
 
 
 @torch.inference_mode()
@@ -131,19 +130,23 @@ class _LayoutColumns:
 
 class ModelRunner:
     def __init__(self, model: DecoderModel, block_size: int, num_blocks: int, max_seq_len: int = 0,
-                 max_batch: int = 0, ranks=None) -> None:
+                 max_batch: int = 0, ranks=None, kv_cache_dtype: str = "auto") -> None:
         """ranks: the tensor-parallel group's step channel on rank 0 (distributed/ranks.py), which
-        hands each step's inputs to the other ranks before this one runs it; None alone."""
+        hands each step's inputs to the other ranks before this one runs it; None alone.
+        kv_cache_dtype: "auto" (the model's dtype), "int8" or "fp8" (ops/kv_cache.py)."""
         self.model = model
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.device = model.device
         self.ranks = ranks
-        self.kv_caches = _allocate_kv(model, block_size, num_blocks)
-        logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB)", num_blocks, block_size,
-                    num_blocks * block_size, num_blocks * kv_bytes_per_block(model, block_size) / 2**20)
+        self.kv_caches = _allocate_kv(model, block_size, num_blocks, kv_cache_dtype)
+        per_block = kv_bytes_per_block(model, block_size, kv_cache_dtype)
+        logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB, %s%s)", num_blocks, block_size,
+                    num_blocks * block_size, num_blocks * per_block / 2**20, kv_cache_dtype,
+                    "" if kv_cache_dtype == "auto" else
+                    f": {kv_bytes_per_block(model, block_size) / per_block:.2f}x the tokens of {model.dtype}")
         self.graphs: Optional[DecodeGraphs] = None
-        reason = graphs_supported(model)
+        reason = graphs_supported(model, kv_cache_dtype)
         if reason is None and max_seq_len and max_batch:
             self.graphs = DecodeGraphs(model, self.kv_caches, block_size, max_seq_len, max_batch)
         elif model.device.type == "cuda":

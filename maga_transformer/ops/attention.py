@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from maga_transformer.ops._cuda import KERNEL_DTYPES, aligned, check_status, kernels_for, same_device
+from maga_transformer.ops.kv_cache import QuantizedKV, read_kv
 
 
 @dataclass
@@ -205,17 +206,14 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
                               meta: AttentionMetadata, scale: float,
                               alibi_slopes: Optional[torch.Tensor] = None) -> torch.Tensor:
     num_heads, head_dim = q.shape[1], q.shape[2]
-    num_kv_heads = k_cache.shape[2]
-    flat_k = k_cache.view(-1, num_kv_heads, head_dim)
-    flat_v = v_cache.view(-1, num_kv_heads, head_dim)
     out = None
     for group in _padded_groups(meta):
         if group.in_order:  # row-major [G, Lq] already: a view, no gather
             qg = q.view(*group.query_index.shape, num_heads, head_dim).transpose(1, 2)  # [G, H, Lq, D]
         else:
             qg = q[group.query_index].transpose(1, 2)
-        kg = flat_k[group.key_slots].transpose(1, 2).to(q.dtype)  # [G, KVH, Lk, D]
-        vg = flat_v[group.key_slots].transpose(1, 2).to(q.dtype)
+        kg = read_kv(k_cache, group.key_slots, q.dtype).transpose(1, 2)  # [G, KVH, Lk, D]
+        vg = read_kv(v_cache, group.key_slots, q.dtype).transpose(1, 2)
         if alibi_slopes is None and group.plain_causal:
             og = _sdpa(qg, kg, vg, None, scale, causal=True).transpose(1, 2)
         else:
@@ -236,8 +234,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     Returns [tokens, heads, head_dim]. Causal within each sequence, over all its cached tokens.
     alibi_slopes: optional [heads] fp32 on q's device; the bias is added to the scaled scores.
     """
-    # The CUDA decode kernel has no ALiBi term: steps with slopes always take the reference.
-    kernels = kernels_for(q, k_cache, v_cache) if alibi_slopes is None else None
+    # The CUDA decode kernel has no ALiBi term and reads only unquantized caches: other steps take
+    # the reference.
+    plain = not isinstance(k_cache, QuantizedKV)
+    kernels = kernels_for(q, k_cache, v_cache) if alibi_slopes is None and plain else None
     if alibi_slopes is not None and q.is_cuda and torch.cuda.is_current_stream_capturing():
         # the reference reads this step's lengths on the host: a captured graph would replay stale ones
         raise RuntimeError("paged_attention with ALiBi cannot run inside a CUDA graph capture")

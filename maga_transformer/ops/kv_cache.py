@@ -1,11 +1,102 @@
-"""Paged KV cache writes and block copies (copy-on-write)."""
+"""Paged KV cache: allocation, writes, reads and block copies (copy-on-write).
+
+A layer's cache is a pair (keys, values), each either a plain tensor [blocks, block_size, kv_heads,
+head_dim] in the model's dtype or, for a quantized cache (INT8_KV_CACHE=1, KV_CACHE_DTYPE=int8 or
+fp8), a QuantizedKV: int8 or float8_e4m3fn values of that shape and one fp32 scale per token and KV
+head, computed when the token is written (rtp-llm's INT8_KV_CACHE scheme), so no calibration is
+needed and one outlier token cannot blur the others.
+"""
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
+
 import torch
 
 from maga_transformer.ops._cuda import KERNEL_DTYPES, aligned, check_status, kernels_for, same_device
 
+# KV_CACHE_DTYPE values that quantize, the storage dtype and the largest magnitude it holds
+_QUANTIZED_KV = {"int8": (torch.int8, 127.0), "fp8": (torch.float8_e4m3fn, 448.0)}
 
-def write_kv_cache_reference(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+
+@dataclass
+class QuantizedKV:
+    """One layer's keys or values, quantized per token and KV head."""
+
+    data: torch.Tensor  # [blocks, block_size, kv_heads, head_dim] int8 / float8_e4m3fn
+    scale: torch.Tensor  # [blocks, block_size, kv_heads] fp32: value = data * scale
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+
+KVTensor = Union[torch.Tensor, QuantizedKV]
+
+
+def kv_element_bytes(model_dtype: torch.dtype, kv_cache_dtype: str, head_dim: int) -> float:
+    """Bytes one token of one KV head takes for keys (or values): values plus, quantized, its scale."""
+    if kv_cache_dtype in _QUANTIZED_KV:
+        return head_dim * 1 + 4
+    return head_dim * torch.tensor([], dtype=model_dtype).element_size()
+
+
+def allocate_kv(shape: Tuple[int, int, int, int], dtype: torch.dtype, device: torch.device,
+                kv_cache_dtype: str = "auto") -> KVTensor:
+    """One zeroed cache tensor (zeros: padded attention reads unused slots with weight 0, and 0 * NaN
+    is NaN)."""
+    if kv_cache_dtype not in _QUANTIZED_KV:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    storage, _ = _QUANTIZED_KV[kv_cache_dtype]
+    return QuantizedKV(torch.zeros(shape, dtype=storage, device=device),
+                       torch.zeros(shape[:3], dtype=torch.float32, device=device))
+
+
+def quantize_kv(x: torch.Tensor, storage: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """x [tokens, kv_heads, head_dim] -> (values in `storage`, fp32 scales [tokens, kv_heads]):
+    scale = absmax over head_dim / the format's largest value (1 for an all-zero row)."""
+    limit = 127.0 if storage == torch.int8 else 448.0
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1) / limit
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scaled = xf / scale[..., None]
+    if storage == torch.int8:
+        return torch.round(scaled).clamp_(-127, 127).to(torch.int8), scale
+    return scaled.clamp_(-limit, limit).to(storage), scale
+
+
+def dequantize_kv(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (data.float() * scale[..., None]).to(dtype)
+
+
+def read_kv(cache: KVTensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The cached rows at flat slot indices (any shape), [*slots.shape, kv_heads, head_dim] in dtype."""
+    if isinstance(cache, QuantizedKV):
+        heads, head_dim = cache.data.shape[-2:]
+        data = cache.data.view(-1, heads, head_dim)[slots]
+        return dequantize_kv(data, cache.scale.view(-1, heads)[slots], dtype)
+    heads, head_dim = cache.shape[-2:]
+    return cache.view(-1, heads, head_dim)[slots].to(dtype)
+
+
+def _write_quantized(x: torch.Tensor, cache: QuantizedKV, slot_mapping: torch.Tensor) -> None:
+    heads, head_dim = cache.data.shape[-2:]
+    data, scale = quantize_kv(x, cache.data.dtype)
+    if cache.data.dtype == torch.int8:
+        cache.data.view(-1, heads, head_dim).index_copy_(0, slot_mapping, data)
+    else:  # index_copy_ has no float8 kernel: copy the bytes
+        cache.data.view(torch.uint8).view(-1, heads, head_dim).index_copy_(0, slot_mapping, data.view(torch.uint8))
+    cache.scale.view(-1, heads).index_copy_(0, slot_mapping, scale)
+
+
+def write_kv_cache_reference(k: torch.Tensor, v: torch.Tensor, k_cache: KVTensor, v_cache: KVTensor,
                              slot_mapping: torch.Tensor) -> None:
+    if isinstance(k_cache, QuantizedKV):
+        _write_quantized(k, k_cache, slot_mapping)
+        _write_quantized(v, v_cache, slot_mapping)
+        return
     num_kv_heads, head_dim = k_cache.shape[-2:]
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
@@ -14,6 +105,8 @@ def write_kv_cache_reference(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Te
 def cache_write_kernel_applies(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                slot_mapping: torch.Tensor) -> bool:
     """The CUDA kernel copies without converting: same dtype, matching shapes, contiguous caches."""
+    if isinstance(k_cache, QuantizedKV) or isinstance(v_cache, QuantizedKV):
+        return False
     if not same_device(k, v, k_cache, v_cache, slot_mapping):
         return False
     if k.dtype not in KERNEL_DTYPES or {v.dtype, k_cache.dtype, v_cache.dtype} != {k.dtype}:
@@ -36,14 +129,24 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
     On CUDA (same dtypes) the kernel skips negative slots (padding rows of a CUDA-graph batch);
     the reference requires every slot to be valid.
     """
-    kernels = kernels_for(k_cache)
+    kernels = None if isinstance(k_cache, QuantizedKV) else kernels_for(k_cache)
     if kernels is not None and cache_write_kernel_applies(k, v, k_cache, v_cache, slot_mapping):
         check_status(kernels, kernels.write_kv_cache(k, v, k_cache, v_cache, slot_mapping), "write_kv_cache")
         return
     write_kv_cache_reference(k, v, k_cache, v_cache, slot_mapping)
 
 
-def copy_kv_blocks(k_cache: torch.Tensor, v_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+def _copy_blocks(cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+    if cache.dtype == torch.float8_e4m3fn:
+        cache = cache.view(torch.uint8)
+    cache.index_copy_(0, dst, cache.index_select(0, src))
+
+
+def copy_kv_blocks(k_cache: KVTensor, v_cache: KVTensor, src: torch.Tensor, dst: torch.Tensor) -> None:
     """Copy whole blocks src[i] -> dst[i] (int64 tensors): copy-on-write of a shared partial block."""
-    k_cache.index_copy_(0, dst, k_cache.index_select(0, src))
-    v_cache.index_copy_(0, dst, v_cache.index_select(0, src))
+    for cache in (k_cache, v_cache):
+        if isinstance(cache, QuantizedKV):
+            _copy_blocks(cache.data, src, dst)
+            _copy_blocks(cache.scale, src, dst)
+        else:
+            _copy_blocks(cache, src, dst)

@@ -53,16 +53,24 @@ def test_int8_linear_matches_float64_dequantized(rows, out_features, in_features
     w = ops.prepare_int8_linear(weight)
     assert w.qweight.dtype == torch.int8 and w.weight is None and int(w.qweight.abs().max()) == 127
     out = ops.linear(x, w, bias)
-    assert torch.allclose(out.double(), _reference(x, w.qweight, w.scale, bias), atol=1e-4, rtol=1e-5)
+    assert (out.double() - _reference(x, w.qweight, w.scale, bias)).abs().max() <= _kernel_error_bound(x, w)
     # and the quantization error itself is what per-channel int8 allows: half a step per weight
     assert (w.dequantized(torch.float32) - weight).abs().max() <= w.scale.max() / 2 + 1e-6
 
 
+def _kernel_error_bound(x: torch.Tensor, w: ops.LinearWeight) -> float:
+    """The CPU kernel rounds each activation row to int16 with scale absmax / 32767: an error of half
+    a step per element, times the weights' magnitudes, plus fp32 rounding."""
+    half_step = x.abs().amax().double() / 32767 / 2
+    return float(w.dequantized(torch.float64).abs().sum(dim=1).max() * half_step) + 1e-4
+
+
 def test_the_cpu_int8_gemv_serves_few_rows():
     assert cpu_kernels() is not None and hasattr(cpu_kernels(), "gemv_i8")
-    q, scale = ops.quantize_int8(torch.randn(8, 33))
+    w = ops.prepare_int8_linear(torch.randn(8, 33))
     x = torch.randn(2, 33)
-    assert torch.allclose(cpu_kernels().gemv_i8(x, q, scale).double(), _reference(x, q, scale, None), atol=1e-5)
+    out = cpu_kernels().gemv_i8(x, w.qweight, w.scale).double()
+    assert (out - _reference(x, w.qweight, w.scale, None)).abs().max() <= _kernel_error_bound(x, w)
 
 
 def test_zero_rows_dequantize_to_zero():
