@@ -5,7 +5,8 @@
 1. batch-1 decode: one chat prompt, 128 new tokens (EOS ignored), tokens/s;
 2. 16 concurrent requests (128 new tokens each) vs generate with a static batch of 16 (left-padded);
 3. batch-1 decode through the Pipeline (streaming, first to last update), the engine core in its own
-   process (the default) and in-process (ENGINE_PROCESS=0), each model loaded and stopped in turn.
+   process (the default) and in-process (ENGINE_PROCESS=0), and with WEIGHT_TYPE=INT8 (process
+   mode), each model loaded and stopped in turn.
 Default model: the embedded SmolLM2-135M-Instruct, fp32. Threads: torch's default for the machine.
 """
 from __future__ import annotations
@@ -53,20 +54,29 @@ def bench_engine(model, prompts, new_tokens: int) -> float:
     return produced / elapsed
 
 
-def bench_pipeline_modes(model_dir: str, question: str, new_tokens: int) -> dict:
-    """Streaming batch-1 decode rate through the Pipeline with the core in its own process and in-process."""
+def pipeline_batch1_rate(model_dir: str, question: str, new_tokens: int, process: bool = True,
+                         weight_type: str = "fp32") -> float:
+    """Streaming batch-1 decode rate through the Pipeline, first to last update."""
+    from maga_transformer.config import ModelConfig
     from maga_transformer.pipeline import Pipeline
-    rates = {}
-    for name, process in (("process", True), ("in_process", False)):
-        model = ModelFactory.from_huggingface(model_dir, engine_config=EngineConfig(kv_cache_mem_mb=1024,
-                                                                                    engine_process=process))
-        pipeline = Pipeline(model)
-        prompt = pipeline.chat_prompt([{"role": "user", "content": question}])
-        list(pipeline([prompt], max_new_tokens=8, top_k=1))  # warm-up
-        times = [time.perf_counter() for _ in pipeline([prompt], max_new_tokens=new_tokens, top_k=1, ignore_eos=True)]
-        rates[f"pipeline_batch1_tok_s_{name}"] = (len(times) - 1) / (times[-1] - times[0])
-        pipeline.stop()
+    model = ModelFactory.from_huggingface(ModelConfig(ckpt_path=model_dir, weight_type=weight_type),
+                                          engine_config=EngineConfig(kv_cache_mem_mb=1024, engine_process=process))
+    pipeline = Pipeline(model)
+    prompt = pipeline.chat_prompt([{"role": "user", "content": question}])
+    list(pipeline([prompt], max_new_tokens=8, top_k=1))  # warm-up
+    times = [time.perf_counter() for _ in pipeline([prompt], max_new_tokens=new_tokens, top_k=1, ignore_eos=True)]
+    pipeline.stop()
+    return (len(times) - 1) / (times[-1] - times[0])
+
+
+def bench_pipeline_modes(model_dir: str, question: str, new_tokens: int) -> dict:
+    """The Pipeline's batch-1 rate with the core in its own process and in-process (fp32), and with
+    WEIGHT_TYPE=INT8 (process mode)."""
+    rates = {f"pipeline_batch1_tok_s_{name}": pipeline_batch1_rate(model_dir, question, new_tokens, process)
+             for name, process in (("process", True), ("in_process", False))}
     rates["pipeline_process_over_in_process"] = rates["pipeline_batch1_tok_s_process"] / rates["pipeline_batch1_tok_s_in_process"]
+    rates["pipeline_batch1_tok_s_int8"] = pipeline_batch1_rate(model_dir, question, new_tokens, weight_type="int8")
+    rates["int8_over_fp32_batch1"] = rates["pipeline_batch1_tok_s_int8"] / rates["pipeline_batch1_tok_s_process"]
     return rates
 
 

@@ -150,7 +150,7 @@ def run_batch(engine, prompts: List[List[int]], output_len: int) -> Dict[str, fl
 
 def linear_params(model) -> int:
     weights = [model.lm_head] + [w for layer in model.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)]
-    return sum(w.weight.numel() for w in weights)
+    return sum(w.out_features * w.in_features for w in weights)
 
 
 def graph_time_us(fn, calls: int = 20, replays: int = 10) -> float:

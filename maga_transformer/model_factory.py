@@ -14,6 +14,7 @@ import torch
 
 from maga_transformer.config.engine_config import EngineConfig, env_bool
 from maga_transformer.config.model_config import ACT_TYPE, WEIGHT_TYPE, ModelConfig
+from maga_transformer.ops.linear import fp8_supported
 from maga_transformer.engine.core_client import EngineProcessClient, StartingCore
 from maga_transformer.engine.core_main import CoreLaunch
 from maga_transformer.engine.engine import Engine
@@ -120,6 +121,7 @@ class ModelFactory:
         config, device, dtype = _placed(config, None, None)
         config, _, _, arch = _model_plan(config)
         _check_parallel(parallel, arch, device, engine_config)
+        _check_quantization(config, device, dtype)
         return _core_launch(config, engine_config, device, dtype, parallel, [])
 
 
@@ -157,7 +159,7 @@ def _placed(name_or_path, model_config: Optional[ModelConfig],
 
 def load_model_weights(ckpt_path: str, model_type: str, dtype: torch.dtype, device: torch.device,
                        tp: Optional[TensorParallel] = None, load_threads: int = 1,
-                       int8_weights: bool = False) -> DecoderModel:
+                       weight_quant: str = "") -> DecoderModel:
     """The model family's class built on `device` with the checkpoint's weights (where the engine
     core lives: this process in-process, the core's process otherwise); under tensor parallelism,
     this rank's shard of them."""
@@ -165,11 +167,23 @@ def load_model_weights(ckpt_path: str, model_type: str, dtype: torch.dtype, devi
     model_cls = resolve_model_class(model_type, hf_config)
     model = model_cls(model_cls.arch_from_hf_config(hf_config), dtype, device, tp)
     model.load_threads = load_threads
-    model.int8_weights = int8_weights
+    model.weight_quant = weight_quant
     logger.info("loading %s (%s) from %s as %s on %s%s", model_cls.__name__, hf_config.get("model_type"),
                 ckpt_path, dtype, device, f", {model.tp}" if tp is not None else "")
     model.load_weights(iter_checkpoint_tensors(ckpt_path, lazy=model.tp.size > 1))
     return model
+
+
+def _check_quantization(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
+    """Quantized weights that cannot run here stop start-up, naming the setting."""
+    if config.weight_type != WEIGHT_TYPE.FP8:
+        return
+    reason = fp8_supported(device)
+    if reason is not None:
+        raise ValueError(f"WEIGHT_TYPE=FP8: {reason}; use WEIGHT_TYPE=INT8 (weight-only, any device) instead")
+    if dtype != torch.bfloat16:
+        raise ValueError(f"WEIGHT_TYPE=FP8 computes in bf16 (its scaled GEMM writes bf16), not "
+                         f"{str(dtype).replace('torch.', '')}: set ACT_TYPE=bf16 or leave it unset")
 
 
 def _check_parallel(parallel: ParallelConfig, arch, device: torch.device, engine_config: EngineConfig) -> None:
@@ -201,7 +215,7 @@ def _core_launch(config: ModelConfig, engine_config: EngineConfig, device: torch
                       max_seq_len=config.max_seq_len, block_size=config.seq_size_per_block, eos_token_ids=eos,
                       log_level=logging.getLogger().getEffectiveLevel(),
                       parallel=parallel.with_free_port() if parallel.enabled and parallel.machines == 1 else parallel,
-                      int8_weights=config.weight_type == WEIGHT_TYPE.INT8)
+                      weight_quant=config.weight_type.quantization)
 
 
 def _load(config: ModelConfig, engine_config: Optional[EngineConfig], device: torch.device,
@@ -212,11 +226,12 @@ def _load(config: ModelConfig, engine_config: Optional[EngineConfig], device: to
     engine_config = engine_config or EngineConfig.from_env()
     eos = _configured_eos_ids(config.ckpt_path, hf_config)
     _check_parallel(parallel, arch, device, engine_config)
+    _check_quantization(config, device, dtype)
     if not engine_config.engine_process:
         tokenizer = load_tokenizer(config.tokenizer_path, config.ckpt_path)
         eos = eos if eos is not None else _tokenizer_eos_ids(tokenizer)
         model = load_model_weights(config.ckpt_path, config.model_type, dtype, device,
-                                   int8_weights=config.weight_type == WEIGHT_TYPE.INT8)
+                                   weight_quant=config.weight_type.quantization)
         return AsyncModel(model, tokenizer, config, hf_config, eos, engine_config)
     tokenizer = None
     if eos is None:  # only the tokenizer knows: read it before the core needs it

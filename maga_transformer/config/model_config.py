@@ -21,13 +21,20 @@ def _parse_enum(cls, field_name: str, value: str):
 
 
 class WEIGHT_TYPE(enum.Enum):
-    """Storage type of the linear weights. INT8 is weight-only: the layers' projections quantized per
-    output channel while loading (docs/Quantization.md); the others follow the compute dtype."""
+    """Storage type of the linear weights. INT8 (weight-only) and FP8 (e4m3 weights, activations
+    quantized per token; CUDA compute capability 8.9+) quantize the layers' projections per output
+    channel while loading (docs/Quantization.md); the others follow the compute dtype."""
 
     FP32 = "fp32"
     FP16 = "fp16"
     BF16 = "bf16"
     INT8 = "int8"
+    FP8 = "fp8"
+
+    @property
+    def quantization(self) -> str:
+        """"int8" / "fp8" for the quantized types, "" for those that follow the compute dtype."""
+        return self.value if self in (WEIGHT_TYPE.INT8, WEIGHT_TYPE.FP8) else ""
 
     @classmethod
     def from_str(cls, value: str) -> "WEIGHT_TYPE":

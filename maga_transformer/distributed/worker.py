@@ -130,7 +130,7 @@ def run_worker(launch: WorkerLaunch) -> int:
         torch.cuda.set_device(device)
     ranks = RankGroup(core.parallel, launch.rank, device)
     model = load_model_weights(core.ckpt_path, core.model_type, getattr(torch, core.dtype), device, ranks.tp,
-                               core.parallel.load_threads, core.int8_weights)
+                               core.parallel.load_threads, core.weight_quant)
     runner = build_model_runner(model, core.engine_config, core.max_seq_len, core.block_size, ranks,
                                 sends_steps=False)
     logger.info("ready: %.1f MiB of weights, %d KV blocks", model.weight_bytes() / 2**20, runner.num_blocks)

@@ -50,7 +50,7 @@ def build_model_runner(model: DecoderModel, engine_config: EngineConfig, max_seq
 
 def _description(model: DecoderModel, engine_config: EngineConfig, num_blocks: int, block_size: int) -> str:
     """What the start-up log and /info say the core runs: device, dtype, quantization, KV tokens, ranks."""
-    weights = " with int8 weights" if model.int8_weights else ""
+    weights = f" with {model.weight_quant} weights" if model.weight_quant else ""
     kv = "" if engine_config.kv_cache_dtype == "auto" else f"{engine_config.kv_cache_dtype} "
     tp = f", tensor parallel over {model.tp.size} ranks" if model.tp.size > 1 else ""
     return (f"{model.device.type} {str(model.dtype).replace('torch.', '')}{weights}, KV cache {kv}"

@@ -40,7 +40,7 @@ class CoreLaunch:
     eos_token_ids: List[int]
     log_level: int = logging.WARNING
     parallel: ParallelConfig = ParallelConfig()  # tensor parallelism: this core is rank 0 of the group
-    int8_weights: bool = False  # WEIGHT_TYPE=INT8
+    weight_quant: str = ""  # WEIGHT_TYPE=INT8 / FP8: "int8" / "fp8"
 
 
 class _ForwardLogs(logging.Handler):
@@ -105,7 +105,7 @@ def _build_core(launch: CoreLaunch, channel: Channel):
     ranks, workers = _start_group(launch, device, channel) if launch.parallel.enabled else (None, [])
     model = load_model_weights(launch.ckpt_path, launch.model_type, getattr(torch, launch.dtype), device,
                                ranks.tp if ranks is not None else None, launch.parallel.load_threads,
-                               launch.int8_weights)
+                               launch.weight_quant)
     logger.info("rank 0: %.1f MiB of weights", model.weight_bytes() / 2**20)
     core = EngineCore(model, launch.engine_config, launch.max_seq_len, launch.block_size, launch.eos_token_ids, ranks)
     return core, workers

@@ -44,13 +44,14 @@ def graphs_supported(model: DecoderModel, kv_cache_dtype: str = "auto") -> Optio
     """None if decode steps of this model can be captured, else the reason they cannot."""
     if model.device.type != "cuda":
         return "not on a CUDA device"
-    if kv_cache_dtype != "auto":
-        return f"a {kv_cache_dtype} KV cache is read by the torch reference attention, which reads each step's lengths on the host"
     if os.environ.get("MAGA_DISABLE_CUDA_GRAPHS") == "1":
         return "MAGA_DISABLE_CUDA_GRAPHS=1"
     kernels = cuda_kernels()
     if kernels is None:
         return "the CUDA kernels are not built"
+    if kv_cache_dtype != "auto" and (model.dtype == torch.float32 or not hasattr(kernels, "write_kv_cache_quantized")):
+        return (f"a {kv_cache_dtype} KV cache in {model.dtype} is read by the torch reference attention, which reads "
+                "each step's lengths on the host (the decode kernel reads quantized caches for fp16 / bf16)")
     if not kernels.paged_decode_supports_head_dim(model.arch.head_dim):
         return f"no decode kernel for head_dim {model.arch.head_dim}"
     if getattr(model.arch, "position_encoding", "rope") == "alibi":

@@ -88,7 +88,7 @@ def profile_forward(model: DecoderModel, block_size: int, num_tokens: int, num_r
     of num_rows rows and their sampling, over a KV cache just big enough (memory planning measures
     its peak)."""
     blocks = math.ceil(num_tokens / block_size)
-    kv = _allocate_kv(model, block_size, blocks)
+    kv = _allocate_kv(model, block_size, blocks, "auto")  # the largest the pool may be
     table = list(range(blocks))
     attn = ops.build_attention_metadata([num_tokens], [0], [table], block_size, model.device,
                                         model.arch.sliding_window)

@@ -32,7 +32,7 @@ class FamilyModel:
         self.device = device
         self.scale = arch.head_dim ** -0.5
         self.load_threads = 1  # LOAD_CKPT_NUM_PROCESS: layers assembled in parallel
-        self.int8_weights = False  # WEIGHT_TYPE=INT8: the projections stored weight-only int8
+        self.weight_quant = ""  # WEIGHT_TYPE=INT8 / FP8: the projections stored as "int8" / "fp8"
 
     # ---- family hooks -------------------------------------------------------------------------
     @classmethod
@@ -67,11 +67,13 @@ class FamilyModel:
 
     def _proj(self, tensor: torch.Tensor) -> ops.LinearWeight:
         """A layer's projection (q/k/v, o, gate/up, down, an MoE expert's): weight-only int8 under
-        WEIGHT_TYPE=INT8, quantized from the checkpoint's values on the device one tensor at a time;
-        otherwise as `_linear`. Embeddings, the LM head, norms and MoE routers stay full precision."""
-        if not self.int8_weights:
+        WEIGHT_TYPE=INT8, e4m3 under WEIGHT_TYPE=FP8, quantized from the checkpoint's values on the
+        device one tensor at a time; otherwise as `_linear`. Embeddings, the LM head, norms and MoE
+        routers stay full precision."""
+        if not self.weight_quant:
             return self._linear(tensor)
-        return ops.prepare_int8_linear(tensor.to(self.device).contiguous())
+        prepare = ops.prepare_int8_linear if self.weight_quant == "int8" else ops.prepare_fp8_linear
+        return prepare(tensor.to(self.device).contiguous())
 
     def _assemble_layers(self, per_layer: List[Dict[str, torch.Tensor]], assemble: Callable) -> list:
         """assemble(index, weights) over the layers, on load_threads threads (slicing, casting and

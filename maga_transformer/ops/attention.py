@@ -234,10 +234,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     Returns [tokens, heads, head_dim]. Causal within each sequence, over all its cached tokens.
     alibi_slopes: optional [heads] fp32 on q's device; the bias is added to the scaled scores.
     """
-    # The CUDA decode kernel has no ALiBi term and reads only unquantized caches: other steps take
-    # the reference.
-    plain = not isinstance(k_cache, QuantizedKV)
-    kernels = kernels_for(q, k_cache, v_cache) if alibi_slopes is None and plain else None
+    # The CUDA decode kernel has no ALiBi term: steps with slopes always take the reference.
+    kernels = kernels_for(q, _data(k_cache), _data(v_cache)) if alibi_slopes is None else None
     if alibi_slopes is not None and q.is_cuda and torch.cuda.is_current_stream_capturing():
         # the reference reads this step's lengths on the host: a captured graph would replay stale ones
         raise RuntimeError("paged_attention with ALiBi cannot run inside a CUDA graph capture")
@@ -258,10 +256,31 @@ def _decode_kernel_applies(kernels, q: torch.Tensor, k_cache: torch.Tensor, v_ca
     return covered and _kernel_inputs_ok(kernels, q, k_cache, v_cache)
 
 
-def _kernel_inputs_ok(kernels, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+def _data(cache) -> torch.Tensor:
+    return cache.data if isinstance(cache, QuantizedKV) else cache
+
+
+def _scales_ok(kernels, q: torch.Tensor, k_cache, v_cache) -> bool:
+    """A quantized cache (int8 / e4m3 with scales) is read by the kernel for fp16 / bf16 queries."""
+    if not (isinstance(k_cache, QuantizedKV) and isinstance(v_cache, QuantizedKV)):
+        return False
+    if not hasattr(kernels, "write_kv_cache_quantized") or q.dtype == torch.float32:
+        return False
+    data_ok = k_cache.data.dtype in (torch.int8, torch.float8_e4m3fn) and v_cache.data.dtype == k_cache.data.dtype
+    scales = (k_cache.scale, v_cache.scale)
+    return data_ok and all(s.is_contiguous() and s.shape == k_cache.data.shape[:3] and s.device == q.device
+                           for s in scales)
+
+
+def _kernel_inputs_ok(kernels, q: torch.Tensor, k_cache, v_cache) -> bool:
+    quantized = isinstance(k_cache, QuantizedKV) or isinstance(v_cache, QuantizedKV)
+    if quantized and not _scales_ok(kernels, q, k_cache, v_cache):
+        return False
+    k_cache, v_cache = _data(k_cache), _data(v_cache)
     if not same_device(q, k_cache, v_cache) or q.dtype not in KERNEL_DTYPES:
         return False
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+    same_dtype = quantized or (k_cache.dtype == q.dtype and v_cache.dtype == q.dtype)
+    if not same_dtype or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
         return False
     if not (k_cache.is_contiguous() and v_cache.is_contiguous() and aligned(k_cache) and aligned(v_cache)):
         return False
@@ -312,13 +331,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     partitions (default decode_splits; any value from 1 is correct). Block ids and lengths are not
     checked here (that would need a host sync): the caller guarantees they are in range.
     """
-    kernels = kernels_for(q, k_cache, v_cache, block_tables, seq_lens)
+    kernels = kernels_for(q, _data(k_cache), _data(v_cache), block_tables, seq_lens)
     if kernels is None:
         raise RuntimeError("paged_decode_attention: the CUDA kernels are not available for these tensors")
     if not _kernel_inputs_ok(kernels, q, k_cache, v_cache) or not same_device(q, block_tables, seq_lens):
         raise ValueError("paged_decode_attention: q [seqs, heads, head_dim] and contiguous caches [blocks, "
-                         "block_size, kv_heads, head_dim] of q's dtype (fp32/fp16/bf16), a supported head_dim, "
-                         "heads % kv_heads == 0")
+                         "block_size, kv_heads, head_dim] of q's dtype (fp32/fp16/bf16) or quantized (int8 / e4m3 "
+                         "with scales, fp16 / bf16 q), a supported head_dim, heads % kv_heads == 0")
     seqs = q.shape[0]
     if (block_tables.dtype != torch.int32 or block_tables.dim() != 2 or block_tables.shape[0] != seqs
             or block_tables.shape[1] == 0 or not block_tables.is_contiguous()):
@@ -343,7 +362,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         f32 = dict(dtype=torch.float32, device=q.device)
         partials = [torch.empty(seqs, heads, splits, head_dim, **f32),
                     torch.empty(seqs, heads, splits, **f32), torch.empty(seqs, heads, splits, **f32)]
-    status = kernels.paged_decode_attention(out, q, k_cache, v_cache, block_tables, seq_lens, *partials,
-                                            splits, float(scale), int(sliding_window or 0))
+    scales = ((k_cache.scale, v_cache.scale) if isinstance(k_cache, QuantizedKV) else (None, None))
+    status = kernels.paged_decode_attention(out, q, _data(k_cache), _data(v_cache), block_tables, seq_lens, *partials,
+                                            splits, float(scale), int(sliding_window or 0), *scales)
     check_status(kernels, status, "paged_decode_attention")
     return out

@@ -59,7 +59,7 @@ def quantize_kv(x: torch.Tensor, storage: torch.dtype) -> Tuple[torch.Tensor, to
     scale = absmax over head_dim / the format's largest value (1 for an all-zero row)."""
     limit = 127.0 if storage == torch.int8 else 448.0
     xf = x.float()
-    scale = xf.abs().amax(dim=-1) / limit
+    scale = xf.abs().amax(dim=-1) * (1.0 / limit)  # a product on every device (the CUDA kernel's too)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     scaled = xf / scale[..., None]
     if storage == torch.int8:
@@ -121,15 +121,41 @@ def cache_write_kernel_applies(k: torch.Tensor, v: torch.Tensor, k_cache: torch.
     return index_ok and caches_ok and k.shape[0] < 2 ** 31
 
 
-def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def _quantized_write_kernel(k: torch.Tensor, v: torch.Tensor, k_cache: QuantizedKV, v_cache: QuantizedKV,
+                            slot_mapping: torch.Tensor):
+    """The CUDA module when its quantizing write applies to these tensors, else None."""
+    kernels = kernels_for(k, v, k_cache.data, v_cache.data, slot_mapping)
+    if kernels is None or not hasattr(kernels, "write_kv_cache_quantized"):
+        return None
+    if k.dtype not in KERNEL_DTYPES or v.dtype != k.dtype or k.dim() != 3 or v.shape != k.shape:
+        return None
+    if tuple(k.shape[1:]) != tuple(k_cache.data.shape[2:]) or k.stride(-1) != 1 or v.stride(-1) != 1:
+        return None
+    if k.shape[2] > kernels.quantized_write_max_head_dim or k.shape[0] >= 2 ** 31:
+        return None
+    tensors = (k_cache.data, v_cache.data, k_cache.scale, v_cache.scale)
+    index_ok = slot_mapping.dtype == torch.int64 and slot_mapping.shape == (k.shape[0],) and slot_mapping.is_contiguous()
+    return kernels if index_ok and all(t.is_contiguous() for t in tensors) else None
+
+
+def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: KVTensor, v_cache: KVTensor,
                    slot_mapping: torch.Tensor) -> None:
     """k, v: [tokens, kv_heads, head_dim]; caches: [blocks, block_size, kv_heads, head_dim];
     slot_mapping: [tokens] int64, slot = block_id * block_size + offset.
 
-    On CUDA (same dtypes) the kernel skips negative slots (padding rows of a CUDA-graph batch);
-    the reference requires every slot to be valid.
+    On CUDA (same dtypes, or a quantized cache) the kernel skips negative slots (padding rows of a
+    CUDA-graph batch); the reference requires every slot to be valid.
     """
-    kernels = None if isinstance(k_cache, QuantizedKV) else kernels_for(k_cache)
+    if isinstance(k_cache, QuantizedKV):
+        kernels = _quantized_write_kernel(k, v, k_cache, v_cache, slot_mapping)
+        if kernels is not None:
+            status = kernels.write_kv_cache_quantized(k, v, k_cache.data, v_cache.data, k_cache.scale, v_cache.scale,
+                                                      slot_mapping)
+            check_status(kernels, status, "write_kv_cache_quantized")
+            return
+        write_kv_cache_reference(k, v, k_cache, v_cache, slot_mapping)
+        return
+    kernels = kernels_for(k_cache)
     if kernels is not None and cache_write_kernel_applies(k, v, k_cache, v_cache, slot_mapping):
         check_status(kernels, kernels.write_kv_cache(k, v, k_cache, v_cache, slot_mapping), "write_kv_cache")
         return

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from maga_transformer.ops._compiled import cpu_kernels
-from maga_transformer.ops._cuda import aligned, check_status, kernels_for
+from maga_transformer.ops._cuda import aligned, check_status, kernels_for, same_device
 
 logger = logging.getLogger(__name__)
 
@@ -53,12 +53,13 @@ class LinearWeight:
     weight: Optional[torch.Tensor] = None  # plain [out, in] layout (released when only oneDNN needs it)
     packed: Optional[torch.Tensor] = None  # oneDNN blocked layout (CPU)
     gemv: bool = False  # our CPU GEMV serves batches of up to _GEMV_MAX_ROWS rows
-    # weight-only int8 (WEIGHT_TYPE=INT8): int8 [out, in] and one fp32 scale per output row
+    # quantized (WEIGHT_TYPE=INT8 / FP8): int8 or float8_e4m3fn [out, in] and one fp32 scale per
+    # output row
     qweight: Optional[torch.Tensor] = None
     scale: Optional[torch.Tensor] = None
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight the int8 one stands for, [out, in] in dtype (the quantization's oracle)."""
+        """The weight the quantized one stands for, [out, in] in dtype (the quantization's oracle)."""
         return (self.qweight.to(torch.float32) * self.scale[:, None]).to(dtype)
 
 
@@ -91,6 +92,62 @@ def quantize_int8(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return q.contiguous(), scale.contiguous()
 
 
+FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
+
+
+def quantize_fp8_rows(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-row e4m3: scale = absmax(row) / 448 (1 for an all-zero row), values clamped into range.
+    The weights' per-output-channel scheme and the activations' per-token one."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1) / FP8_MAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = (xf / scale[..., None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q.contiguous(), scale.contiguous()
+
+
+def prepare_fp8_linear(weight: torch.Tensor) -> LinearWeight:
+    """An FP8 linear (WEIGHT_TYPE=FP8) from a full-precision weight: e4m3 per output channel."""
+    out_features, in_features = weight.shape
+    if out_features % 16 or in_features % 16:
+        raise ValueError(f"WEIGHT_TYPE=FP8: FP8 GEMMs take sizes that are multiples of 16; this model has a "
+                         f"{out_features} x {in_features} projection (use WEIGHT_TYPE=INT8)")
+    q, scale = quantize_fp8_rows(weight)
+    return LinearWeight(out_features, in_features, qweight=q, scale=scale)
+
+
+def fp8_supported(device: torch.device) -> Optional[str]:
+    """None where FP8 GEMMs run (CUDA compute capability 8.9+: Ada, Hopper), else why not."""
+    if device.type != "cuda":
+        return f"FP8 GEMMs need a CUDA GPU of compute capability 8.9 or newer; the model runs on {device.type}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        return f"FP8 GEMMs need compute capability 8.9 or newer; {torch.cuda.get_device_name(device)} is {major}.{minor}"
+    if not hasattr(torch, "_scaled_mm"):
+        return "this torch has no torch._scaled_mm"
+    return None
+
+
+def _fp8_linear(x: torch.Tensor, w: LinearWeight, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """W8A8 e4m3: each activation row quantized on the fly with its own scale, one FP8 tensor-core
+    GEMM with the row and channel scales applied to its fp32 accumulators (torch._scaled_mm)."""
+    rows = x.reshape(-1, x.shape[-1])
+    xq, x_scale = quantize_fp8_rows(rows)
+    out = torch._scaled_mm(xq, w.qweight.t(), scale_a=x_scale[:, None], scale_b=w.scale[None, :],
+                           out_dtype=x.dtype)
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*x.shape[:-1], w.out_features)
+
+
+def fp8_linear_reference(x: torch.Tensor, w: LinearWeight, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """What _fp8_linear computes, in float64: both operands rounded to e4m3 with their scales."""
+    xq, x_scale = quantize_fp8_rows(x.reshape(-1, x.shape[-1]))
+    out = (xq.double() * x_scale.double()[:, None]) @ w.dequantized(torch.float64).T
+    if bias is not None:
+        out = out + bias.double()
+    return out.reshape(*x.shape[:-1], w.out_features)
+
+
 def prepare_int8_linear(weight: torch.Tensor) -> LinearWeight:
     """A weight-only int8 linear from a full-precision weight (on its device; the full weight is dropped)."""
     out_features, in_features = weight.shape
@@ -98,14 +155,47 @@ def prepare_int8_linear(weight: torch.Tensor) -> LinearWeight:
     return LinearWeight(out_features, in_features, qweight=q, scale=scale)
 
 
+def _cuda_gemv_i8(x: torch.Tensor, w: LinearWeight) -> Optional[torch.Tensor]:
+    """One fp16 / bf16 row against int8 weights through our CUDA GEMV (half of bf16's bytes
+    streamed), or None where it does not apply."""
+    if _CUDA_GEMV_OFF or x.dim() != 2 or x.shape[0] != 1 or x.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    kernels = kernels_for(x, w.qweight, w.scale)
+    if (kernels is None or not hasattr(kernels, "gemv_int8_weight") or w.in_features % 16
+            or w.in_features > kernels.gemv_max_in_features or x.shape[1] != w.in_features
+            or not x.is_contiguous() or not aligned(x) or not aligned(w.qweight) or not same_device(x, w.qweight)):
+        return None
+    out = torch.empty(1, w.out_features, dtype=x.dtype, device=x.device)
+    check_status(kernels, kernels.gemv_int8_weight(out, x, w.qweight, w.scale), "gemv_int8_weight")
+    return out
+
+
+_CPU_INT8_GEMV_ROWS = 16  # kMaxGemvRows in src/kernels/cpu/gemv.h
+
+
+def _round_rows_to_int16(x: torch.Tensor) -> torch.Tensor:
+    """Each row rounded as the CPU int8 GEMV takes it: int16 steps of absmax / 32767."""
+    scale = x.abs().amax(dim=1, keepdim=True) / 32767
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.round(x * (1.0 / scale)) * scale  # x times the inverse, as the kernel rounds
+
+
 def _int8_linear(x: torch.Tensor, w: LinearWeight, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """Few fp32 rows on the CPU: our int8 GEMV (a quarter of the bytes streamed). Otherwise the
-    reference: dequantize in x's dtype, then one GEMM (prefill, large batches, the GPU for now)."""
-    kernels = cpu_kernels() if not x.is_cuda else None
-    if (kernels is not None and x.dim() == 2 and x.dtype == torch.float32
-            and x.shape[0] <= kernels.max_gemv_rows):
-        return kernels.gemv_i8(x, w.qweight, w.scale, bias)
-    return F.linear(x, w.dequantized(x.dtype), bias)
+    """Decode rows go to a GEMV that reads the int8 bytes (ours on CPU for up to 16 fp32 rows, ours on
+    CUDA for one fp16 / bf16 row). Otherwise (prefill, large batches) the int8 values, exact in any
+    float type, are widened to x's dtype for one GEMM, and its outputs take the per-channel scale:
+    scale[o] * (x . q[o]) is the dequantized product without materialising the scaled weight."""
+    if x.is_cuda:
+        out = _cuda_gemv_i8(x, w)
+        if out is not None:
+            return out if bias is None else out + bias
+    elif x.dim() == 2 and x.dtype == torch.float32 and x.shape[0] <= _CPU_INT8_GEMV_ROWS:
+        kernels = cpu_kernels()
+        if kernels is not None:
+            return kernels.gemv_i8(x, w.qweight, w.scale, bias)
+        x = _round_rows_to_int16(x)  # what the kernel computes, so results never depend on its presence
+    out = F.linear(x, w.qweight.to(x.dtype)) * w.scale.to(x.dtype)
+    return out if bias is None else out + bias
 
 
 def gemv_f32(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -148,7 +238,7 @@ def _cuda_gemv(x: torch.Tensor, w: LinearWeight) -> Optional[torch.Tensor]:
 
 def linear(x: torch.Tensor, w: LinearWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     if w.qweight is not None:
-        return _int8_linear(x, w, bias)
+        return _int8_linear(x, w, bias) if w.qweight.dtype == torch.int8 else _fp8_linear(x, w, bias)
     if bias is None and x.is_cuda:
         out = _cuda_gemv(x, w)
         if out is not None:

@@ -56,13 +56,52 @@ int write_kv_cache(const Tensor& k, const Tensor& v, Tensor& k_cache, Tensor& v_
   return static_cast<int>(kc::write_kv_cache(p, current_stream(k)));
 }
 
+// A KV cache's element type: the compute dtypes, or a quantized cache's int8 / e4m3.
+bool to_cache_dtype(const Tensor& t, kc::DType* dtype) {
+  if (t.scalar_type() == at::kChar) {
+    *dtype = kc::DType::kInt8;
+    return true;
+  }
+  if (t.scalar_type() == at::kFloat8_e4m3fn) {
+    *dtype = kc::DType::kFloat8E4M3;
+    return true;
+  }
+  return to_dtype(t, dtype);
+}
+
+int write_kv_cache_quantized(const Tensor& k, const Tensor& v, Tensor& k_cache, Tensor& v_cache, Tensor& k_scale,
+                             Tensor& v_scale, const Tensor& slot_mapping) {
+  const c10::cuda::CUDAGuard guard(k.device());
+  kc::KVCacheQuantizedWriteParams p{};
+  if (!to_dtype(k, &p.dtype)) return static_cast<int>(cudaErrorInvalidValue);
+  p.fp8 = k_cache.scalar_type() == at::kFloat8_e4m3fn;
+  p.rows.k = k.data_ptr();
+  p.rows.v = v.data_ptr();
+  p.rows.k_cache = k_cache.data_ptr();
+  p.rows.v_cache = v_cache.data_ptr();
+  p.rows.slot_mapping = slot_mapping.data_ptr<int64_t>();
+  p.rows.num_tokens = k.size(0);
+  p.rows.kv_heads = k.size(1);
+  p.rows.head_dim = k.size(2);
+  p.rows.k_token_stride = k.stride(0);
+  p.rows.k_head_stride = k.stride(1);
+  p.rows.v_token_stride = v.stride(0);
+  p.rows.v_head_stride = v.stride(1);
+  p.k_scale = k_scale.data_ptr<float>();
+  p.v_scale = v_scale.data_ptr<float>();
+  return static_cast<int>(kc::write_kv_cache_quantized(p, current_stream(k)));
+}
+
 int paged_decode_attention(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                            const Tensor& block_tables, const Tensor& seq_lens, const c10::optional<Tensor>& partial_out,
                            const c10::optional<Tensor>& partial_max, const c10::optional<Tensor>& partial_sum,
-                           int64_t num_splits, double scale, int64_t sliding_window) {
+                           int64_t num_splits, double scale, int64_t sliding_window,
+                           const c10::optional<Tensor>& k_scale, const c10::optional<Tensor>& v_scale) {
   const c10::cuda::CUDAGuard guard(q.device());
   kc::PagedDecodeParams p{};
-  if (!to_dtype(q, &p.dtype)) return static_cast<int>(cudaErrorInvalidValue);
+  if (!to_dtype(q, &p.dtype) || !to_cache_dtype(k_cache, &p.cache_dtype)) return static_cast<int>(cudaErrorInvalidValue);
+  p.k_scale = k_scale ? k_scale->data_ptr<float>() : nullptr;
+  p.v_scale = v_scale ? v_scale->data_ptr<float>() : nullptr;
   p.out = out.data_ptr();
   p.q = q.data_ptr();
   p.k_cache = k_cache.data_ptr();
@@ -197,6 +236,21 @@ int gemv(Tensor& out, const Tensor& x, const Tensor& weight) {
   return static_cast<int>(kc::gemv(p, current_stream(weight)));
 }
 
+int gemv_i8(Tensor& out, const Tensor& x, const Tensor& weight, const Tensor& scale) {
+  const c10::cuda::CUDAGuard guard(weight.device());
+  kc::GemvParams p{};
+  if (!to_dtype(x, &p.dtype)) return static_cast<int>(cudaErrorInvalidValue);
+  p.out = out.data_ptr();
+  p.x = x.data_ptr();
+  p.weight = weight.data_ptr();
+  p.out_features = weight.size(0);
+  p.in_features = weight.size(1);
+  p.num_sms = sm_count(weight.get_device());
+  p.int8_weight = true;
+  p.scale = scale.data_ptr<float>();
+  return static_cast<int>(kc::gemv(p, current_stream(weight)));
+}
+
 int row_argmax_logsumexp(Tensor& argmax, Tensor& logsumexp, const Tensor& logits) {
   const c10::cuda::CUDAGuard guard(logits.device());
   kc::RowStatsParams p{};
@@ -220,7 +274,11 @@ void register_cuda_ops(pybind11::module_& m) {
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over paged KV (flash-decoding)",
         arg("out"), arg("q"), arg("k_cache"), arg("v_cache"), arg("block_tables"), arg("seq_lens"),
         arg("partial_out"), arg("partial_max"), arg("partial_sum"), arg("num_splits"), arg("scale"),
-        arg("sliding_window"));
+        arg("sliding_window"), arg("k_scale") = pybind11::none(), arg("v_scale") = pybind11::none());
+  m.def("write_kv_cache_quantized", &write_kv_cache_quantized,
+        "quantize k, v per token and KV head into int8 / e4m3 paged caches and their scales, by slot", arg("k"),
+        arg("v"), arg("k_cache"), arg("v_cache"), arg("k_scale"), arg("v_scale"), arg("slot_mapping"));
+  m.attr("quantized_write_max_head_dim") = kc::kQuantizedWriteMaxHeadDim;
   m.def("rms_norm", &rms_norm, "out = weight * rmsnorm(x [+ residual]); residual_out = x + residual", arg("out"),
         arg("residual_out"), arg("x"), arg("residual"), arg("weight"), arg("eps"));
   m.def("apply_rotary", &apply_rotary, "NeoX rotary on one or two tensors", arg("out0"), arg("in0"), arg("out1"),
@@ -232,6 +290,8 @@ void register_cuda_ops(pybind11::module_& m) {
   m.def("gated_activation", &gated_activation, "act(gate) * up; 0 silu, 1 gelu, 2 gelu tanh", arg("out"),
         arg("input"), arg("activation"));
   m.def("gemv", &gemv, "out = x @ weight.T for one row (fp16 / bf16)", arg("out"), arg("x"), arg("weight"));
+  m.def("gemv_int8_weight", &gemv_i8, "out = scale * (x @ weight.T) for one fp16 / bf16 row, int8 weight", arg("out"),
+        arg("x"), arg("weight"), arg("scale"));
   m.attr("gemv_max_in_features") = kc::kGemvMaxInFeatures;
   m.def("row_argmax_logsumexp", &row_argmax_logsumexp, "per fp32 row: first argmax and logsumexp",
         arg("argmax"), arg("logsumexp"), arg("logits"));

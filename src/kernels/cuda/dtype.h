@@ -5,9 +5,12 @@
 namespace th_transformer {
 namespace cuda {
 
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+// kInt8 and kFloat8E4M3 are storage types of a quantized KV cache only.
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kInt8 = 3, kFloat8E4M3 = 4 };
 
-inline int dtype_size(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
+inline int dtype_size(DType dtype) {
+  return dtype == DType::kFloat32 ? 4 : (dtype == DType::kInt8 || dtype == DType::kFloat8E4M3) ? 1 : 2;
+}
 
 }  // namespace cuda
 }  // namespace th_transformer

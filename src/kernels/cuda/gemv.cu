@@ -27,6 +27,33 @@ __device__ __forceinline__ float dot_chunk(const uint4& w, const uint4& x) {
   return acc;
 }
 
+// sum over the 16 int8 weights of one 16-byte chunk times the matching 16 elements of x (two 16-byte
+// chunks of T), in fp32; the row's scale is applied once at the end.
+template <typename T>
+__device__ __forceinline__ float dot_chunk_i8(const uint4& w, const uint4& x0, const uint4& x1) {
+  const int8_t* wv = reinterpret_cast<const int8_t*>(&w);
+  const T* xa = reinterpret_cast<const T*>(&x0);
+  const T* xb = reinterpret_cast<const T*>(&x1);
+  float acc = 0.f;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) acc += static_cast<float>(wv[i]) * to_float(xa[i]);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) acc += static_cast<float>(wv[8 + i]) * to_float(xb[i]);
+  return acc;
+}
+
+// Weight chunk c of a row against x staged in shared memory (as 16-byte chunks of T); zero past
+// the row's end (the weight loads there are zeros too, but stale shared memory could hold NaNs).
+template <typename T, typename W>
+__device__ __forceinline__ float dot_weight_chunk(const uint4& w, const uint4* x_s, int c, int chunks) {
+  if (c >= chunks) return 0.f;
+  if constexpr (sizeof(W) == 1) {
+    return dot_chunk_i8<T>(w, x_s[2 * c], x_s[2 * c + 1]);
+  } else {
+    return dot_chunk<T>(w, x_s[c]);
+  }
+}
+
 // Streaming load: the weight is read once per step, keep it out of L1.
 __device__ __forceinline__ uint4 load_stream(const uint4* p) { return __ldcs(p); }
 
@@ -72,13 +99,16 @@ __device__ __forceinline__ uint4* prefetched_tile(uint4* w_s, int warp, int r, i
 // projection after attention then streams most of its weight while the attention kernels run.
 // Each lane later reads back only the chunks it copied itself, so waiting for its own copies is
 // enough. Shared memory: x (in_features elements), then the prefetched tiles.
-template <typename T, int kRows>
+// W: the weight's element type, T (fp16 / bf16) or int8_t (weight-only int8: each 16-byte chunk
+// holds 16 weights, and each output is multiplied by its row's scale).
+template <typename T, typename W, int kRows>
 __global__ void __launch_bounds__(kThreads) gemv_kernel(const GemvParams p, int pre_tiles) {
   extern __shared__ uint4 gemv_smem[];
   allow_downstream_launch();
-  const int chunks = static_cast<int>(p.in_features * sizeof(T) / 16);
+  const int chunks = static_cast<int>(p.in_features * sizeof(W) / 16);  // weight chunks per row
+  const int x_chunks = static_cast<int>(p.in_features * sizeof(T) / 16);
   uint4* x_s = gemv_smem;
-  uint4* w_s = gemv_smem + chunks;
+  uint4* w_s = gemv_smem + x_chunks;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * kWarps + warp) * kRows;
   const int64_t last_row = p.out_features - 1;
@@ -98,7 +128,7 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const GemvParams p, int 
       }
   wait_for_upstream();
   const uint4* x = static_cast<const uint4*>(p.x);
-  for (int i = threadIdx.x; i < chunks; i += kThreads) x_s[i] = x[i];
+  for (int i = threadIdx.x; i < x_chunks; i += kThreads) x_s[i] = x[i];
   if (pre_tiles > 0) copy_async_commit_and_wait();
   __syncthreads();
   if (row0 >= p.out_features) return;
@@ -107,9 +137,8 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const GemvParams p, int 
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int c = base + u * 32;
-      const uint4 xv = c < chunks ? x_s[c] : make_uint4(0, 0, 0, 0);
 #pragma unroll
-      for (int r = 0; r < kRows; ++r) acc[r] += dot_chunk<T>(w[u][r], xv);
+      for (int r = 0; r < kRows; ++r) acc[r] += dot_weight_chunk<T, W>(w[u][r], x_s, c, chunks);
     }
     ++t;
     base += kTileChunks;
@@ -128,12 +157,15 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const GemvParams p, int 
   }
   bool writer;
   const int first = reduce_scatter<kRows, 32>(acc, lane, writer);
-  if (writer && row0 + first < p.out_features) static_cast<T*>(p.out)[row0 + first] = from_float<T>(acc[0]);
+  if (writer && row0 + first < p.out_features) {
+    const float scale = p.scale != nullptr ? p.scale[row0 + first] : 1.f;
+    static_cast<T*>(p.out)[row0 + first] = from_float<T>(acc[0] * scale);
+  }
 }
 
 // CTAs of gemv_kernel<T, kRows> an SM holds with `smem` bytes of dynamic shared memory (asked
 // once per size: the launch path stays free of driver queries).
-template <typename T, int kRows>
+template <typename T, typename W, int kRows>
 int resident_ctas_per_sm(int64_t smem) {
   static std::mutex mutex;
   static std::unordered_map<int64_t, int> cache;
@@ -141,7 +173,7 @@ int resident_ctas_per_sm(int64_t smem) {
   const auto found = cache.find(smem);
   if (found != cache.end()) return found->second;
   int resident = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, gemv_kernel<T, kRows>, kThreads, smem) != cudaSuccess)
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, gemv_kernel<T, W, kRows>, kThreads, smem) != cudaSuccess)
     resident = 0;
   cache.emplace(smem, resident);
   return resident;
@@ -152,7 +184,7 @@ int resident_ctas_per_sm(int64_t smem) {
 // later wave would load the tiles right away anyway, and shared memory would cost it occupancy.
 // With PDL off nothing runs before the wait, so nothing is prefetched. MAGA_GEMV_SMEM_PREFETCH=0
 // turns it off (A/B measurements).
-template <typename T, int kRows>
+template <typename T, typename W, int kRows>
 int prefetch_tiles(const GemvParams& p, int64_t ctas, int64_t x_bytes) {
   static const bool disabled = [] {
     const char* env = std::getenv("MAGA_GEMV_SMEM_PREFETCH");
@@ -160,48 +192,53 @@ int prefetch_tiles(const GemvParams& p, int64_t ctas, int64_t x_bytes) {
   }();
   if (disabled || !pdl_enabled() || p.num_sms <= 0) return 0;
   const int64_t tile_bytes = static_cast<int64_t>(kWarps) * kRows * kTileChunks * 16;
-  const int64_t row_tiles = (p.in_features * static_cast<int64_t>(sizeof(T)) / 16 + kTileChunks - 1) / kTileChunks;
+  const int64_t row_tiles = (p.in_features * static_cast<int64_t>(sizeof(W)) / 16 + kTileChunks - 1) / kTileChunks;
   for (int tiles = static_cast<int>(min(int64_t{2}, row_tiles - 1)); tiles > 0; --tiles) {
     const int64_t smem = x_bytes + tiles * tile_bytes;
     if (smem > kMaxSharedBytes) continue;
-    if (ctas <= static_cast<int64_t>(resident_ctas_per_sm<T, kRows>(smem)) * p.num_sms) return tiles;
+    if (ctas <= static_cast<int64_t>(resident_ctas_per_sm<T, W, kRows>(smem)) * p.num_sms) return tiles;
   }
   return 0;
 }
 
-template <typename T, int kRows>
+template <typename T, typename W, int kRows>
 cudaError_t launch_rows(const GemvParams& p, cudaStream_t stream) {
   const int64_t rows_per_cta = static_cast<int64_t>(kWarps) * kRows;
   const int64_t ctas = (p.out_features + rows_per_cta - 1) / rows_per_cta;
   const int64_t x_bytes = p.in_features * static_cast<int64_t>(sizeof(T));
-  const int tiles = prefetch_tiles<T, kRows>(p, ctas, x_bytes);
+  const int tiles = prefetch_tiles<T, W, kRows>(p, ctas, x_bytes);
   const size_t smem = static_cast<size_t>(x_bytes + tiles * rows_per_cta * kTileChunks * 16);
-  return launch_kernel(gemv_kernel<T, kRows>, dim3(static_cast<unsigned>(ctas)), dim3(kThreads), smem, stream, p,
+  return launch_kernel(gemv_kernel<T, W, kRows>, dim3(static_cast<unsigned>(ctas)), dim3(kThreads), smem, stream, p,
                        tiles);
 }
 
 // Rows per warp: 4 (the most loads in flight) while that still gives two CTAs per SM, fewer for
 // narrow outputs so that every SM streams part of the weight.
-template <typename T>
+template <typename T, typename W>
 cudaError_t launch(const GemvParams& p, cudaStream_t stream) {
   const int64_t want = 2 * static_cast<int64_t>(p.num_sms > 0 ? p.num_sms : 132);
-  if (p.out_features / (kWarps * 4) >= want) return launch_rows<T, 4>(p, stream);
-  if (p.out_features / (kWarps * 2) >= want) return launch_rows<T, 2>(p, stream);
-  return launch_rows<T, 1>(p, stream);
+  if (p.out_features / (kWarps * 4) >= want) return launch_rows<T, W, 4>(p, stream);
+  if (p.out_features / (kWarps * 2) >= want) return launch_rows<T, W, 2>(p, stream);
+  return launch_rows<T, W, 1>(p, stream);
+}
+
+template <typename T>
+cudaError_t launch_for_weight(const GemvParams& p, cudaStream_t stream) {
+  return p.int8_weight ? launch<T, int8_t>(p, stream) : launch<T, T>(p, stream);
 }
 
 }  // namespace
 
 cudaError_t gemv(const GemvParams& p, cudaStream_t stream) {
   if (p.out_features == 0) return cudaSuccess;
-  const int64_t per_chunk = 8;  // fp16 / bf16 elements in 16 bytes
+  const int64_t per_chunk = p.int8_weight ? 16 : 8;  // weights in 16 bytes
   if (p.out_features < 0 || p.out_features > 0x7fffffffLL * kWarps || p.in_features <= 0 ||
-      p.in_features % per_chunk != 0 || p.in_features > kGemvMaxInFeatures) {
+      p.in_features % per_chunk != 0 || p.in_features > kGemvMaxInFeatures || (p.int8_weight && !p.scale)) {
     return cudaErrorInvalidValue;
   }
   switch (p.dtype) {
-    case DType::kFloat16: return launch<__half>(p, stream);
-    case DType::kBFloat16: return launch<__nv_bfloat16>(p, stream);
+    case DType::kFloat16: return launch_for_weight<__half>(p, stream);
+    case DType::kBFloat16: return launch_for_weight<__nv_bfloat16>(p, stream);
     default: return cudaErrorInvalidValue;
   }
 }

@@ -1,4 +1,5 @@
-// out = x @ weight.T for one row x (batch-1 decode projections): bandwidth-bound, the weight streamed
+// out = x @ weight.T for one row x (batch-1 decode projections; fp16 / bf16 weights or int8 with a
+// scale per output row): bandwidth-bound, the weight streamed
 // once. cuBLAS reaches 80-88 % of the copy bandwidth on these shapes in CUDA graphs and adds a split-K
 // reduction kernel for the long-K ones; this kernel keeps many 16-byte weight loads in flight per
 // lane and sums each output row inside one warp.
@@ -16,11 +17,13 @@ namespace cuda {
 struct GemvParams {
   void* out;           // [out_features], contiguous
   const void* x;       // [in_features], contiguous, 16-byte aligned
-  const void* weight;  // [out_features, in_features], contiguous, 16-byte aligned
+  const void* weight;  // [out_features, in_features], contiguous, 16-byte aligned: x's dtype, or int8
   int64_t out_features;
-  int64_t in_features;  // a multiple of 16 bytes' worth of elements, at most kGemvMaxInFeatures
+  int64_t in_features;  // a multiple of 16 bytes' worth of weights, at most kGemvMaxInFeatures
   int num_sms;          // multiprocessors: rows per warp are chosen to keep them all busy
-  DType dtype;          // fp16 or bf16
+  DType dtype;          // of x and out: fp16 or bf16
+  bool int8_weight;     // weight-only int8 (WEIGHT_TYPE=INT8): out[o] = scale[o] * (x . weight[o])
+  const float* scale;   // [out_features] fp32, with int8_weight
 };
 
 constexpr int64_t kGemvMaxInFeatures = 16384;  // x is staged in shared memory (32 KB at most)

@@ -1,7 +1,9 @@
 #include "src/kernels/cuda/kv_cache_write.h"
 
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
+#include "src/kernels/cuda/common.cuh"
 #include "src/kernels/cuda/launch.cuh"
 
 namespace th_transformer {
@@ -52,7 +54,74 @@ cudaError_t launch(const KVCacheWriteParams& p, cudaStream_t stream) {
                        stream, p);
 }
 
+// Quantized write: one CTA per token, one warp per (K or V, head) row at a time; each lane holds
+// head_dim / 32 elements (at most 8), the warp reduces their absmax, and lane 0 writes the scale.
+// The division and round-to-nearest-even match ops/kv_cache.py's torch reference bit for bit.
+constexpr int kMaxPerLane = static_cast<int>(kQuantizedWriteMaxHeadDim / 32);
+
+template <typename T>
+__device__ void quantize_row(const T* x, int head_dim, bool fp8, void* out, float* scale_out) {
+  const int lane = threadIdx.x % 32;
+  float v[kMaxPerLane];
+  float absmax = 0.f;
+#pragma unroll
+  for (int j = 0; j < kMaxPerLane; ++j) {
+    const int d = lane + j * 32;
+    v[j] = d < head_dim ? to_float(x[d]) : 0.f;
+    absmax = fmaxf(absmax, fabsf(v[j]));
+  }
+  absmax = warp_max(absmax);
+  // times the reciprocal, as torch computes a tensor divided by a Python number on CUDA
+  float scale = absmax * (fp8 ? 1.f / 448.f : 1.f / 127.f);
+  if (!(scale > 0.f)) scale = 1.f;
+#pragma unroll
+  for (int j = 0; j < kMaxPerLane; ++j) {
+    const int d = lane + j * 32;
+    if (d >= head_dim) break;
+    const float scaled = v[j] / scale;
+    if (fp8) {
+      static_cast<__nv_fp8_e4m3*>(out)[d] = __nv_fp8_e4m3(fminf(fmaxf(scaled, -448.f), 448.f));
+    } else {
+      static_cast<int8_t*>(out)[d] = static_cast<int8_t>(max(-127, min(127, __float2int_rn(scaled))));
+    }
+  }
+  if (lane == 0) *scale_out = scale;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) write_kv_cache_quantized_kernel(const KVCacheQuantizedWriteParams p) {
+  allow_downstream_launch();
+  wait_for_upstream();
+  const KVCacheWriteParams& r = p.rows;
+  const int64_t token = blockIdx.x;
+  const int64_t slot = r.slot_mapping[token];
+  if (slot < 0) return;  // padded token
+  const int warp = threadIdx.x / 32;
+  for (int row = warp; row < 2 * r.kv_heads; row += kThreads / 32) {
+    const bool is_v = row >= r.kv_heads;
+    const int64_t head = is_v ? row - r.kv_heads : row;
+    const T* x = static_cast<const T*>(is_v ? r.v : r.k) + token * (is_v ? r.v_token_stride : r.k_token_stride) +
+                 head * (is_v ? r.v_head_stride : r.k_head_stride);
+    const int64_t cell = slot * r.kv_heads + head;
+    char* cache = static_cast<char*>(is_v ? r.v_cache : r.k_cache) + cell * r.head_dim;
+    quantize_row<T>(x, static_cast<int>(r.head_dim), p.fp8, cache, (is_v ? p.v_scale : p.k_scale) + cell);
+  }
+}
+
 }  // namespace
+
+cudaError_t write_kv_cache_quantized(const KVCacheQuantizedWriteParams& p, cudaStream_t stream) {
+  const KVCacheWriteParams& r = p.rows;
+  if (r.num_tokens == 0) return cudaSuccess;
+  if (r.num_tokens < 0 || r.num_tokens > 0x7fffffff || r.head_dim <= 0 || r.head_dim > kQuantizedWriteMaxHeadDim ||
+      r.kv_heads <= 0 || !p.k_scale || !p.v_scale) {
+    return cudaErrorInvalidValue;
+  }
+  return dispatch_dtype(p.dtype, [&](auto tag) {
+    return launch_kernel(write_kv_cache_quantized_kernel<decltype(tag)>, dim3(static_cast<unsigned>(r.num_tokens)),
+                         dim3(kThreads), 0, stream, p);
+  });
+}
 
 cudaError_t write_kv_cache(const KVCacheWriteParams& p, cudaStream_t stream) {
   if (p.num_tokens == 0) return cudaSuccess;

@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#include "src/kernels/cuda/dtype.h"
+
 namespace th_transformer {
 namespace cuda {
 
@@ -23,6 +25,21 @@ struct KVCacheWriteParams {
 };
 
 cudaError_t write_kv_cache(const KVCacheWriteParams& params, cudaStream_t stream);
+
+// The same scatter into a quantized cache (INT8_KV_CACHE / KV_CACHE_DTYPE=fp8): each token's row of
+// each KV head is stored as round(x / s) in int8 (s = absmax / 127) or x / s in e4m3 (s = absmax /
+// 448), with s (1 for an all-zero row) in the scale tensor [blocks, block_size, kv_heads].
+struct KVCacheQuantizedWriteParams {
+  KVCacheWriteParams rows;  // k, v, the data caches, slots, shapes and strides; elem_size unused
+  float* k_scale;
+  float* v_scale;
+  DType dtype;      // of k and v: fp32, fp16 or bf16
+  bool fp8;         // e4m3 values, else int8
+};
+
+constexpr int64_t kQuantizedWriteMaxHeadDim = 256;
+
+cudaError_t write_kv_cache_quantized(const KVCacheQuantizedWriteParams& params, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace th_transformer

@@ -1,3 +1,5 @@
+#include <cuda_fp8.h>
+
 #include <type_traits>
 
 #include "src/kernels/cuda/paged_decode_common.cuh"
@@ -26,12 +28,33 @@ constexpr int64_t kBandwidthBoundPairs = 256;
 
 constexpr int next_pow2(int x) { return x <= 1 ? 1 : 2 * next_pow2((x + 1) / 2); }
 
-// How a warp reads key/value rows: each row is split into 16-byte chunks, a group of kLanes lanes
-// reads one row (coalesced 16-byte loads), and a warp reads kKeysPerWarp rows at a time. Head
-// sizes whose chunk count is not a power of two (80, 96) leave a few lanes of the group idle.
+// The word a lane loads of a cached row: 16 bytes of 2- and 4-byte elements, 8 bytes of 1-byte ones
+// (int8 / e4m3 caches), so that a lane holds as many elements, and as many query registers, as for
+// bf16 keys.
+template <typename C>
+struct ChunkOf {
+  using type = uint4;
+};
+template <>
+struct ChunkOf<int8_t> {
+  using type = uint2;
+};
+template <>
+struct ChunkOf<__nv_fp8_e4m3> {
+  using type = uint2;
+};
+
+// Quantized caches (INT8_KV_CACHE / KV_CACHE_DTYPE=fp8) carry one fp32 scale per token and KV head.
+template <typename C>
+constexpr bool kQuantized = sizeof(C) == 1;
+
+// How a warp reads key/value rows: each row is split into chunks (ChunkOf), a group of kLanes lanes
+// reads one row (coalesced loads), and a warp reads kKeysPerWarp rows at a time. Head sizes whose
+// chunk count is not a power of two (80, 96) leave a few lanes of the group idle.
 template <typename T, int kHeadDim>
 struct RowLayout {
-  static constexpr int kVec = 16 / sizeof(T);
+  using Chunk = typename ChunkOf<T>::type;
+  static constexpr int kVec = sizeof(Chunk) / sizeof(T);
   static_assert(kHeadDim % kVec == 0, "head_dim must be a whole number of 16-byte chunks");
   static constexpr int kChunks = kHeadDim / kVec;
   static constexpr int kLanes = kChunks >= 32 ? 32 : next_pow2(kChunks);
@@ -46,21 +69,27 @@ struct RowLayout {
 // flight hold, and registers bound how many CTAs share an SM (see MAGA_DECODE_MIN_BLOCKS).
 template <typename T, int kHeadDim>
 __device__ __forceinline__ void load_row(const T* cache, int64_t row_offset, bool valid, int lane_in_row,
-                                         uint4 (&out)[RowLayout<T, kHeadDim>::kChunksPerLane]) {
+                                         typename RowLayout<T, kHeadDim>::Chunk (&out)[RowLayout<T, kHeadDim>::kChunksPerLane]) {
   using L = RowLayout<T, kHeadDim>;
 #pragma unroll
   for (int j = 0; j < L::kChunksPerLane; ++j) {
     const int chunk = lane_in_row + j * L::kLanes;
-    out[j] = make_uint4(0, 0, 0, 0);
-    if (valid && chunk < L::kChunks) out[j] = *reinterpret_cast<const uint4*>(cache + row_offset + chunk * L::kVec);
+    out[j] = typename L::Chunk{};
+    if (valid && chunk < L::kChunks)
+      out[j] = *reinterpret_cast<const typename L::Chunk*>(cache + row_offset + chunk * L::kVec);
   }
 }
 
 // Element e of a lane's loaded row part, as float (bf16 widens by a shift of its 32-bit word).
 template <typename T, int kHeadDim>
-__device__ __forceinline__ float row_element(const uint4 (&raw)[RowLayout<T, kHeadDim>::kChunksPerLane], int e) {
+__device__ __forceinline__ float row_element(const typename RowLayout<T, kHeadDim>::Chunk (&raw)[RowLayout<T, kHeadDim>::kChunksPerLane],
+                                             int e) {
   using L = RowLayout<T, kHeadDim>;
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+  if constexpr (std::is_same<T, int8_t>::value) {
+    return static_cast<float>(reinterpret_cast<const int8_t*>(&raw[e / L::kVec])[e % L::kVec]);
+  } else if constexpr (std::is_same<T, __nv_fp8_e4m3>::value) {
+    return static_cast<float>(reinterpret_cast<const __nv_fp8_e4m3*>(&raw[e / L::kVec])[e % L::kVec]);
+  } else if constexpr (std::is_same<T, __nv_bfloat16>::value) {
     const uint32_t word = reinterpret_cast<const uint32_t*>(&raw[e / L::kVec])[(e % L::kVec) / 2];
     return __uint_as_float(e % 2 == 0 ? word << 16 : word & 0xffff0000u);
   } else {
@@ -91,7 +120,7 @@ __device__ __forceinline__ int64_t row_offset(const PartitionBlocks& blocks, int
 template <typename T, int kHeadDim>
 __device__ __forceinline__ void load_rows(const T* cache, const PartitionBlocks& table, int t0, int n, int base,
                                           int row_in_warp, int lane_in_row,
-                                          uint4 (&out)[kUnroll][RowLayout<T, kHeadDim>::kChunksPerLane]) {
+                                          typename RowLayout<T, kHeadDim>::Chunk (&out)[kUnroll][RowLayout<T, kHeadDim>::kChunksPerLane]) {
   using L = RowLayout<T, kHeadDim>;
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u) {
@@ -100,11 +129,23 @@ __device__ __forceinline__ void load_rows(const T* cache, const PartitionBlocks&
   }
 }
 
-// Scores of this CTA's kHeads query heads against keys [t0, t0 + n): logits[h][i], scaled.
-template <typename T, int kHeadDim, int kHeads>
+// The scale of key / value row `t` of a quantized cache (one per token and KV head: the row's offset
+// in elements over head_dim), or 1.
+template <typename C, int kHeadDim>
+__device__ __forceinline__ float row_scale(const float* scales, const PartitionBlocks& table, int t) {
+  if constexpr (kQuantized<C>) {
+    return scales[row_offset(table, t) / kHeadDim];
+  } else {
+    return 1.f;
+  }
+}
+
+// Scores of this CTA's kHeads query heads against keys [t0, t0 + n): logits[h][i], scaled. C: the
+// cache's element type.
+template <typename C, int kHeadDim, int kHeads>
 __device__ __forceinline__ void compute_logits(const PagedDecodeParams& p, const float* q_s,
                                                const PartitionBlocks& table, int t0, int n, float* logits) {
-  using L = RowLayout<T, kHeadDim>;
+  using L = RowLayout<C, kHeadDim>;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row_in_warp = lane / L::kLanes, lane_in_row = lane % L::kLanes;
   // Each lane keeps the query elements matching the key elements it loads: no shared-memory
@@ -117,11 +158,11 @@ __device__ __forceinline__ void compute_logits(const PagedDecodeParams& p, const
       const int d = (lane_in_row + (e / L::kVec) * L::kLanes) * L::kVec + e % L::kVec;
       q[h][e] = d < kHeadDim ? q_s[h * kHeadDim + d] : 0.f;
     }
-  const T* k_cache = static_cast<const T*>(p.k_cache);
+  const C* k_cache = static_cast<const C*>(p.k_cache);
   // The loop bound is uniform per warp so every lane reaches the shuffles below.
   for (int base = warp * L::kKeysPerWarp; base < n; base += L::kStride * kUnroll) {
-    uint4 k[kUnroll][L::kChunksPerLane];
-    load_rows<T, kHeadDim>(k_cache, table, t0, n, base, row_in_warp, lane_in_row, k);
+    typename L::Chunk k[kUnroll][L::kChunksPerLane];
+    load_rows<C, kHeadDim>(k_cache, table, t0, n, base, row_in_warp, lane_in_row, k);
     float dots[kUnroll * kHeads];  // this lane's share of row u's dot with head h at [u * kHeads + h]
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u)
@@ -129,7 +170,7 @@ __device__ __forceinline__ void compute_logits(const PagedDecodeParams& p, const
       for (int h = 0; h < kHeads; ++h) {
         float dot = 0.f;
 #pragma unroll
-        for (int e = 0; e < L::kElems; ++e) dot += q[h][e] * row_element<T, kHeadDim>(k[u], e);
+        for (int e = 0; e < L::kElems; ++e) dot += q[h][e] * row_element<C, kHeadDim>(k[u], e);
         dots[u * kHeads + h] = dot;
       }
     bool writer;
@@ -139,7 +180,7 @@ __device__ __forceinline__ void compute_logits(const PagedDecodeParams& p, const
     for (int j = 0; j < kSums; ++j) {
       const int u = (first + j) / kHeads, h = (first + j) % kHeads;
       const int i = base + u * L::kStride + row_in_warp;
-      if (i < n && writer) logits[h * kDecodePartitionSize + i] = dots[j];
+      if (i < n && writer) logits[h * kDecodePartitionSize + i] = dots[j] * row_scale<C, kHeadDim>(p.k_scale, table, t0 + i);
     }
   }
 }
@@ -169,25 +210,26 @@ __device__ __forceinline__ void softmax_numerators(float* logits, int n, float* 
 
 // sum_i probs[h][i] * v_i for this warp's rows, reduced over the rows a warp reads at once, and
 // stored per warp into `warp_out` [kWarps][kHeads][kHeadDim] (which may alias `probs`).
-template <typename T, int kHeadDim, int kHeads>
+template <typename C, int kHeadDim, int kHeads>
 __device__ __forceinline__ void accumulate_values(const PagedDecodeParams& p, const float* probs,
                                                   const PartitionBlocks& table, int t0, int n, float* warp_out) {
-  using L = RowLayout<T, kHeadDim>;
+  using L = RowLayout<C, kHeadDim>;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row_in_warp = lane / L::kLanes, lane_in_row = lane % L::kLanes;
   float acc[kHeads][L::kElems] = {};
-  const T* v_cache = static_cast<const T*>(p.v_cache);
+  const C* v_cache = static_cast<const C*>(p.v_cache);
   for (int base = warp * L::kKeysPerWarp; base < n; base += L::kStride * kUnroll) {
-    uint4 v[kUnroll][L::kChunksPerLane];
-    load_rows<T, kHeadDim>(v_cache, table, t0, n, base, row_in_warp, lane_in_row, v);
+    typename L::Chunk v[kUnroll][L::kChunksPerLane];
+    load_rows<C, kHeadDim>(v_cache, table, t0, n, base, row_in_warp, lane_in_row, v);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int i = base + u * L::kStride + row_in_warp;
+      const float v_scale = i < n ? row_scale<C, kHeadDim>(p.v_scale, table, t0 + i) : 0.f;
 #pragma unroll
       for (int h = 0; h < kHeads; ++h) {
-        const float prob = i < n ? probs[h * kDecodePartitionSize + i] : 0.f;
+        const float prob = i < n ? probs[h * kDecodePartitionSize + i] * v_scale : 0.f;
 #pragma unroll
-        for (int e = 0; e < L::kElems; ++e) acc[h][e] += prob * row_element<T, kHeadDim>(v[u], e);
+        for (int e = 0; e < L::kElems; ++e) acc[h][e] += prob * row_element<C, kHeadDim>(v[u], e);
       }
     }
   }
@@ -242,7 +284,7 @@ constexpr int smem_floats() {
 // Grid: (sequence, kv head x chunk of kHeads query heads sharing it, split). Sharing the CTA
 // between the query heads of one KV head reads each key and value row once for all of them. Split
 // z takes partitions z, z + num_splits, ... and merges them in registers (online softmax).
-template <typename T, int kHeadDim, int kHeads, int kMinBlocks>
+template <typename T, typename C, int kHeadDim, int kHeads, int kMinBlocks>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) paged_decode_kernel(const PagedDecodeParams p) {
   extern __shared__ float smem[];
   __shared__ float head_max[kHeads], head_sum[kHeads];  // this partition's
@@ -286,11 +328,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) paged_decode_kernel(cons
     const PartitionBlocks table{block_base, t0 / p.block_size, p.block_size, block_shift, token_stride};
     if (!first) stage_partition_rows(r, rel, row_table, p.block_size, token_stride, head_offset, block_base);
     __syncthreads();
-    compute_logits<T, kHeadDim, kHeads>(p, q_s, table, t0, n, work);
+    compute_logits<C, kHeadDim, kHeads>(p, q_s, table, t0, n, work);
     __syncthreads();
     softmax_numerators<kHeads>(work, n, head_max, head_sum);
     __syncthreads();
-    accumulate_values<T, kHeadDim, kHeads>(p, work, table, t0, n, work);
+    accumulate_values<C, kHeadDim, kHeads>(p, work, table, t0, n, work);
     __syncthreads();
 #pragma unroll
     for (int k = 0; k < kPerThread; ++k) {
@@ -339,38 +381,49 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) paged_decode_kernel(cons
   }
 }
 
-template <typename T, int kHeadDim, int kHeads>
+template <typename T, typename C, int kHeadDim, int kHeads>
 cudaError_t launch(const PagedDecodeParams& p, cudaStream_t stream) {
   const int chunks_per_kv = p.num_heads / p.num_kv_heads / kHeads;
   const dim3 grid(p.num_seqs, p.num_kv_heads * chunks_per_kv, p.num_splits);
   constexpr size_t smem = smem_floats<kHeadDim, kHeads>() * sizeof(float);
   static_assert(smem <= 48 * 1024, "keep under the default dynamic shared-memory limit");
   const auto kernel = static_cast<int64_t>(p.num_seqs) * p.num_kv_heads >= kBandwidthBoundPairs
-                          ? paged_decode_kernel<T, kHeadDim, kHeads, MAGA_DECODE_MIN_BLOCKS>
-                          : paged_decode_kernel<T, kHeadDim, kHeads, 1>;
+                          ? paged_decode_kernel<T, C, kHeadDim, kHeads, MAGA_DECODE_MIN_BLOCKS>
+                          : paged_decode_kernel<T, C, kHeadDim, kHeads, 1>;
   cudaError_t err = launch_kernel(kernel, grid, dim3(kThreads), smem, stream, p);
   if (err != cudaSuccess || p.num_splits == 1) return err;
   return launch_paged_decode_reduce(p, stream);
 }
 
 // Query heads per CTA: the largest of 8/4/2/1 dividing the GQA group (8 caps the registers).
-template <typename T, int kHeadDim>
+template <typename T, typename C, int kHeadDim>
 cudaError_t dispatch_heads(const PagedDecodeParams& p, cudaStream_t stream) {
   const int group = p.num_heads / p.num_kv_heads;
-  if (group % 8 == 0) return launch<T, kHeadDim, 8>(p, stream);
-  if (group % 4 == 0) return launch<T, kHeadDim, 4>(p, stream);
-  if (group % 2 == 0) return launch<T, kHeadDim, 2>(p, stream);
-  return launch<T, kHeadDim, 1>(p, stream);
+  if (group % 8 == 0) return launch<T, C, kHeadDim, 8>(p, stream);
+  if (group % 4 == 0) return launch<T, C, kHeadDim, 4>(p, stream);
+  if (group % 2 == 0) return launch<T, C, kHeadDim, 2>(p, stream);
+  return launch<T, C, kHeadDim, 1>(p, stream);
 }
 
-template <typename T>
+template <typename T, typename C>
 cudaError_t dispatch_head_dim(const PagedDecodeParams& p, cudaStream_t stream) {
   switch (p.head_dim) {
-    case 64: return dispatch_heads<T, 64>(p, stream);
-    case 80: return dispatch_heads<T, 80>(p, stream);
-    case 96: return dispatch_heads<T, 96>(p, stream);
-    case 128: return dispatch_heads<T, 128>(p, stream);
-    case 256: return dispatch_heads<T, 256>(p, stream);
+    case 64: return dispatch_heads<T, C, 64>(p, stream);
+    case 80: return dispatch_heads<T, C, 80>(p, stream);
+    case 96: return dispatch_heads<T, C, 96>(p, stream);
+    case 128: return dispatch_heads<T, C, 128>(p, stream);
+    case 256: return dispatch_heads<T, C, 256>(p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+// The cache's element type: the query's, or int8 / e4m3 with scales (fp16 / bf16 queries only).
+template <typename T>
+cudaError_t dispatch_cache(const PagedDecodeParams& p, cudaStream_t stream) {
+  if (p.cache_dtype == p.dtype) return dispatch_head_dim<T, T>(p, stream);
+  if constexpr (sizeof(T) == 2) {
+    if (p.cache_dtype == DType::kInt8) return dispatch_head_dim<T, int8_t>(p, stream);
+    if (p.cache_dtype == DType::kFloat8E4M3) return dispatch_head_dim<T, __nv_fp8_e4m3>(p, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -380,7 +433,9 @@ bool valid_params(const PagedDecodeParams& p) {
                       p.block_size > 0 && p.max_blocks_per_seq > 0 && p.num_splits > 0 &&
                       p.num_splits <= 65535 && p.num_seqs <= 0x7fffffff;
   const bool workspace = p.num_splits == 1 || (p.partial_out && p.partial_max && p.partial_sum);
-  return shapes && workspace && paged_decode_supports_head_dim(p.head_dim);
+  const bool quantized = p.cache_dtype == DType::kInt8 || p.cache_dtype == DType::kFloat8E4M3;
+  const bool scales = !quantized || (p.k_scale && p.v_scale);
+  return shapes && workspace && scales && paged_decode_supports_head_dim(p.head_dim);
 }
 
 }  // namespace
@@ -392,7 +447,7 @@ bool paged_decode_supports_head_dim(int head_dim) {
 cudaError_t paged_decode_attention(const PagedDecodeParams& p, cudaStream_t stream) {
   if (p.num_seqs == 0) return cudaSuccess;
   if (!valid_params(p)) return cudaErrorInvalidValue;
-  return dispatch_dtype(p.dtype, [&](auto tag) { return dispatch_head_dim<decltype(tag)>(p, stream); });
+  return dispatch_dtype(p.dtype, [&](auto tag) { return dispatch_cache<decltype(tag)>(p, stream); });
 }
 
 }  // namespace cuda

@@ -30,8 +30,12 @@ constexpr int kDecodePartitionSize = MAGA_DECODE_PARTITION_SIZE;
 struct PagedDecodeParams {
   void* out;                // [seqs, heads, head_dim], contiguous
   const void* q;            // [seqs, heads, head_dim], last dim contiguous, strides below
-  const void* k_cache;      // [blocks, block_size, kv_heads, head_dim], contiguous, q's dtype
+  const void* k_cache;      // [blocks, block_size, kv_heads, head_dim], contiguous, cache_dtype
   const void* v_cache;
+  // Quantized caches (cache_dtype int8 / e4m3, with fp16 / bf16 queries): one fp32 scale per token
+  // and KV head, [blocks, block_size, kv_heads]; a key is its stored values times its scale.
+  const float* k_scale;
+  const float* v_scale;
   const int32_t* block_tables;  // [seqs, max_blocks_per_seq]; any block ids, in any order
   const int32_t* seq_lens;      // [seqs]: keys per sequence (cached tokens + this step's token)
   // Workspace for the splits' partial results (may be null when num_splits == 1):
@@ -44,7 +48,8 @@ struct PagedDecodeParams {
   int64_t q_seq_stride, q_head_stride;  // in elements
   float scale;
   int sliding_window;       // 0: none; else a query sees only the last `sliding_window` keys
-  DType dtype;
+  DType dtype;              // of q and out
+  DType cache_dtype;        // dtype, or kInt8 / kFloat8E4M3 (quantized, with scales)
 };
 
 // Partitions a sequence of `seq_len` keys needs (a sliding window skips the ones before it).
