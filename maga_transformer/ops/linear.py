@@ -99,10 +99,23 @@ def quantize_fp8_rows(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-row e4m3: scale = absmax(row) / 448 (1 for an all-zero row), values clamped into range.
     The weights' per-output-channel scheme and the activations' per-token one."""
     xf = x.float()
-    scale = xf.abs().amax(dim=-1) / FP8_MAX
+    scale = xf.abs().amax(dim=-1) * (1.0 / FP8_MAX)  # a product on every device (the CUDA kernel's too)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = (xf / scale[..., None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q.contiguous(), scale.contiguous()
+
+
+def _quantize_activation_rows(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """quantize_fp8_rows for a [rows, cols] activation: our one-kernel version on CUDA (the same
+    values), torch elsewhere."""
+    kernels = kernels_for(x)
+    if (kernels is None or not hasattr(kernels, "quantize_rows_fp8") or x.dim() != 2 or x.stride(-1) != 1
+            or x.dtype not in (torch.float32, torch.float16, torch.bfloat16)):
+        return quantize_fp8_rows(x)
+    out = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    check_status(kernels, kernels.quantize_rows_fp8(out, scale, x), "quantize_rows_fp8")
+    return out, scale
 
 
 def prepare_fp8_linear(weight: torch.Tensor) -> LinearWeight:
@@ -131,7 +144,7 @@ def _fp8_linear(x: torch.Tensor, w: LinearWeight, bias: Optional[torch.Tensor]) 
     """W8A8 e4m3: each activation row quantized on the fly with its own scale, one FP8 tensor-core
     GEMM with the row and channel scales applied to its fp32 accumulators (torch._scaled_mm)."""
     rows = x.reshape(-1, x.shape[-1])
-    xq, x_scale = quantize_fp8_rows(rows)
+    xq, x_scale = _quantize_activation_rows(rows)
     out = torch._scaled_mm(xq, w.qweight.t(), scale_a=x_scale[:, None], scale_b=w.scale[None, :],
                            out_dtype=x.dtype)
     if bias is not None:

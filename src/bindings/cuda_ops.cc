@@ -14,6 +14,7 @@
 #include "src/kernels/cuda/gemv.h"
 #include "src/kernels/cuda/kv_cache_write.h"
 #include "src/kernels/cuda/paged_decode_attention.h"
+#include "src/kernels/cuda/quantize.h"
 #include "src/kernels/cuda/rms_norm.h"
 #include "src/kernels/cuda/rotary.h"
 #include "src/kernels/cuda/row_stats.h"
@@ -251,6 +252,19 @@ int gemv_i8(Tensor& out, const Tensor& x, const Tensor& weight, const Tensor& sc
   return static_cast<int>(kc::gemv(p, current_stream(weight)));
 }
 
+int quantize_rows_fp8(Tensor& out, Tensor& scale, const Tensor& x) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  kc::QuantizeRowsParams p{};
+  if (!to_dtype(x, &p.dtype)) return static_cast<int>(cudaErrorInvalidValue);
+  p.x = x.data_ptr();
+  p.out = out.data_ptr();
+  p.scale = scale.data_ptr<float>();
+  p.rows = x.size(0);
+  p.cols = x.size(1);
+  p.row_stride = x.stride(0);
+  return static_cast<int>(kc::quantize_rows_fp8(p, current_stream(x)));
+}
+
 int row_argmax_logsumexp(Tensor& argmax, Tensor& logsumexp, const Tensor& logits) {
   const c10::cuda::CUDAGuard guard(logits.device());
   kc::RowStatsParams p{};
@@ -293,6 +307,8 @@ void register_cuda_ops(pybind11::module_& m) {
   m.def("gemv_int8_weight", &gemv_i8, "out = scale * (x @ weight.T) for one fp16 / bf16 row, int8 weight", arg("out"),
         arg("x"), arg("weight"), arg("scale"));
   m.attr("gemv_max_in_features") = kc::kGemvMaxInFeatures;
+  m.def("quantize_rows_fp8", &quantize_rows_fp8, "per row: scale = absmax / 448, out = e4m3(x / scale)",
+        arg("out"), arg("scale"), arg("x"));
   m.def("row_argmax_logsumexp", &row_argmax_logsumexp, "per fp32 row: first argmax and logsumexp",
         arg("argmax"), arg("logsumexp"), arg("logits"));
   m.def("paged_decode_supports_head_dim", &kc::paged_decode_supports_head_dim, arg("head_dim"));

@@ -230,6 +230,7 @@ def test_quantized_kv_engine_with_cuda_graphs(checkpoint_head64, kind):
     os.environ["MAGA_DISABLE_CUDA_GRAPHS"] = "1"
     try:
         reference = _gpu_model(checkpoint_head64, kv_cache_dtype=kind)
+        reference.engine  # built on first use: while graphs are off
     finally:
         del os.environ["MAGA_DISABLE_CUDA_GRAPHS"]
     try:
@@ -241,3 +242,18 @@ def test_quantized_kv_engine_with_cuda_graphs(checkpoint_head64, kind):
     finally:
         graphs.stop()
         reference.stop()
+
+
+@pytest.mark.parametrize("rows, cols", [(1, 4096), (3, 1000), (1024, 14336)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fp8_activation_kernel_equals_the_torch_reference(rows, cols, dtype):
+    from maga_transformer.ops.linear import _quantize_activation_rows, quantize_fp8_rows
+    from maga_transformer.ops._cuda import kernels_for
+    x = torch.randn(rows, cols, device="cuda", dtype=dtype) * 3
+    x[0, :7] = 0
+    if rows > 2:
+        x[2] = 0  # an all-zero row: scale 1
+    assert hasattr(kernels_for(x), "quantize_rows_fp8")
+    q, scale = _quantize_activation_rows(x)
+    q_ref, scale_ref = quantize_fp8_rows(x)
+    assert torch.equal(scale, scale_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))

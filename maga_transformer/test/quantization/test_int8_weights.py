@@ -148,8 +148,9 @@ def test_quantization_is_the_only_difference(case):
     assert run_greedy(quantized.engine, PARITY_PROMPTS, 32) == run_greedy(oracle.engine, PARITY_PROMPTS, 32), name
 
 
-def test_weight_type_int8_through_the_engine_process(tmp_path):
+def test_weight_type_int8_through_the_engine_process(tmp_path, monkeypatch):
     """WEIGHT_TYPE=INT8 from the environment reaches the engine-core process (the product path)."""
+    monkeypatch.setenv("MAGA_DEVICE", "cpu")  # the placement reads the process environment
     from maga_transformer.test.fixtures import tiny_llama
     _, directory = tiny_llama(str(tmp_path), seed=2, vocab_size=128, max_position_embeddings=128)
     env = {"CHECKPOINT_PATH": directory, "MAGA_DEVICE": "cpu", "WEIGHT_TYPE": "INT8", "KV_CACHE_MEM_MB": "8",

@@ -27,31 +27,33 @@ __device__ __forceinline__ float dot_chunk(const uint4& w, const uint4& x) {
   return acc;
 }
 
-// sum over the 16 int8 weights of one 16-byte chunk times the matching 16 elements of x (two 16-byte
-// chunks of T), in fp32; the row's scale is applied once at the end.
+// The 16 x elements an int8 weight chunk c multiplies (two 16-byte chunks of T), as floats; zeros
+// past the row's end (stale shared memory could hold NaNs). Converted once for all kRows rows.
 template <typename T>
-__device__ __forceinline__ float dot_chunk_i8(const uint4& w, const uint4& x0, const uint4& x1) {
-  const int8_t* wv = reinterpret_cast<const int8_t*>(&w);
-  const T* xa = reinterpret_cast<const T*>(&x0);
-  const T* xb = reinterpret_cast<const T*>(&x1);
-  float acc = 0.f;
+__device__ __forceinline__ void x_for_int8_chunk(const uint4* x_s, int c, int chunks, float (&xf)[16]) {
+  if (c >= chunks) {
 #pragma unroll
-  for (int i = 0; i < 8; ++i) acc += static_cast<float>(wv[i]) * to_float(xa[i]);
+    for (int i = 0; i < 16; ++i) xf[i] = 0.f;
+    return;
+  }
+  const uint4 halves[2] = {x_s[2 * c], x_s[2 * c + 1]};
 #pragma unroll
-  for (int i = 0; i < 8; ++i) acc += static_cast<float>(wv[8 + i]) * to_float(xb[i]);
-  return acc;
+  for (int i = 0; i < 16; ++i) xf[i] = to_float(reinterpret_cast<const T*>(&halves[i / 8])[i % 8]);
 }
 
-// Weight chunk c of a row against x staged in shared memory (as 16-byte chunks of T); zero past
-// the row's end (the weight loads there are zeros too, but stale shared memory could hold NaNs).
-template <typename T, typename W>
-__device__ __forceinline__ float dot_weight_chunk(const uint4& w, const uint4* x_s, int c, int chunks) {
-  if (c >= chunks) return 0.f;
-  if constexpr (sizeof(W) == 1) {
-    return dot_chunk_i8<T>(w, x_s[2 * c], x_s[2 * c + 1]);
-  } else {
-    return dot_chunk<T>(w, x_s[c]);
+// sum over the 16 int8 weights of one 16-byte chunk times xf, in fp32 (the row's scale is applied
+// once at the end). Each byte becomes a float without the slow integer-to-float unit: with its sign
+// bit flipped it is an unsigned u = w + 128, placed as the low mantissa byte of 2^23 (one byte
+// permute), and 2^23 + 128 is subtracted.
+__device__ __forceinline__ float dot_chunk_i8(const uint4& w, const float (&xf)[16]) {
+  const uint32_t words[4] = {w.x ^ 0x80808080u, w.y ^ 0x80808080u, w.z ^ 0x80808080u, w.w ^ 0x80808080u};
+  float acc = 0.f;
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    const float wf = __uint_as_float(__byte_perm(words[i / 4], 0x4B000000u, 0x7540u + (i % 4))) - 8388736.f;
+    acc = fmaf(wf, xf[i], acc);
   }
+  return acc;
 }
 
 // Streaming load: the weight is read once per step, keep it out of L1.
@@ -137,8 +139,16 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const GemvParams p, int 
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int c = base + u * 32;
+      if constexpr (sizeof(W) == 1) {
+        float xf[16];
+        x_for_int8_chunk<T>(x_s, c, chunks, xf);
 #pragma unroll
-      for (int r = 0; r < kRows; ++r) acc[r] += dot_weight_chunk<T, W>(w[u][r], x_s, c, chunks);
+        for (int r = 0; r < kRows; ++r) acc[r] += dot_chunk_i8(w[u][r], xf);
+      } else {
+        const uint4 xv = c < chunks ? x_s[c] : make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) acc[r] += dot_chunk<T>(w[u][r], xv);
+      }
     }
     ++t;
     base += kTileChunks;
