@@ -14,7 +14,7 @@ import torch
 
 from maga_transformer.config.engine_config import EngineConfig, env_bool
 from maga_transformer.config.model_config import ACT_TYPE, WEIGHT_TYPE, ModelConfig
-from maga_transformer.ops.linear import fp8_supported
+from maga_transformer.ops.linear import fp8_emulated, fp8_supported
 from maga_transformer.engine.core_client import EngineProcessClient, StartingCore
 from maga_transformer.engine.core_main import CoreLaunch
 from maga_transformer.engine.engine import Engine
@@ -179,9 +179,10 @@ def _check_quantization(config: ModelConfig, device: torch.device, dtype: torch.
     if config.weight_type != WEIGHT_TYPE.FP8:
         return
     reason = fp8_supported(device)
-    if reason is not None:
-        raise ValueError(f"WEIGHT_TYPE=FP8: {reason}; use WEIGHT_TYPE=INT8 (weight-only, any device) instead")
-    if dtype != torch.bfloat16:
+    if reason is not None and not fp8_emulated():
+        raise ValueError(f"WEIGHT_TYPE=FP8: {reason}; use WEIGHT_TYPE=INT8 (weight-only, any device) instead, or "
+                         "MAGA_FP8_EMULATION=1 to emulate FP8's rounding slowly (quality checks only)")
+    if reason is None and dtype != torch.bfloat16:
         raise ValueError(f"WEIGHT_TYPE=FP8 computes in bf16 (its scaled GEMM writes bf16), not "
                          f"{str(dtype).replace('torch.', '')}: set ACT_TYPE=bf16 or leave it unset")
 

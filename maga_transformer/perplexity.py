@@ -3,7 +3,8 @@
     python3 -m maga_transformer.perplexity [--model DIR] [--text FILE] [--modes fp32,int8,int8kv,int8+int8kv]
                                            [--device cpu|cuda] [--chunk 256] [--out results.json]
 
-Each mode loads the model with its settings (WEIGHT_TYPE, KV_CACHE_DTYPE), scores the text as one
+FP8 weights where no FP8 GEMM runs (the CPU) need MAGA_FP8_EMULATION=1: the same rounding, a float
+GEMM. Each mode loads the model with its settings (WEIGHT_TYPE, KV_CACHE_DTYPE), scores the text as one
 prompt with calculate_loss=1 (exp of the mean next-token NLL), and is compared with the first mode.
 Prefill runs in chunks of --chunk tokens, so every chunk after the first attends to keys and values
 read back from the (possibly quantized) KV cache, as decode does. Default text: the opening of

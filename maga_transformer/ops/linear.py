@@ -12,6 +12,7 @@ docs/benchmarks.md.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -140,9 +141,30 @@ def fp8_supported(device: torch.device) -> Optional[str]:
     return None
 
 
+def fp8_emulated() -> bool:
+    """MAGA_FP8_EMULATION=1: WEIGHT_TYPE=FP8 where no FP8 GEMM runs (the CPU, pre-Ada GPUs), with
+    the same rounding of weights and activations and a float GEMM on the dequantized values: slow,
+    for measuring FP8's quality (python3 -m maga_transformer.perplexity) on any machine."""
+    return os.environ.get("MAGA_FP8_EMULATION") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _fp8_gemm_runs_on(device_index: int) -> bool:
+    return fp8_supported(torch.device("cuda", device_index)) is None
+
+
+def _fp8_linear_emulated(x: torch.Tensor, w: LinearWeight, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1])
+    xq, x_scale = quantize_fp8_rows(rows)
+    out = F.linear((xq.float() * x_scale[:, None]).to(x.dtype), w.dequantized(x.dtype), bias)
+    return out.reshape(*x.shape[:-1], w.out_features)
+
+
 def _fp8_linear(x: torch.Tensor, w: LinearWeight, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """W8A8 e4m3: each activation row quantized on the fly with its own scale, one FP8 tensor-core
     GEMM with the row and channel scales applied to its fp32 accumulators (torch._scaled_mm)."""
+    if not x.is_cuda or x.dtype != torch.bfloat16 or not _fp8_gemm_runs_on(x.device.index or 0):
+        return _fp8_linear_emulated(x, w, bias)  # start-up allows this only under MAGA_FP8_EMULATION=1
     rows = x.reshape(-1, x.shape[-1])
     xq, x_scale = _quantize_activation_rows(rows)
     out = torch._scaled_mm(xq, w.qweight.t(), scale_a=x_scale[:, None], scale_b=w.scale[None, :],

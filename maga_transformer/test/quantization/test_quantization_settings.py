@@ -60,3 +60,21 @@ def test_fp8_rounding_per_row(rows):
     w = ops.prepare_fp8_linear(torch.randn(32, 64))
     ref = fp8_linear_reference(x, w, None)
     assert ref.shape == (rows, 32) and (ref - x.double() @ w.dequantized(torch.float64).T).abs().max() > 0
+
+
+def test_fp8_emulation_runs_where_fp8_gemms_do_not(checkpoint, monkeypatch):
+    """MAGA_FP8_EMULATION=1 (documented, for quality checks): FP8's rounding with a float GEMM."""
+    monkeypatch.setenv("MAGA_FP8_EMULATION", "1")
+    model = ModelFactory.from_huggingface(checkpoint, ModelConfig(weight_type="fp8", seq_size_per_block=4,
+                                                                  act_type="fp32"),
+                                          engine_config=EngineConfig(num_kv_blocks=64, engine_process=False),
+                                          device="cpu")
+    try:
+        assert "with fp8 weights" in model.engine.info.description
+        layer = model.model.layers[0]
+        assert layer.qkv.qweight.dtype == torch.float8_e4m3fn
+        x = torch.randn(5, layer.qkv.in_features)
+        want = fp8_linear_reference(x, layer.qkv, None)
+        assert (ops.linear(x, layer.qkv).double() - want).abs().max() <= 1e-4 * want.abs().max()
+    finally:
+        model.stop()
