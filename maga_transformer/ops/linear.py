@@ -9,6 +9,9 @@ the weight memory, the price of fast batch-1 and fast batched decode (docs/bench
 Other dtypes and devices use oneDNN or F.linear, except one fp16 / bf16 row on the GPU without bias
 (batch-1 decode): our CUDA GEMV (src/kernels/cuda/gemv.cu), measured against cuBLAS in
 docs/benchmarks.md.
+Quantized weights (WEIGHT_TYPE=INT8 / FP8, docs/Quantization.md) keep int8 or e4m3 values and one
+scale per output channel: int8 decode rows go to the int8 GEMVs (CPU and CUDA), other int8 rows to
+a widen-then-GEMM path; FP8 quantizes each activation row and runs torch._scaled_mm.
 """
 from __future__ import annotations
 
