@@ -7,14 +7,15 @@ head, computed when the token is written (rtp-llm's INT8_KV_CACHE scheme), so no
 needed and one outlier token cannot blur the others.
 """
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import Tuple, Union
 
 import torch
 
 from maga_transformer.ops._cuda import KERNEL_DTYPES, aligned, check_status, kernels_for, same_device
+from maga_transformer.ops.linear import absmax_scales, quantize_fp8_rows
 
-# KV_CACHE_DTYPE values that quantize, the storage dtype and the largest magnitude it holds
-_QUANTIZED_KV = {"int8": (torch.int8, 127.0), "fp8": (torch.float8_e4m3fn, 448.0)}
+# KV_CACHE_DTYPE values that quantize, and their storage dtype
+_QUANTIZED_KV = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 
 
 @dataclass
@@ -49,7 +50,7 @@ def allocate_kv(shape: Tuple[int, int, int, int], dtype: torch.dtype, device: to
     is NaN)."""
     if kv_cache_dtype not in _QUANTIZED_KV:
         return torch.zeros(shape, dtype=dtype, device=device)
-    storage, _ = _QUANTIZED_KV[kv_cache_dtype]
+    storage = _QUANTIZED_KV[kv_cache_dtype]
     return QuantizedKV(torch.zeros(shape, dtype=storage, device=device),
                        torch.zeros(shape[:3], dtype=torch.float32, device=device))
 
@@ -57,14 +58,11 @@ def allocate_kv(shape: Tuple[int, int, int, int], dtype: torch.dtype, device: to
 def quantize_kv(x: torch.Tensor, storage: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
     """x [tokens, kv_heads, head_dim] -> (values in `storage`, fp32 scales [tokens, kv_heads]):
     scale = absmax over head_dim / the format's largest value (1 for an all-zero row)."""
-    limit = 127.0 if storage == torch.int8 else 448.0
+    if storage != torch.int8:
+        return quantize_fp8_rows(x)
     xf = x.float()
-    scale = xf.abs().amax(dim=-1) * (1.0 / limit)  # a product on every device (the CUDA kernel's too)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    scaled = xf / scale[..., None]
-    if storage == torch.int8:
-        return torch.round(scaled).clamp_(-127, 127).to(torch.int8), scale
-    return scaled.clamp_(-limit, limit).to(storage), scale
+    scale = absmax_scales(xf, 127.0)
+    return torch.round(xf / scale[..., None]).clamp_(-127, 127).to(torch.int8), scale
 
 
 def dequantize_kv(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

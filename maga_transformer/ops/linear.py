@@ -99,12 +99,20 @@ def quantize_int8(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
 
 
+def absmax_scales(xf: torch.Tensor, limit: float) -> torch.Tensor:
+    """Per row of the last dimension: absmax / limit, 1 for an all-zero row. A product with 1 /
+    limit, as torch computes a tensor over a Python number on CUDA, so that our CUDA kernels (which
+    multiply too) produce the same bits on every device."""
+    scale = xf.abs().amax(dim=-1) * (1.0 / limit)
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
 def quantize_fp8_rows(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-row e4m3: scale = absmax(row) / 448 (1 for an all-zero row), values clamped into range.
-    The weights' per-output-channel scheme and the activations' per-token one."""
+    The weights' per-output-channel scheme, the activations' per-token one and the FP8 KV cache's
+    per token and head."""
     xf = x.float()
-    scale = xf.abs().amax(dim=-1) * (1.0 / FP8_MAX)  # a product on every device (the CUDA kernel's too)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = absmax_scales(xf, FP8_MAX)
     q = (xf / scale[..., None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q.contiguous(), scale.contiguous()
 
