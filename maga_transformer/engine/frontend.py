@@ -5,7 +5,9 @@ The front end validates a request against the core's limits before anything is s
 caller's handle, and turns each CoreStepOutput into outputs (engine/output_processor.py). Outputs
 of one step are handed to each sink at once: a sink with `put_batch` gets one call per step for all
 its requests (the Pipeline's batch, the server's event loop), which keeps hand-offs per step, not
-per token x request.
+per token x request. A sink with `notify_changed` pulls instead: each step it hears which of its
+requests have new tokens and asks `latest(request_id)` when its consumer is ready (finals still
+come through put_batch), so outputs are built as often as they are read.
 """
 from __future__ import annotations
 
@@ -151,6 +153,7 @@ class FrontEnd:
         ids_given = list(request_ids or [None] * len(prompts))
         names = [rid or f"req-{next(_request_ids)}" for rid in ids_given]
         handles = [RequestHandle(self, name, sink) for name in names]
+        pull = hasattr(sink, "notify_changed")
         with self._lock:
             taken = [n for n in names if n in self._handles] or _repeated(names)
             if taken:
@@ -158,7 +161,7 @@ class FrontEnd:
             self._check_alive()
             for handle, ids in zip(handles, prompts):
                 self._handles[handle.request_id] = handle
-                self.processor.add(handle.request_id, ids, config, stream)
+                self.processor.add(handle.request_id, ids, config, stream, pull=pull)
         self._submit([EngineRequest(h.request_id, list(ids), config, stream) for h, ids in zip(handles, prompts)])
         return handles
 
@@ -177,14 +180,22 @@ class FrontEnd:
     def on_core_output(self, step: CoreStepOutput) -> List[RequestOutput]:
         """Turn one step's deltas into outputs, stop what stop strings ended, hand outputs out."""
         with self._lock:
-            outputs, stops = self.processor.process(step)
+            outputs, stops, changed = self.processor.process(step)
             if step.stats is not None:
                 self.stats = step.stats
             routed = self._route(outputs)
+            notices = self._route_changed(changed)
         if stops:
             self._send_stops(stops)
         _deliver(routed)
+        for sink, request_ids in notices:
+            _guarded(sink.notify_changed, request_ids)
         return outputs
+
+    def latest(self, request_id: str) -> Optional[RequestOutput]:
+        """The current output of a request followed by a pulling sink (None once it finished)."""
+        with self._lock:
+            return self.processor.latest(request_id)
 
     def fail_all(self, message: str) -> None:
         with self._lock:
@@ -204,6 +215,23 @@ class FrontEnd:
             by_sink[id(handle.queue)].append(output)
             sinks[id(handle.queue)] = handle.queue
         return [(sinks[key], group) for key, group in by_sink.items()]
+
+
+    def _route_changed(self, request_ids: List[str]):
+        """Group changed pull requests by sink (call with the lock held)."""
+        by_sink: Dict[int, list] = {}
+        for request_id in request_ids:
+            handle = self._handles.get(request_id)
+            if handle is not None:
+                by_sink.setdefault(id(handle.queue), [handle.queue, []])[1].append(request_id)
+        return list(by_sink.values())
+
+
+def _guarded(call, arg) -> None:
+    try:
+        call(arg)
+    except Exception:  # one caller's broken sink must not keep outputs from the others
+        logger.exception("a sink refused a notice")
 
 
 def _repeated(names: List[str]) -> List[str]:

@@ -2,7 +2,9 @@
 
 Per request it keeps the tokens, log-probs and incremental detokenizer state of each sequence,
 cuts stop strings (and tells the core to stop those sequences), and builds the RequestOutput the
-caller sees: every step for a streaming request, once at the end otherwise. A sequence that a stop
+caller sees: every step for a streaming request, once at the end otherwise. A "pull" request (the
+server's streams) is only marked changed each step; its output is built when its consumer asks
+(`latest`), so a consumer that falls behind costs one build for several steps' tokens. A sequence that a stop
 string ended keeps the tokens it had then; whatever the core drew for it before the stop reached it
 is dropped here, so outputs do not depend on how fast the stop travels.
 """
@@ -50,6 +52,7 @@ class FrontRequest:
     num_updates: int = 0  # steps that brought it tokens (aux_info.iter_count until the final says)
     reuse_len: int = 0
     final: Optional[RequestFinal] = None
+    pull: bool = False  # built on demand (latest), not every step
 
     def seq(self, index: int) -> FrontSeq:
         while len(self.seqs) <= index:  # n > 1: the core forks the samples after the prompt
@@ -63,11 +66,15 @@ class OutputProcessor:
         self.detok = Detokenizer(tokenizer)
         self.requests: Dict[str, FrontRequest] = {}
 
-    def add(self, request_id: str, prompt_token_ids: List[int], config: GenerateConfig, stream: bool) -> None:
-        self.requests[request_id] = FrontRequest(request_id, list(prompt_token_ids), config, stream)
+    def add(self, request_id: str, prompt_token_ids: List[int], config: GenerateConfig, stream: bool,
+            pull: bool = False) -> None:
+        # stop strings need the text every step (to stop the core early): those requests stay eager
+        pull = pull and stream and not config.stop_words_str
+        self.requests[request_id] = FrontRequest(request_id, list(prompt_token_ids), config, stream, pull=pull)
 
-    def process(self, step: CoreStepOutput) -> Tuple[List[RequestOutput], List[Tuple[str, int]]]:
-        """(outputs to hand out, (request id, sequence index) the core must stop) for one step."""
+    def process(self, step: CoreStepOutput) -> Tuple[List[RequestOutput], List[Tuple[str, int]], List[str]]:
+        """(outputs to hand out, (request id, sequence index) the core must stop, ids of pull
+        requests with new tokens) for one step. Final outputs are always built here."""
         touched: Dict[str, FrontRequest] = {}
         requests = self.requests
         for request_id, reuse_len in step.started:
@@ -83,13 +90,23 @@ class OutputProcessor:
             if request is not None:
                 request.final = final
                 touched[request.request_id] = request
-        outputs, stops = [], []
+        outputs, stops, changed = [], [], []
         for request in touched.values():
             request.num_updates += 1
+            if request.pull and request.final is None:
+                changed.append(request.request_id)
+                continue
             output = self._output(request, stops)
             if output is not None:
                 outputs.append(output)
-        return outputs, stops
+        return outputs, stops, changed
+
+    def latest(self, request_id: str) -> Optional[RequestOutput]:
+        """A pull request's output as of now; None once it finished (its final was handed out)."""
+        request = self.requests.get(request_id)
+        if request is None or request.final is not None or not request.pull:
+            return None  # an eager request's outputs were handed out as they were built
+        return self._output(request, [])
 
     def fail_all(self, message: str) -> List[RequestOutput]:
         """The engine core is gone: every live request ends now with `message`."""
@@ -110,10 +127,11 @@ class OutputProcessor:
         if not (request.stream or finished or cfg.stop_words_str):
             return None
         beams = cfg.num_beams > 1
-        texts = [self._text(request, index, seq, stops, beams) for index, seq in enumerate(request.seqs)]
+        seqs = request.seqs
+        texts = [self._text(request, index, seq, stops, beams) for index, seq in enumerate(seqs)]
         if not (request.stream or finished):
             return None  # stop strings needed the text; the caller wants only the end
-        if not finished and all(seq.is_finished for seq in request.seqs):
+        if not finished and all(seq.finish_reason is not None for seq in seqs):
             return None  # stop strings ended it: the final output follows with the core's record
         output = self._build(request, texts, finished)
         if finished:
@@ -172,8 +190,10 @@ class OutputProcessor:
     @staticmethod
     def _aux(request: FrontRequest) -> AuxInfo:
         final, seqs = request.final, request.seqs
-        output_len = max((len(s.output_ids) for s in seqs), default=0)
-        cum = [s.cum_logprob for s in seqs]
+        if len(seqs) == 1:  # the common case, spared two generator passes (this runs per token)
+            output_len, cum = len(seqs[0].output_ids), [seqs[0].cum_logprob]
+        else:
+            output_len, cum = max(len(s.output_ids) for s in seqs), [s.cum_logprob for s in seqs]
         if final is None:
             return AuxInfo(cost_time=(time.monotonic() - request.arrival_time) * 1e3, iter_count=request.num_updates,
                            input_len=len(request.prompt_token_ids), prefix_len=0, reuse_len=request.reuse_len,

@@ -3,13 +3,13 @@
 Outputs are produced on the engine's output thread (the reader of the engine-core process, or the
 in-process engine's loop). One sink serves every request of the server: it receives all of a
 step's outputs at once and crosses into the event loop with ONE call_soon_threadsafe per step,
-which then routes each output to its request's asyncio queue.
+which then routes each output (or "changed" notice) to its request's mailbox.
 """
 from __future__ import annotations
 
 import asyncio
 import itertools
-from typing import AsyncIterator, Dict, List
+from typing import AsyncIterator, Dict, List, Optional
 
 from maga_transformer.config.generate_config import GenerateConfig
 from maga_transformer.engine.output import AuxInfo, RequestOutput, SequenceOutput
@@ -23,27 +23,67 @@ class EngineUnavailableError(RuntimeError):
     """The engine core is not running; the server answers 503 until it is restarted."""
 
 
+class _Mailbox:
+    """One request's deliveries, read by its task: built outputs (finals, stop-string requests) and
+    "changed" notices (the output is then pulled from the front end, built once however many steps
+    it covers). Lighter than an asyncio.Queue: one waiter, no size limit."""
+    __slots__ = ("outputs", "changed", "waiter")
+
+    def __init__(self) -> None:
+        self.outputs: List[RequestOutput] = []
+        self.changed = False
+        self.waiter: Optional[asyncio.Future] = None
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self, loop: asyncio.AbstractEventLoop) -> None:
+        while not (self.outputs or self.changed):
+            self.waiter = loop.create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+
+
 class _LoopSink:
-    """Looks like a sink to the engine; delivers a step's outputs into the loop in one hop."""
+    """Looks like a sink to the engine; delivers a step's outputs and notices into the loop in one hop."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.queues: Dict[str, "asyncio.Queue[RequestOutput]"] = {}
+        self.boxes: Dict[str, _Mailbox] = {}
 
     def put_batch(self, outputs: List[RequestOutput]) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self._route, outputs)
-        except RuntimeError:  # the loop closed (its server stopped): nobody is left to read these
-            pass
+        self._call(self._route, outputs)
 
     def put(self, output: RequestOutput) -> None:
         self.put_batch([output])
 
+    def notify_changed(self, request_ids: List[str]) -> None:
+        self._call(self._mark_changed, request_ids)
+
+    def _call(self, fn, arg) -> None:
+        try:
+            self.loop.call_soon_threadsafe(fn, arg)
+        except RuntimeError:  # the loop closed (its server stopped): nobody is left to read these
+            pass
+
     def _route(self, outputs: List[RequestOutput]) -> None:
         for output in outputs:
-            queue = self.queues.get(output.request_id)
-            if queue is not None:
-                queue.put_nowait(output)
+            box = self.boxes.get(output.request_id)
+            if box is not None:
+                box.outputs.append(output)
+                box.wake()
+
+    def _mark_changed(self, request_ids: List[str]) -> None:
+        boxes = self.boxes
+        for request_id in request_ids:
+            box = boxes.get(request_id)
+            if box is not None:
+                box.changed = True
+                box.wake()
 
 
 class AsyncEngine:
@@ -75,8 +115,7 @@ class AsyncEngine:
         """Streams outputs until the request finishes; if the consumer goes away, aborts it."""
         sink = self._loop_sink()
         request_id = f"http-{next(_ids)}"
-        queue: "asyncio.Queue[RequestOutput]" = asyncio.Queue()
-        sink.queues[request_id] = queue
+        box = sink.boxes[request_id] = _Mailbox()
         timer = RequestTimer(self.metrics) if self.metrics is not None else None
         finished = False
         try:
@@ -87,19 +126,30 @@ class AsyncEngine:
                 yield _failed(request_id, prompt_ids, str(err))
                 return
             while not finished:
-                output = await queue.get()
-                while not output.finished and not queue.empty():
-                    # outputs are cumulative: a consumer that fell behind takes the newest and sends
-                    # the new text as one chunk, instead of one chunk per step it missed
-                    output = queue.get_nowait()
+                await box.wait(sink.loop)
+                output = self._newest(request_id, box)
+                if output is None:
+                    continue
                 finished = output.finished
                 if timer is not None:
                     timer.observe(output)
                 yield output
         finally:
-            sink.queues.pop(request_id, None)
+            sink.boxes.pop(request_id, None)
             if not finished:
                 self.engine.abort(request_id)
+
+
+    def _newest(self, request_id: str, box: _Mailbox) -> Optional[RequestOutput]:
+        """Outputs are cumulative: a consumer that fell behind takes the newest and sends the new
+        text as one chunk, instead of one chunk per step it missed."""
+        outputs, box.outputs = box.outputs, []
+        box.changed = False
+        for output in outputs:
+            if output.finished:
+                return output
+        latest = self.engine.latest(request_id)
+        return latest if latest is not None else (outputs[-1] if outputs else None)
 
 
 def _failed(request_id: str, prompt_ids: List[int], message: str) -> RequestOutput:

@@ -6,12 +6,12 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Dict, List, Optional, Tuple
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.background import BackgroundTask
+from fastapi.responses import JSONResponse
 
 from maga_transformer.config.generate_config import GenerateConfig
 from maga_transformer.engine.output import RequestOutput
 from maga_transformer.server.context import ServerContext, last_outputs
+from maga_transformer.server.sse import EventStream
 
 # rtp-llm's error codes
 BAD_INPUT_FORMAT = 507
@@ -204,8 +204,7 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
             return JSONResponse(err.body(), status_code=err.status)
         if parsed.stream:
             # the slots are released after the response, streamed or dropped, even if the stream never started
-            return StreamingResponse(_stream(ctx, parsed, prompt_ids[0]), media_type="text/event-stream",
-                                     background=BackgroundTask(ctx.slots.release, needed))
+            return EventStream(_stream(ctx, parsed, prompt_ids[0]), on_close=lambda: ctx.slots.release(needed))
         try:
             outputs = await last_outputs([ctx.engine.generate(ids, parsed.config) for ids in prompt_ids], request)
         finally:

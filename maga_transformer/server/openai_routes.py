@@ -7,20 +7,34 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Tuple
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.background import BackgroundTask
+from fastapi.responses import JSONResponse
 
 from maga_transformer.config.generate_config import GenerateConfig
 from maga_transformer.engine.output import RequestOutput, SequenceOutput
 from maga_transformer.server import openai_api
 from maga_transformer.server.context import ServerContext, last_outputs, merge_streams
 from maga_transformer.server.openai_api import OpenAIError
+from maga_transformer.server.sse import EventStream
 
 _DONE = "data: [DONE]\n\n"
 
 
 def _sse(payload: Dict[str, Any]) -> str:
     return "data: " + json.dumps(payload, ensure_ascii=False) + "\n\n"
+
+
+class _ChunkFormat:
+    """One stream's chunks: the fields every chunk repeats are encoded once, only `choices` (and
+    the usage of the last one) per chunk; the text is what json.dumps of the whole payload gives."""
+
+    def __init__(self, head: Dict[str, Any]) -> None:
+        self.prefix = _sse(dict(head, choices=None))[:-len("null}\n\n")]
+
+    def __call__(self, choices: List[Dict[str, Any]], extra: Optional[Dict[str, Any]] = None) -> str:
+        text = self.prefix + json.dumps(choices, ensure_ascii=False)
+        for key, value in (extra or {}).items():
+            text += ", " + json.dumps(key) + ": " + json.dumps(value, ensure_ascii=False)
+        return text + "}\n\n"
 
 
 def _error(err: OpenAIError) -> JSONResponse:
@@ -124,8 +138,7 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
         logprobs = token_text if body.logprobs else None
         if body.stream:
             stream = _chat_stream(ctx, ids, config, request_id, model_name, body.include_usage, logprobs)
-            return StreamingResponse(stream, media_type="text/event-stream",
-                                     background=BackgroundTask(ctx.slots.release, body.n))
+            return EventStream(stream, on_close=lambda: ctx.slots.release(body.n))
         try:
             outputs = await last_outputs([ctx.engine.generate(ids, config)], request)
         finally:
@@ -161,8 +174,7 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
         logprobs = token_text if body.logprobs is not None else None
         if body.stream:
             stream = _completion_stream(ctx, body, prompts, prompt_ids, config, model_name, logprobs)
-            return StreamingResponse(stream, media_type="text/event-stream",
-                                     background=BackgroundTask(ctx.slots.release, needed))
+            return EventStream(stream, on_close=lambda: ctx.slots.release(needed))
         try:
             outputs = await last_outputs([ctx.engine.generate(ids, config) for ids in prompt_ids], request)
         finally:
@@ -178,13 +190,8 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
 async def _chat_stream(ctx: ServerContext, ids: List[int], config: GenerateConfig, request_id: str,
                        model_name: str, include_usage: bool,
                        token_text: Optional[Callable[[int], str]]) -> AsyncIterator[str]:
-    created = int(time.time())
-
-    def chunk(choices: List[Dict[str, Any]], extra: Optional[Dict[str, Any]] = None) -> str:
-        payload = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                   "choices": choices}
-        payload.update(extra or {})
-        return _sse(payload)
+    chunk = _ChunkFormat({"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()),
+                          "model": model_name})
 
     yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
                  for i in range(config.num_return_sequences)])
@@ -210,13 +217,8 @@ async def _chat_stream(ctx: ServerContext, ids: List[int], config: GenerateConfi
 async def _completion_stream(ctx: ServerContext, body: openai_api.CompletionRequest, prompts: List[str],
                              prompt_ids: List[List[int]], config: GenerateConfig, model_name: str,
                              token_text: Optional[Callable[[int], str]]) -> AsyncIterator[str]:
-    request_id, created = openai_api.new_id("cmpl"), int(time.time())
-
-    def chunk(choices: List[Dict[str, Any]], extra: Optional[Dict[str, Any]] = None) -> str:
-        payload = {"id": request_id, "object": "text_completion", "created": created, "model": model_name,
-                   "choices": choices}
-        payload.update(extra or {})
-        return _sse(payload)
+    chunk = _ChunkFormat({"id": openai_api.new_id("cmpl"), "object": "text_completion", "created": int(time.time()),
+                          "model": model_name})
 
     state = _StreamState()
     text_offsets: Dict[int, int] = {}
