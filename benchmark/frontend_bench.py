@@ -170,7 +170,8 @@ def main() -> None:
     port = free_port()
     app = create_app(model, ServerConfig(host="127.0.0.1", port=port, concurrency_limit=4096))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
+    serving = threading.Thread(target=server.run, daemon=True)
+    serving.start()
     while not server.started:
         time.sleep(0.05)
     url = f"http://127.0.0.1:{port}"
@@ -195,6 +196,7 @@ def main() -> None:
         report[f"streams_{streams}"] = result
         logger.info(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}))
     server.should_exit = True
+    serving.join(timeout=10)  # uvloop torn down under a live daemon thread at exit can crash the interpreter
     print(json.dumps(report, indent=1))
 
 

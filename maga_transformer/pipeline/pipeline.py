@@ -14,6 +14,7 @@ from typing import Any, Dict, Iterator, List, Optional, Union
 
 from maga_transformer.config.generate_config import GenerateConfig
 from maga_transformer.engine.output import RequestOutput
+from maga_transformer.model_loader.fast_encode import fast_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +58,11 @@ class Pipeline:
         self.tokenizer = tokenizer if tokenizer is not None else model.tokenizer
         self.engine = model.engine
         self.engine.start()
+        self._encode = fast_encoder(self.tokenizer)
 
     def encode(self, prompt: str) -> List[int]:
         _check_prompt(prompt)
-        return self.tokenizer.encode(prompt)
+        return self._encode(prompt)
 
     def chat_prompt(self, messages: List[Dict[str, str]]) -> str:
         """The tokenizer's chat template applied to OpenAI-style messages, ready for generation."""

@@ -10,6 +10,7 @@ from fastapi import Request
 
 from maga_transformer.config.server_config import ServerConfig
 from maga_transformer.engine.output import RequestOutput
+from maga_transformer.model_loader.fast_encode import fast_encoder
 from maga_transformer.server.async_engine import AsyncEngine
 
 
@@ -51,8 +52,11 @@ class ServerContext:
     config: ServerConfig
     max_seq_len: int
 
+    def __post_init__(self) -> None:
+        self._encode = fast_encoder(self.tokenizer)
+
     def encode(self, text: str, field: str) -> List[int]:
-        ids = self.tokenizer.encode(text)
+        ids = self._encode(text)
         if not ids:
             raise ValueError(f"{field}: encodes to no tokens")
         return ids

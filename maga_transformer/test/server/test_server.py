@@ -194,3 +194,34 @@ def test_worker_status_tokenizer_and_update_routes(model, server):
     assert bad.status_code == 400 and "prompt" in bad.json()["message"]
     update = httpx.post(server.url + "/update", json={}, timeout=10)
     assert update.status_code == 400 and update.json()["error_code"] == 515
+
+
+def test_concurrent_streams_equal_plain_requests_and_give_back_their_slots(client, server):
+    """Many streams at once (their outputs are built only when each stream's task reads them, so a
+    busy loop coalesces steps): every streamed text equals the plain request's, and once they and a
+    dropped stream are done, no concurrency slot, request or KV block is held."""
+    prompts = [f"Count from {i} to {i + 9}:" for i in range(12)]
+
+    def plain(prompt: str) -> str:
+        return client.completions.create(model="smollm2", prompt=prompt, temperature=0, max_tokens=24).choices[0].text
+
+    def streamed(prompt: str) -> str:
+        chunks = client.completions.create(model="smollm2", prompt=prompt, temperature=0, max_tokens=24, stream=True)
+        return "".join(c.choices[0].text for c in chunks if c.choices)
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        expected = list(pool.map(plain, prompts))
+        got = list(pool.map(streamed, prompts))
+    assert got == expected and all(expected)
+    with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
+                      json={"prompt": "Tell me a long story.", "max_tokens": 400, "ignore_eos": True,
+                            "stream": True}) as resp:
+        for i, _ in enumerate(resp.iter_lines()):
+            if i > 4:
+                break  # walks away mid-stream
+    state = wait_idle(server)
+    assert state["vllm:num_requests_running"] == 0 and state["vllm:kv_cache_usage_perc"] == 0.0
+    deadline = time.monotonic() + 2.0
+    while httpx.get(server.url + "/worker_status", timeout=10).json()["concurrency"]["in_use"] and \
+            time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert httpx.get(server.url + "/worker_status", timeout=10).json()["concurrency"]["in_use"] == 0
