@@ -216,7 +216,6 @@ class FrontEnd:
             sinks[id(handle.queue)] = handle.queue
         return [(sinks[key], group) for key, group in by_sink.items()]
 
-
     def _route_changed(self, request_ids: List[str]):
         """Group changed pull requests by sink (call with the lock held)."""
         by_sink: Dict[int, list] = {}

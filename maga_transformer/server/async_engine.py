@@ -2,8 +2,9 @@
 
 Outputs are produced on the engine's output thread (the reader of the engine-core process, or the
 in-process engine's loop). One sink serves every request of the server: it receives all of a
-step's outputs at once and crosses into the event loop with ONE call_soon_threadsafe per step,
-which then routes each output (or "changed" notice) to its request's mailbox.
+step's outputs at once, and the step's "changed" notices for the streams, and crosses into the
+event loop with one call_soon_threadsafe for each (not one per request), which then routes them to
+the requests' mailboxes. A stream's output is built when its task reads it (FrontEnd.latest).
 """
 from __future__ import annotations
 
