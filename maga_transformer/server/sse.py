@@ -42,7 +42,8 @@ class EventStream(Response):
         except asyncio.CancelledError:
             if not disconnected.is_set():
                 raise  # the server is cancelling us (shutdown): not ours to swallow
-            streaming.uncancel()
+            if hasattr(streaming, "uncancel"):  # Python 3.11+: the task is not being cancelled any more
+                streaming.uncancel()
         except OSError:  # the transport refused the write: the client is gone
             pass
         finally:
