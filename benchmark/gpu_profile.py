@@ -93,6 +93,47 @@ def profile_prefill(engine, prompts: int, length: int, vocab: int) -> None:
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=70))
 
 
+def profile_mixed(engine, decodes: int, prompts: int, length: int, vocab: int) -> None:
+    """One step that prefills `prompts` fresh prompts of `length` tokens while `decodes` requests
+    decode (what a loaded server runs when new requests arrive): its wall time and kernels."""
+    from maga_transformer.config import GenerateConfig
+    cfg = GenerateConfig(max_new_tokens=1, top_k=1, ignore_eos=True)
+
+    def one_step(length: int = length) -> float:
+        start_decoding(engine, decodes, vocab, 64, seed=int(time.time() * 1000) % 997)
+        for p in random_prompts(prompts, length, vocab, seed=length + prompts + int(time.time() * 1000) % 991):
+            engine.add_request(p, cfg)
+        if engine.core._inflight is not None:
+            engine.step()  # reads the launched decode back and admits the prompts (no new launch)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        engine.step()
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        for request_id in list(engine._handles):
+            engine.abort(request_id)
+        engine.run_until_idle()
+        return elapsed
+
+    first = one_step()
+    times = [one_step() for _ in range(3)]
+    print(f"=== {prompts} x {length} prompt tokens beside {decodes} decodes in one step: first "
+          f"{first * 1000:.1f} ms, then {min(times) * 1000:.1f} ms (best of 3) ===")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        one_step()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70))
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=70))
+    # A loaded server's steps rarely repeat a token count: what does a step of a count never seen cost?
+    fresh = [one_step(length + k) for k in range(1, 4)]
+    print(f"=== the same with prompts of {length + 1}..{length + 3} tokens (token counts not seen before): "
+          + ", ".join(f"{t * 1000:.1f}" for t in fresh) + " ms ===")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        one_step(length + 4)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70))
+
+
 def start_decoding(engine, batch: int, vocab: int, new_tokens: int, seed: int) -> None:
     """`batch` fresh 128-token prompts (final outputs only), stepped until every one decodes."""
     from maga_transformer.config import GenerateConfig
@@ -212,6 +253,8 @@ def main() -> None:
                         help="also profile the host side of overlapped decode steps at these batch sizes")
     parser.add_argument("--prefill", type=int, nargs=2, metavar=("PROMPTS", "LENGTH"), action="append", default=[],
                         help="also profile one prefill step of PROMPTS fresh prompts of LENGTH tokens")
+    parser.add_argument("--mixed", type=int, nargs=3, metavar=("DECODES", "PROMPTS", "LENGTH"), action="append",
+                        default=[], help="also profile a step of PROMPTS fresh prompts beside DECODES decodes")
     parser.add_argument("--steps", type=int, nargs="*", default=[], metavar="BATCH",
                         help="also list the GPU kernels of whole engine steps at these batch sizes")
     parser.add_argument("--overhead", type=int, nargs="*", default=[], metavar="BATCH",
@@ -230,6 +273,8 @@ def main() -> None:
         profile_decode(engine, batch, args.context, LLAMA3_8B["vocab_size"])
     for prompts, length in args.prefill:
         profile_prefill(engine, prompts, length, LLAMA3_8B["vocab_size"])
+    for decodes, prompts, length in args.mixed:
+        profile_mixed(engine, decodes, prompts, length, LLAMA3_8B["vocab_size"])
     for batch in args.host:
         profile_host(engine, batch, LLAMA3_8B["vocab_size"])
     for batch in args.steps:

@@ -42,6 +42,7 @@ class RequestResult:
     latency: float = 0.0
     output_tokens: int = 0
     ok: bool = False
+    sent_at: float = 0.0  # time.perf_counter() at the send (CLOCK_MONOTONIC on Linux: time.monotonic()'s clock)
 
 
 def random_prompts(tokenizer, count: int, input_len: int, seed: int) -> List[str]:
@@ -55,6 +56,7 @@ async def _one_request(client: httpx.AsyncClient, url: str, prompt: str, output_
     body = {"model": "bench", "prompt": prompt, "max_tokens": output_len, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
     result, start = RequestResult(), time.perf_counter()
+    result.sent_at = start
     last = None
     async with client.stream("POST", url + "/v1/completions", json=body) as resp:
         if resp.status_code != 200:

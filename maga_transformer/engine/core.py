@@ -27,6 +27,7 @@ from maga_transformer.engine.overlap import (InflightStep, can_look_ahead, look_
 from maga_transformer.engine.request import FinishReason, Request, Sequence
 from maga_transformer.engine.scheduler import Scheduler, SchedulerOutput
 from maga_transformer.engine.step_processor import StepProcessor
+from maga_transformer.engine.step_trace import StepSummary, StepTrace
 from maga_transformer.models.decoder import DecoderModel
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,8 @@ class EngineCore:
         self._inflight: Optional[InflightStep] = None  # overlap scheduling: launched, not read back
         self.num_look_ahead_steps = 0  # steps launched before the previous one was read back
         self.num_steps = 0
+        self.last_step = StepSummary()  # what the last step() ran (engine/step_trace.py)
+        self.trace = StepTrace.from_env()  # MAGA_STEP_TRACE: a line per step, for load studies
         self._pending_adds: List[EngineRequest] = []
         self._pending_aborts: List[str] = []
         self._pending_stops: List[Tuple[str, int]] = []
@@ -136,7 +139,8 @@ class EngineCore:
         request.seqs = [Sequence(token_ids=list(req.prompt_token_ids), prompt_len=request.prompt_len)]
         return request
 
-    def _apply_pending(self, out: CoreStepOutput) -> None:
+    def _apply_pending(self, out: CoreStepOutput) -> int:
+        """Admit, abort and stop what other threads queued; returns the number admitted."""
         with self._lock:
             adds, self._pending_adds = self._pending_adds, []
             aborts, self._pending_aborts = self._pending_aborts, []
@@ -149,6 +153,7 @@ class EngineCore:
                 self._finish(request, FinishReason.ABORT, out)
         self._apply_stops(stops, out)
         self._expire_timeouts(out)
+        return len(adds)
 
     def _admit(self, req: EngineRequest, out: CoreStepOutput) -> None:
         try:
@@ -194,22 +199,29 @@ class EngineCore:
         back by the next call (which first launches the step after it, when it may)."""
         out = CoreStepOutput()
         self.num_steps += 1
-        self._apply_pending(out)
+        self.last_step = StepSummary()
+        start = time.monotonic()
+        added = self._apply_pending(out)
         if self._inflight is not None:
             self._read_back_inflight(out)
         else:
-            self._run_plan(self.scheduler.schedule(), out)
+            plan = self.scheduler.schedule()
+            self._run_plan(plan, out, time.monotonic())
         out.stats = self.stats()
+        if self.trace is not None:
+            self.trace.record(self, start, added, out)
         return out
 
-    def _run_plan(self, plan: SchedulerOutput, out: CoreStepOutput) -> None:
+    def _run_plan(self, plan: SchedulerOutput, out: CoreStepOutput, planned: float) -> None:
         if plan.is_empty:
             return
         if self.overlap and step_can_overlap(plan):
             self._inflight = self._launch(plan, None, out)
+            self.last_step = StepSummary.of_plan("launch", plan, self._ran_graph(), planned)
             return
         try:
             result = self.runner.execute(plan)
+            self.last_step = StepSummary.of_plan("run", plan, self._ran_graph(), planned)
             ready = self.processor.process(plan, result)
         except Exception as err:  # a broken step fails its requests, not the engine
             logger.exception("model step failed")
@@ -234,11 +246,18 @@ class EngineCore:
         step, self._inflight = self._inflight, None
         if can_look_ahead(step, self.scheduler):
             plan = look_ahead_plan(step, self.scheduler.kv)
+            planned = time.monotonic()
             self._inflight = self._launch(plan, step, out)
             self.num_look_ahead_steps += 1
+            self.last_step = StepSummary.of_plan("read_back", plan, self._ran_graph(), planned)
+        else:
+            self.last_step = StepSummary(kind="read_back")
         self.processor.complete_draw(step.draw)
         self.processor.register_blocks(step.ready)
         self.processor.emit([request for request, _ in step.ready], out)
+
+    def _ran_graph(self) -> bool:
+        return self.runner.last_ran_graph
 
     def _fail_step(self, plan: SchedulerOutput, err: Exception, out: CoreStepOutput) -> None:
         if self.ranks is not None:  # the ranks may be inside different collectives now: the group is done

@@ -108,7 +108,24 @@ def _build_core(launch: CoreLaunch, channel: Channel):
                                launch.weight_quant)
     logger.info("rank 0: %.1f MiB of weights", model.weight_bytes() / 2**20)
     core = EngineCore(model, launch.engine_config, launch.max_seq_len, launch.block_size, launch.eos_token_ids, ranks)
+    _limit_host_threads(device)
     return core, workers
+
+
+HOST_THREADS_ENV = "MAGA_CORE_HOST_THREADS"
+
+
+def _limit_host_threads(device) -> None:
+    """With the model on a GPU, the core's CPU work is small tensors (a step's index and mask
+    tensors): one thread does it. torch's default pool (a thread per core) woke for the larger masks
+    and spun, taking the cores the front end and the clients run on just when a burst of requests
+    arrived, and made a loaded server's prefill steps twice as long as the same steps alone.
+    MAGA_CORE_HOST_THREADS=N sets the pool (0: torch's default); a CPU model keeps every core."""
+    import torch
+    wanted = os.environ.get(HOST_THREADS_ENV)
+    threads = int(wanted) if wanted else (1 if device.type == "cuda" else 0)
+    if threads > 0:
+        torch.set_num_threads(threads)
 
 
 def _apply(core, message) -> bool:

@@ -146,6 +146,7 @@ class ModelRunner:
                     "" if kv_cache_dtype == "auto" else
                     f": {kv_bytes_per_block(model, block_size) / per_block:.2f}x the tokens of {model.dtype}")
         self.graphs: Optional[DecodeGraphs] = None
+        self.last_ran_graph = False  # whether the last step replayed a graph (engine/step_trace.py)
         reason = graphs_supported(model, kv_cache_dtype)
         if reason is None and max_seq_len and max_batch:
             self.graphs = DecodeGraphs(model, self.kv_caches, block_size, max_seq_len, max_batch)
@@ -245,6 +246,7 @@ class ModelRunner:
             dst = to_device([d for _, d in inputs.block_copies], torch.long, self.device)
             for k_cache, v_cache in self.kv_caches:
                 ops.copy_kv_blocks(k_cache, v_cache, src, dst)
+        self.last_ran_graph = inputs.graph_rows is not None  # read by the step trace
         if inputs.graph_rows is not None:
             return StepResult(logits=self.graphs.run(inputs.graph_rows, pending_tokens), row_of_seq=inputs.row_of_seq)
         batch = self._forward_batch(inputs.batch)

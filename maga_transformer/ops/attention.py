@@ -7,8 +7,9 @@ mask. Decode rows (one query) and prefill rows are padded separately so that one
 not inflate the work of every decode in the same step.
 
 On CUDA, a step whose every sequence decodes (one query each) runs the paged decode kernel
-(src/kernels/cuda/paged_decode_attention.cu, flash-decoding over 64-token partitions). Steps with
-a prefill row keep the torch reference for now; a varlen prefill kernel comes later (issue 4).
+(src/kernels/cuda/paged_decode_attention.cu, flash-decoding over 64-token partitions). In a step
+that mixes decodes and prompt chunks, the decode rows take the same kernel and the prompt rows the
+torch reference (padded groups through SDPA); a varlen prefill kernel comes later (issue 15).
 
 ALiBi (Bloom, MPT, Falcon-alibi, Baichuan-13B) adds slope[h] * (key_pos - query_pos) to the
 scores; only the torch reference implements it, so paged_attention never dispatches to the decode
@@ -39,6 +40,11 @@ class _PaddedGroup:
     mask: torch.Tensor  # [G, 1, Lq, Lk] bool, True = attend
     query_pos: torch.Tensor  # [G, Lq] position of each padded query in its sequence (ALiBi distances)
     in_order: bool  # no padding and the batch's own token order: the output needs no scatter
+    # where each real query's output goes (flat batch index) and where it is in the padded [G * Lq]
+    # output: index tensors built on the host with the group, so the scatter needs no boolean mask
+    # (whose nonzero() syncs the device in every layer and stalls the launch queue)
+    scatter_dst: Optional[torch.Tensor] = None
+    scatter_src: Optional[torch.Tensor] = None
     # fresh prompts of one length, no window in reach: the mask is plain causal, and SDPA's is_causal
     # (flash attention, no mask tensor to read) computes the same
     plain_causal: bool = False
@@ -62,6 +68,7 @@ class AttentionMetadata:
     # Built on first use: the padded groups for the reference, the block tables for the kernel.
     groups: Optional[List[_PaddedGroup]] = None
     decode: Optional["DecodeTensors"] = None
+    mixed: Optional["MixedTensors"] = None
 
 
 @dataclass
@@ -73,6 +80,16 @@ class DecodeTensors:
     max_partitions: int
 
 
+@dataclass
+class MixedTensors:
+    """A step with decode and prefill rows, split for the CUDA kernels: the decode rows go to the
+    decode kernel (no padded gather of their whole contexts), the prompt rows to the padded groups."""
+
+    decode_rows: torch.Tensor  # [decodes] long: flat token index of each decode row
+    decode: DecodeTensors
+    prefill_groups: List[_PaddedGroup]
+
+
 def build_attention_metadata(query_lens: Sequence[int], context_lens: Sequence[int],
                              block_tables: Sequence[Sequence[int]], block_size: int,
                              device: torch.device, sliding_window: Optional[int] = None,
@@ -82,15 +99,23 @@ def build_attention_metadata(query_lens: Sequence[int], context_lens: Sequence[i
                              list(bidirectional_lens) if bidirectional_lens is not None else None)
 
 
+def _starts(query_lens: Sequence[int]) -> List[int]:
+    starts = [0]
+    for q in query_lens:
+        starts.append(starts[-1] + q)
+    return starts
+
+
+def _decode_and_prefill_members(meta: AttentionMetadata) -> Tuple[List[int], List[int]]:
+    decode = [i for i, q in enumerate(meta.query_lens) if q == 1]
+    return decode, [i for i, q in enumerate(meta.query_lens) if q > 1]
+
+
 def _padded_groups(meta: AttentionMetadata) -> List[_PaddedGroup]:
     if meta.groups is None:
-        starts = [0]
-        for q in meta.query_lens:
-            starts.append(starts[-1] + q)
-        decode = [i for i, q in enumerate(meta.query_lens) if q == 1]
-        prefill = [i for i, q in enumerate(meta.query_lens) if q > 1]
+        starts = _starts(meta.query_lens)
         meta.groups = [_build_group(meta, members, starts, meta.device, meta.sliding_window)
-                       for members in (decode, prefill) if members]
+                       for members in _decode_and_prefill_members(meta) if members]
     return meta.groups
 
 
@@ -124,8 +149,12 @@ def _build_group(meta: AttentionMetadata, members: List[int], starts: List[int],
         (query_index.flatten() == torch.arange(meta.num_tokens)).all())
     plain_causal = (all(meta.context_lens[i] == 0 and meta.query_lens[i] == max_q for i in members)
                     and (sliding_window is None or sliding_window >= max_q) and int(both_ways.max()) <= 1)
+    flat_valid = query_valid.flatten()
+    scatter_src = torch.arange(flat_valid.numel())[flat_valid]
+    scatter_dst = query_index.flatten()[flat_valid]
     return _PaddedGroup(query_index.to(device), query_valid.to(device), key_slots.to(device),
-                        mask.unsqueeze(1).to(device), query_pos.to(device), in_order, plain_causal)
+                        mask.unsqueeze(1).to(device), query_pos.to(device), in_order,
+                        scatter_dst.to(device), scatter_src.to(device), plain_causal)
 
 
 def _slots(block_table: Sequence[int], block_size: int, length: int) -> torch.Tensor:
@@ -205,9 +234,14 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torc
 def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                               meta: AttentionMetadata, scale: float,
                               alibi_slopes: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return _attend_groups(q, k_cache, v_cache, _padded_groups(meta), scale, alibi_slopes, None)
+
+
+def _attend_groups(q: torch.Tensor, k_cache, v_cache, groups: List[_PaddedGroup], scale: float,
+                   alibi_slopes: Optional[torch.Tensor], out: Optional[torch.Tensor]) -> torch.Tensor:
+    """Each padded group through SDPA, its rows written into `out` (made when None)."""
     num_heads, head_dim = q.shape[1], q.shape[2]
-    out = None
-    for group in _padded_groups(meta):
+    for group in groups:
         if group.in_order:  # row-major [G, Lq] already: a view, no gather
             qg = q.view(*group.query_index.shape, num_heads, head_dim).transpose(1, 2)  # [G, H, Lq, D]
         else:
@@ -223,7 +257,8 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
             return og.reshape(q.shape)  # the only group, already in the batch's layout
         if out is None:
             out = torch.empty_like(q)
-        out[group.query_index[group.query_valid]] = og[group.query_valid]
+        padded = og.reshape(-1, num_heads, head_dim)
+        out.index_copy_(0, group.scatter_dst, padded.index_select(0, group.scatter_src))
     return out
 
 
@@ -243,7 +278,46 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         decode = _decode_tensors(kernels, meta, q.device)
         return paged_decode_attention(q, k_cache, v_cache, decode.block_tables, decode.seq_lens, scale,
                                       decode.max_partitions, meta.sliding_window)
+    if kernels is not None and _mixed_split_applies(kernels, q, k_cache, v_cache, meta):
+        return _mixed_attention(kernels, q, k_cache, v_cache, meta, scale)
     return paged_attention_reference(q, k_cache, v_cache, meta, scale, alibi_slopes)
+
+
+def _covered(meta: AttentionMetadata, members: Sequence[int]) -> bool:
+    """Every member's block table holds its keys (the kernel reads only what the tables name)."""
+    return all(len(meta.block_tables[i]) * meta.block_size >= meta.context_lens[i] + meta.query_lens[i]
+               for i in members)
+
+
+def _mixed_split_applies(kernels, q: torch.Tensor, k_cache, v_cache, meta: AttentionMetadata) -> bool:
+    """Decode rows beside prompt rows (a loaded server's step when requests arrive): the decode rows
+    take the kernel, so long decode contexts are not gathered into a padded copy every layer."""
+    if q.dim() != 3 or q.shape[0] != meta.num_tokens or torch.cuda.is_current_stream_capturing():
+        return False
+    decode, prefill = _decode_and_prefill_members(meta)
+    return bool(decode and prefill) and _covered(meta, decode) and _kernel_inputs_ok(kernels, q, k_cache, v_cache)
+
+
+def _mixed_tensors(kernels, meta: AttentionMetadata, device: torch.device) -> MixedTensors:
+    if meta.mixed is None:
+        starts = _starts(meta.query_lens)
+        decode, prefill = _decode_and_prefill_members(meta)
+        tables = _build_decode_tensors(kernels, [meta.block_tables[i] for i in decode],
+                                       [meta.context_lens[i] for i in decode], meta.sliding_window, device)
+        rows = torch.tensor([starts[i] for i in decode], dtype=torch.long).to(device)
+        meta.mixed = MixedTensors(rows, tables, [_build_group(meta, prefill, starts, device, meta.sliding_window)])
+    return meta.mixed
+
+
+def _mixed_attention(kernels, q: torch.Tensor, k_cache, v_cache, meta: AttentionMetadata,
+                     scale: float) -> torch.Tensor:
+    mixed = _mixed_tensors(kernels, meta, q.device)
+    decode = mixed.decode
+    out = torch.empty_like(q)
+    decoded = paged_decode_attention(q.index_select(0, mixed.decode_rows), k_cache, v_cache, decode.block_tables,
+                                     decode.seq_lens, scale, decode.max_partitions, meta.sliding_window)
+    out.index_copy_(0, mixed.decode_rows, decoded)
+    return _attend_groups(q, k_cache, v_cache, mixed.prefill_groups, scale, None, out)
 
 
 def _decode_kernel_applies(kernels, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -252,8 +326,7 @@ def _decode_kernel_applies(kernels, q: torch.Tensor, k_cache: torch.Tensor, v_ca
     all_decode = bool(meta.query_lens) and all(n == 1 for n in meta.query_lens)
     if not all_decode or q.dim() != 3 or q.shape[0] != len(meta.query_lens):
         return False
-    covered = all(len(table) * meta.block_size >= ctx + 1 for table, ctx in zip(meta.block_tables, meta.context_lens))
-    return covered and _kernel_inputs_ok(kernels, q, k_cache, v_cache)
+    return _covered(meta, range(len(meta.query_lens))) and _kernel_inputs_ok(kernels, q, k_cache, v_cache)
 
 
 def _data(cache) -> torch.Tensor:
@@ -298,12 +371,17 @@ def decode_partitions(seq_len: int, partition_size: int, sliding_window: Optiona
 
 def _decode_tensors(kernels, meta: AttentionMetadata, device: torch.device) -> DecodeTensors:
     if meta.decode is None or meta.decode.block_tables.device != device:
-        width = max(1, max(len(t) for t in meta.block_tables))
-        tables = torch.tensor([t + [0] * (width - len(t)) for t in meta.block_tables], dtype=torch.int32)
-        seq_lens = [ctx + 1 for ctx in meta.context_lens]
-        parts = max(decode_partitions(n, kernels.decode_partition_size, meta.sliding_window) for n in seq_lens)
-        meta.decode = DecodeTensors(tables.to(device), torch.tensor(seq_lens, dtype=torch.int32).to(device), parts)
+        meta.decode = _build_decode_tensors(kernels, meta.block_tables, meta.context_lens, meta.sliding_window, device)
     return meta.decode
+
+
+def _build_decode_tensors(kernels, block_tables: Sequence[List[int]], context_lens: Sequence[int],
+                          sliding_window: Optional[int], device: torch.device) -> DecodeTensors:
+    width = max(1, max(len(t) for t in block_tables))
+    tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
+    seq_lens = [ctx + 1 for ctx in context_lens]
+    parts = max(decode_partitions(n, kernels.decode_partition_size, sliding_window) for n in seq_lens)
+    return DecodeTensors(tables.to(device), torch.tensor(seq_lens, dtype=torch.int32).to(device), parts)
 
 
 @functools.lru_cache(maxsize=None)

@@ -174,3 +174,23 @@ def test_startup_failure_in_the_core_reaches_the_caller(tiny, tmp_path):
     save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match="engine core start-up failed: checkpoint is missing weight 'q' of layer 1"):
         _model(str(tmp_path), process=True)
+
+
+@pytest.mark.parametrize("device, env, expected", [("cuda", None, 1), ("cuda", "3", 3), ("cpu", None, None),
+                                                   ("cpu", "2", 2), ("cuda", "0", None)])
+def test_core_host_threads(monkeypatch, device, env, expected):
+    """A GPU core keeps one host thread (torch's per-core pool spun beside the front end and
+    doubled a loaded server's prefill steps); a CPU core keeps torch's pool; the env var decides."""
+    import torch
+
+    from maga_transformer.engine.core_main import HOST_THREADS_ENV, _limit_host_threads
+    before = torch.get_num_threads()
+    if env is None:
+        monkeypatch.delenv(HOST_THREADS_ENV, raising=False)
+    else:
+        monkeypatch.setenv(HOST_THREADS_ENV, env)
+    try:
+        _limit_host_threads(torch.device(device))
+        assert torch.get_num_threads() == (before if expected is None else expected)
+    finally:
+        torch.set_num_threads(before)

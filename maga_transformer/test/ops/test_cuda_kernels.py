@@ -214,19 +214,46 @@ def test_paged_decode_attention_strided_q(kernels):
 
 
 @gpu_test
-def test_prefill_and_disabled_kernels_use_the_reference(kernels, monkeypatch):
+def test_mixed_step_decode_rows_take_the_kernel_and_disabled_kernels_use_the_reference(kernels, monkeypatch):
     context_lens = [40, 0]
     q, k_cache, v_cache, tables = _random_paged_batch(context_lens, 8, 2, 64, 16, torch.bfloat16, seed=9)
     q = torch.cat([q[:1], torch.randn(5, 8, 64, device="cuda", dtype=q.dtype)])  # one decode row, one prefill of 5
     meta = build_attention_metadata([1, 5], context_lens, tables, 16, q.device)
     out = ops.paged_attention(q, k_cache, v_cache, meta, 0.125)
-    assert meta.decode is None
-    assert torch.equal(out, paged_attention_reference(q, k_cache, v_cache, meta, 0.125))
+    assert meta.mixed is not None and meta.decode is None
+    _assert_close(out, paged_attention_reference(q, k_cache, v_cache, meta, 0.125))
     monkeypatch.setenv("MAGA_DISABLE_CUDA_KERNELS", "1")
     decode_meta = build_attention_metadata([1, 1], context_lens, tables, 16, q.device)
     out = ops.paged_attention(q[:2], k_cache, v_cache, decode_meta, 0.125)
     assert decode_meta.decode is None
     assert torch.equal(out, paged_attention_reference(q[:2], k_cache, v_cache, decode_meta, 0.125))
+
+
+@gpu_test
+@pytest.mark.parametrize("window", [None, 700])
+def test_mixed_step_matches_the_oracle_without_syncing(kernels, window):
+    """Long decodes interleaved with prompt chunks (fresh, and after cached tokens): the decode rows
+    go to the kernel, the prompts to SDPA, each row lands where it belongs, and nothing in the
+    attention waits for the device (a boolean-mask scatter did, in every layer)."""
+    query_lens = [1, 37, 1, 1, 12, 1]
+    context_lens = [3000, 0, 17, 900, 50, 0]
+    keys = [c + n - 1 for c, n in zip(context_lens, query_lens)]  # _random_paged_batch sizes tables for ctx + 1
+    _, k_cache, v_cache, tables = _random_paged_batch(keys, 16, 4, 128, 16, torch.bfloat16, seed=31)
+    q = torch.randn(sum(query_lens), 16, 128, device="cuda", dtype=torch.bfloat16)
+    meta = build_attention_metadata(query_lens, context_lens, tables, 16, q.device, window)
+    ops.paged_attention(q, k_cache, v_cache, meta, 0.09)  # the first layer builds the step's index tensors
+    assert meta.mixed is not None
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any later layer that waits for the device raises
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            out = ops.paged_attention(q, k_cache, v_cache, meta, 0.09)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    names = {event.name for event in prof.events()}
+    assert not names & {"aten::nonzero", "aten::item", "aten::_local_scalar_dense", "cudaStreamSynchronize"}
+    _assert_close(out, paged_attention_reference(q, k_cache, v_cache, meta, 0.09))
+    assert _rel_error(out, _decode_oracle(q, k_cache, v_cache, meta, 0.09)) < ORACLE_REL[torch.bfloat16]
 
 
 @gpu_test
