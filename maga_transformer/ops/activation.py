@@ -2,6 +2,7 @@
 import torch
 import torch.nn.functional as F
 
+from maga_transformer.ops._cpu import cpu_kernels_for
 from maga_transformer.ops._cuda import KERNEL_DTYPES, check_status, kernels_for
 
 _GELU_KINDS = {"none": 1, "tanh": 2}  # the kernel's GateActivation values (src/kernels/cuda/activation.h)
@@ -34,8 +35,20 @@ def _gated_kernel(gate_up: torch.Tensor, activation: int):
     return out.view(*gate_up.shape[:-1], width)
 
 
+def _cpu_silu_and_mul(gate_up: torch.Tensor):
+    """fp32 CPU rows in one call of src/kernels/cpu/decode_ops.cc, or None when it does not apply."""
+    if not gate_up.is_cpu or gate_up.dim() != 2 or gate_up.shape[1] % 2 or gate_up.stride(1) != 1:
+        return None
+    kernels = cpu_kernels_for(gate_up)
+    if kernels is None or gate_up.numel() == 0:
+        return None
+    out = torch.empty(gate_up.shape[0], gate_up.shape[1] // 2, dtype=gate_up.dtype)
+    kernels.silu_and_mul_f32(out, gate_up)
+    return out
+
+
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    out = _gated_kernel(gate_up, _SILU)
+    out = _cpu_silu_and_mul(gate_up) if gate_up.is_cpu else _gated_kernel(gate_up, _SILU)
     return out if out is not None else silu_and_mul_reference(gate_up)
 
 

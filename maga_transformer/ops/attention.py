@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from maga_transformer.ops._cpu import cpu_kernels_for
 from maga_transformer.ops._cuda import KERNEL_DTYPES, aligned, check_status, kernels_for, same_device
 from maga_transformer.ops.kv_cache import QuantizedKV, read_kv
 
@@ -292,7 +293,47 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                                       decode.max_partitions, meta.sliding_window)
     if kernels is not None and _mixed_split_applies(kernels, q, k_cache, v_cache, meta):
         return _mixed_attention(kernels, q, k_cache, v_cache, meta, scale)
+    if alibi_slopes is None:
+        out = _cpu_decode_attention(q, k_cache, v_cache, meta, scale)
+        if out is not None:
+            return out
     return paged_attention_reference(q, k_cache, v_cache, meta, scale, alibi_slopes)
+
+
+def _cpu_decode_attention(q: torch.Tensor, k_cache, v_cache, meta: AttentionMetadata,
+                          scale: float) -> Optional[torch.Tensor]:
+    """An all-decode step of fp32 CPU tensors in one call of src/kernels/cpu/decode_ops.cc, which
+    reads the keys where they lie in the pages (the reference gathers every sequence's keys and
+    values into a padded copy in every layer); None when it does not apply."""
+    if not q.is_cpu or isinstance(k_cache, QuantizedKV) or isinstance(v_cache, QuantizedKV):
+        return None
+    kernels = cpu_kernels_for(q, k_cache, v_cache)
+    if kernels is None or q.dim() != 3 or k_cache.dim() != 4:
+        return None
+    head_dim = q.shape[2]
+    layout_ok = (q.stride(2) == 1 and q.stride(1) == head_dim and k_cache.is_contiguous() and v_cache.is_contiguous()
+                 and v_cache.shape == k_cache.shape and k_cache.shape[3] == head_dim
+                 and q.shape[1] % k_cache.shape[2] == 0)
+    decode = _cpu_decode_tensors(meta) if layout_ok else None
+    if decode is None or q.shape[0] != decode.seq_lens.shape[0]:
+        return None
+    out = torch.empty(q.shape, dtype=q.dtype)
+    kernels.paged_decode_attention_f32(out, q, k_cache, v_cache, decode.block_tables, decode.seq_lens,
+                                       float(scale), int(meta.sliding_window or 0))
+    return out
+
+
+def _cpu_decode_tensors(meta: AttentionMetadata) -> Optional[DecodeTensors]:
+    """The step's block tables and key counts as int32 CPU tensors, built by the first layer; None
+    unless every sequence decodes one token and its table covers its keys."""
+    if meta.decode is not None and not meta.decode.block_tables.is_cuda:
+        return meta.decode
+    if not meta.query_lens or any(n != 1 for n in meta.query_lens) or not _covered(meta, range(len(meta.query_lens))):
+        return None
+    width = max(1, max(len(t) for t in meta.block_tables))
+    tables = torch.tensor([t + [0] * (width - len(t)) for t in meta.block_tables], dtype=torch.int32)
+    meta.decode = DecodeTensors(tables, torch.tensor([c + 1 for c in meta.context_lens], dtype=torch.int32), 0)
+    return meta.decode
 
 
 def _covered(meta: AttentionMetadata, members: Sequence[int]) -> bool:

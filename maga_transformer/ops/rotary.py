@@ -4,8 +4,9 @@ import os
 
 import torch
 
+from maga_transformer.ops._cpu import cpu_kernels_for
 from maga_transformer.ops._cuda import KERNEL_DTYPES, check_status, kernels_for, same_device
-from maga_transformer.ops.kv_cache import cache_write_kernel_applies, write_kv_cache
+from maga_transformer.ops.kv_cache import QuantizedKV, cache_write_kernel_applies, write_kv_cache
 
 _FUSED_CACHE_WRITE_OFF = os.environ.get("MAGA_DISABLE_FUSED_ROTARY_KV") == "1"
 
@@ -69,9 +70,36 @@ def rotate_and_write_kv(qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, si
                                                rotary_dim)
         check_status(kernels, status, "rotate_and_write_kv")
         return q
+    q = _cpu_rotate_and_write_kv(qk, v, cos, sin, rotary_dim, num_heads, k_cache, v_cache, slot_mapping)
+    if q is not None:
+        return q
     qk = apply_rotary(qk, cos, sin, rotary_dim)
     write_kv_cache(qk[:, num_heads:], v, k_cache, v_cache, slot_mapping)
     return qk[:, :num_heads]
+
+
+def _cpu_rotate_and_write_kv(qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                             rotary_dim: int, num_heads: int, k_cache, v_cache, slot_mapping: torch.Tensor):
+    """rotate_and_write_kv in one call of src/kernels/cpu/decode_ops.cc (fp32 CPU tensors, plain
+    caches), or None when it does not apply."""
+    if (not qk.is_cpu or _FUSED_CACHE_WRITE_OFF or isinstance(k_cache, QuantizedKV)
+            or isinstance(v_cache, QuantizedKV)):
+        return None
+    kernels = cpu_kernels_for(qk, v, cos, sin, k_cache, v_cache)
+    if kernels is None or not _heads_ok(qk, rotary_dim) or qk.numel() == 0 or not 0 < num_heads < qk.shape[1]:
+        return None
+    head_dim = qk.shape[2]
+    heads_packed = qk.stride(1) == head_dim and v.dim() == 3 and v.stride(-1) == 1 and v.stride(1) == head_dim
+    caches_ok = (k_cache.dim() == 4 and k_cache.is_contiguous() and v_cache.is_contiguous()
+                 and k_cache.shape == v_cache.shape and tuple(k_cache.shape[2:]) == tuple(v.shape[1:])
+                 and v.shape[0] == qk.shape[0] and qk.shape[1] - num_heads == v.shape[1])
+    slots_ok = (slot_mapping.device.type == "cpu" and slot_mapping.dtype == torch.int64
+                and slot_mapping.shape == (qk.shape[0],) and slot_mapping.is_contiguous())
+    if not (heads_packed and caches_ok and slots_ok and _table_ok(cos, sin, qk.shape[0], rotary_dim // 2)):
+        return None
+    q = torch.empty(qk.shape[0], num_heads, head_dim, dtype=qk.dtype)
+    kernels.rotary_write_kv_f32(q, qk, v, k_cache, v_cache, slot_mapping, _rows(cos), _rows(sin), rotary_dim)
+    return q
 
 
 def apply_rotary_qk_reference(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor,
