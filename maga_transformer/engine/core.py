@@ -199,7 +199,8 @@ class EngineCore:
         back by the next call (which first launches the step after it, when it may)."""
         out = CoreStepOutput()
         self.num_steps += 1
-        self.last_step = StepSummary()
+        if self.trace is not None:
+            self.last_step = StepSummary()
         start = time.monotonic()
         added = self._apply_pending(out)
         if self._inflight is not None:
@@ -217,11 +218,11 @@ class EngineCore:
             return
         if self.overlap and step_can_overlap(plan):
             self._inflight = self._launch(plan, None, out)
-            self.last_step = StepSummary.of_plan("launch", plan, self._ran_graph(), planned)
+            self._note_step("launch", plan, planned)
             return
         try:
             result = self.runner.execute(plan)
-            self.last_step = StepSummary.of_plan("run", plan, self._ran_graph(), planned)
+            self._note_step("run", plan, planned)
             ready = self.processor.process(plan, result)
         except Exception as err:  # a broken step fails its requests, not the engine
             logger.exception("model step failed")
@@ -249,15 +250,18 @@ class EngineCore:
             planned = time.monotonic()
             self._inflight = self._launch(plan, step, out)
             self.num_look_ahead_steps += 1
-            self.last_step = StepSummary.of_plan("read_back", plan, self._ran_graph(), planned)
+            self._note_step("read_back", plan, planned)
         else:
-            self.last_step = StepSummary(kind="read_back")
+            self._note_step("read_back", None, 0.0)
         self.processor.complete_draw(step.draw)
         self.processor.register_blocks(step.ready)
         self.processor.emit([request for request, _ in step.ready], out)
 
-    def _ran_graph(self) -> bool:
-        return self.runner.last_ran_graph
+    def _note_step(self, kind: str, plan: Optional[SchedulerOutput], planned: float) -> None:
+        """What this step ran, for MAGA_STEP_TRACE only (a loop over the plan: not paid when off)."""
+        if self.trace is not None:
+            self.last_step = (StepSummary(kind=kind) if plan is None
+                              else StepSummary.of_plan(kind, plan, self.runner.last_ran_graph, planned))
 
     def _fail_step(self, plan: SchedulerOutput, err: Exception, out: CoreStepOutput) -> None:
         if self.ranks is not None:  # the ranks may be inside different collectives now: the group is done
