@@ -5,11 +5,14 @@ on their shards).
 Two groups: a gloo group for Python objects (each step's inputs, start-up agreements; its long
 timeout covers loading and idle time, which rank 0's heartbeats break up) and the device group for
 the forward pass's all-reduces and all-gathers (NCCL on GPU, gloo on CPU), whose timeout,
-TP_COLLECTIVE_TIMEOUT_S, bounds how long a lost or hung rank can stall a step.
+TP_COLLECTIVE_TIMEOUT_S, bounds how long a lost or hung rank can stall a step. Rank 0 sends each
+step's message under that timeout too: gloo's root waits until every rank has posted its receive,
+so a rank hung between two steps held the core for the object group's start-up timeout (30 min).
 """
 from __future__ import annotations
 
 import logging
+import pickle
 from datetime import timedelta
 from typing import Optional, Tuple
 
@@ -64,15 +67,27 @@ class RankGroup:
             logger.debug("stopping the group: a rank was already gone", exc_info=True)
 
     def _broadcast(self, message) -> None:
-        self._dist.broadcast_object_list([message], src=0, group=self.object_group)
+        """Rank 0's message to every rank (its pickled size, then its bytes), each send bounded by
+        TP_COLLECTIVE_TIMEOUT_S; the receivers wait as long as the group's own timeout."""
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        options = self._dist.BroadcastOptions()
+        options.rootRank, options.rootTensor = 0, 0
+        options.timeout = timedelta(seconds=self.parallel.collective_timeout_s)
+        for tensor in (torch.tensor([len(data)], dtype=torch.long), torch.frombuffer(bytearray(data), dtype=torch.uint8)):
+            self.object_group.broadcast([tensor], options).wait()
+
+    def _receive(self):
+        size = torch.empty(1, dtype=torch.long)
+        self._dist.broadcast(size, src=0, group=self.object_group)
+        data = torch.empty(int(size.item()), dtype=torch.uint8)
+        self._dist.broadcast(data, src=0, group=self.object_group)
+        return pickle.loads(data.numpy().tobytes())
 
     # ---- workers ----------------------------------------------------------------------------------
     def recv_step(self) -> Optional[Tuple[object, Optional[torch.Tensor]]]:
         """The next step's (inputs, pending tokens), or None when rank 0 stops the group."""
         while True:
-            box = [None]
-            self._dist.broadcast_object_list(box, src=0, group=self.object_group)
-            message = box[0]
+            message = self._receive()
             if message == _STOP:
                 return None
             if isinstance(message, str):  # a heartbeat

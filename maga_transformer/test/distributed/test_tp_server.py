@@ -128,3 +128,22 @@ def test_a_hung_rank_fails_everything_within_the_collective_timeout(checkpoint):
         os.kill(worker_pid, signal.SIGKILL)
         server.stop()
         model.stop()
+
+
+def test_a_rank_hung_between_steps_fails_the_next_request_within_the_timeout(checkpoint):
+    """SIGSTOP while the group is idle: rank 0's next message (a heartbeat or a step) would wait
+    for a receive the stopped rank never posts; TP_COLLECTIVE_TIMEOUT_S bounds that send too."""
+    model, server = serve(checkpoint, 2, collective_timeout_s=3.0)
+    (worker_pid,) = children(model.engine.pid)
+    try:
+        os.kill(worker_pid, signal.SIGSTOP)
+        sent_at = time.monotonic()
+        response = httpx.post(server.url + "/v1/completions", json={"prompt": "w5 w6", "max_tokens": 4}, timeout=60)
+        assert time.monotonic() - sent_at < 3.0 + FAILURE_BOUND_S
+        assert response.status_code in (500, 503), response.text
+        assert "tensor-parallel group failed" in response.text, response.text
+        _assert_unhealthy(server)
+    finally:
+        os.kill(worker_pid, signal.SIGKILL)
+        server.stop()
+        model.stop()
