@@ -302,38 +302,70 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 def _cpu_decode_attention(q: torch.Tensor, k_cache, v_cache, meta: AttentionMetadata,
                           scale: float) -> Optional[torch.Tensor]:
-    """An all-decode step of fp32 CPU tensors in one call of src/kernels/cpu/decode_ops.cc, which
-    reads the keys where they lie in the pages (the reference gathers every sequence's keys and
-    values into a padded copy in every layer); None when it does not apply."""
+    """The decode rows of a step of fp32 CPU tensors in one call of src/kernels/cpu/decode_ops.cc,
+    which reads the keys where they lie in the pages (the reference gathers every sequence's keys
+    and values into a padded copy in every layer); prompt rows beside them take the padded groups.
+    None when the kernel does not apply."""
     if not q.is_cpu or isinstance(k_cache, QuantizedKV) or isinstance(v_cache, QuantizedKV):
         return None
     kernels = cpu_kernels_for(q, k_cache, v_cache)
-    if kernels is None or q.dim() != 3 or k_cache.dim() != 4:
+    if kernels is None or q.dim() != 3 or k_cache.dim() != 4 or q.shape[0] != meta.num_tokens:
         return None
     head_dim = q.shape[2]
-    layout_ok = (q.stride(2) == 1 and q.stride(1) == head_dim and k_cache.is_contiguous() and v_cache.is_contiguous()
-                 and v_cache.shape == k_cache.shape and k_cache.shape[3] == head_dim
-                 and q.shape[1] % k_cache.shape[2] == 0)
-    decode = _cpu_decode_tensors(meta) if layout_ok else None
-    if decode is None or q.shape[0] != decode.seq_lens.shape[0]:
+    if not (q.stride(2) == 1 and q.stride(1) == head_dim and k_cache.is_contiguous() and v_cache.is_contiguous()
+            and v_cache.shape == k_cache.shape and k_cache.shape[3] == head_dim and q.shape[1] % k_cache.shape[2] == 0):
         return None
+    if meta.mixed is None and all(n == 1 for n in meta.query_lens):
+        decode = _cpu_decode_tensors(meta)
+        return None if decode is None else _cpu_decode_rows(kernels, q, k_cache, v_cache, decode, meta, scale)
+    mixed = _cpu_mixed_tensors(meta)
+    if mixed is None:
+        return None
+    out = torch.empty(q.shape, dtype=q.dtype)
+    decoded = _cpu_decode_rows(kernels, q.index_select(0, mixed.decode_rows), k_cache, v_cache, mixed.decode,
+                               meta, scale)
+    out.index_copy_(0, mixed.decode_rows, decoded)
+    return _attend_groups(q, k_cache, v_cache, mixed.prefill_groups, scale, None, out)
+
+
+def _cpu_decode_rows(kernels, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, decode: DecodeTensors,
+                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
     out = torch.empty(q.shape, dtype=q.dtype)
     kernels.paged_decode_attention_f32(out, q, k_cache, v_cache, decode.block_tables, decode.seq_lens,
                                        float(scale), int(meta.sliding_window or 0))
     return out
 
 
+def _cpu_tables(block_tables: Sequence[List[int]], context_lens: Sequence[int]) -> DecodeTensors:
+    """Block tables and key counts (cached + this step's token) as int32 CPU tensors."""
+    width = max(1, max(len(t) for t in block_tables))
+    tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
+    return DecodeTensors(tables, torch.tensor([c + 1 for c in context_lens], dtype=torch.int32), 0)
+
+
 def _cpu_decode_tensors(meta: AttentionMetadata) -> Optional[DecodeTensors]:
-    """The step's block tables and key counts as int32 CPU tensors, built by the first layer; None
-    unless every sequence decodes one token and its table covers its keys."""
+    """An all-decode step's tables, built by the first layer; None unless every table covers its keys."""
     if meta.decode is not None and not meta.decode.block_tables.is_cuda:
         return meta.decode
-    if not meta.query_lens or any(n != 1 for n in meta.query_lens) or not _covered(meta, range(len(meta.query_lens))):
+    if not meta.query_lens or not _covered(meta, range(len(meta.query_lens))):
         return None
-    width = max(1, max(len(t) for t in meta.block_tables))
-    tables = torch.tensor([t + [0] * (width - len(t)) for t in meta.block_tables], dtype=torch.int32)
-    meta.decode = DecodeTensors(tables, torch.tensor([c + 1 for c in meta.context_lens], dtype=torch.int32), 0)
+    meta.decode = _cpu_tables(meta.block_tables, meta.context_lens)
     return meta.decode
+
+
+def _cpu_mixed_tensors(meta: AttentionMetadata) -> Optional[MixedTensors]:
+    """A step of decode and prompt rows split once for every layer, or None when it has no decode
+    rows (or their tables do not cover their keys)."""
+    if meta.mixed is not None:
+        return meta.mixed
+    decode, prefill = _decode_and_prefill_members(meta)
+    if not decode or not prefill or not _covered(meta, decode):
+        return None
+    starts = _starts(meta.query_lens)
+    meta.mixed = MixedTensors(torch.tensor([starts[i] for i in decode], dtype=torch.long),
+                              _cpu_tables([meta.block_tables[i] for i in decode], [meta.context_lens[i] for i in decode]),
+                              [_build_group(meta, prefill, starts, torch.device("cpu"), meta.sliding_window)])
+    return meta.mixed
 
 
 def _covered(meta: AttentionMetadata, members: Sequence[int]) -> bool:

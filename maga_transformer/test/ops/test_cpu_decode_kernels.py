@@ -150,13 +150,32 @@ def test_paged_decode_attention_is_batch_invariant(kernels):
         assert torch.equal(alone[0], batched[s])
 
 
+@pytest.mark.parametrize("window", [None, 40])
+def test_mixed_step_decode_rows_take_the_kernel(kernels, window):
+    """Decode rows beside prompt chunks (fresh, and after cached tokens): the decode rows go to the
+    kernel, the prompts to the padded groups, every row lands where it belongs."""
+    query_lens, context_lens = [1, 37, 1, 12, 1], [300, 0, 17, 50, 0]
+    keys = [c + n - 1 for c, n in zip(context_lens, query_lens)]  # _paged_batch sizes tables for ctx + 1
+    _, k_cache, v_cache, tables = _paged_batch(keys, 8, 2, 64, 16, seed=11)
+    q = torch.randn(sum(query_lens), 8, 64)
+    meta = build_attention_metadata(query_lens, context_lens, tables, 16, torch.device("cpu"), window)
+    out = ops.paged_attention(q, k_cache, v_cache, meta, 0.09)
+    assert meta.mixed is not None and meta.groups is None
+    reference = paged_attention_reference(q, k_cache, v_cache, build_attention_metadata(
+        query_lens, context_lens, tables, 16, torch.device("cpu"), window), 0.09)
+    torch.testing.assert_close(out, reference, atol=2e-5, rtol=1e-4)
+    decode_rows = [0, 38, 51]  # the flat rows of the three one-token sequences
+    oracle = _decode_oracle(q[decode_rows], k_cache, v_cache, [tables[i] for i in (0, 2, 4)], [300, 17, 0], 0.09, window)
+    torch.testing.assert_close(out[decode_rows].double(), oracle, atol=2e-5, rtol=1e-4)
+
+
 def test_other_inputs_keep_the_references(kernels, monkeypatch):
-    """Prefill rows, a non-fp32 cache and MAGA_DISABLE_CPU_KERNELS=1 take the padded reference."""
+    """Prompt-only steps, a non-fp32 cache and MAGA_DISABLE_CPU_KERNELS=1 take the padded reference."""
     q, k_cache, v_cache, tables = _paged_batch([30, 0], 4, 2, 64, 16, seed=3)
-    prefill = torch.randn(6, 4, 64)
-    meta = build_attention_metadata([1, 5], [30, 0], tables, 16, torch.device("cpu"))
+    prefill = torch.randn(10, 4, 64)
+    meta = build_attention_metadata([5, 5], [26, 0], tables, 16, torch.device("cpu"))
     ops.paged_attention(prefill, k_cache, v_cache, meta, 0.125)
-    assert meta.decode is None and meta.groups is not None
+    assert meta.decode is None and meta.mixed is None and meta.groups is not None
     meta = build_attention_metadata([1, 1], [30, 0], tables, 16, torch.device("cpu"))
     ops.paged_attention(q.bfloat16(), k_cache.bfloat16(), v_cache.bfloat16(), meta, 0.125)
     assert meta.decode is None and meta.groups is not None
