@@ -65,6 +65,27 @@ def profile_decode(engine, batch: int, context: int, vocab: int) -> None:
         engine.step()
 
 
+def _timed_step(engine) -> float:
+    """Wall time of one engine.step(), the device drained before and after."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    engine.step()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def _time_and_profile(one_step, label: str) -> None:
+    """A first (cold) run, the best of 3 more, then one run under the profiler: its GPU and host tables."""
+    first = one_step()
+    times = [one_step() for _ in range(3)]
+    print(f"=== {label}: first {first * 1000:.1f} ms, then {min(times) * 1000:.1f} ms (best of 3) ===")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        one_step()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70))
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=70))
+
+
 def profile_prefill(engine, prompts: int, length: int, vocab: int) -> None:
     """One step that prefills `prompts` fresh prompts of `length` tokens: its wall time, and where
     its GPU and host time go."""
@@ -74,23 +95,11 @@ def profile_prefill(engine, prompts: int, length: int, vocab: int) -> None:
     def one_step() -> float:
         for p in random_prompts(prompts, length, vocab, seed=length + prompts + int(time.time() * 1000) % 997):
             engine.add_request(p, cfg)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        engine.step()
-        torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
+        elapsed = _timed_step(engine)
         engine.run_until_idle()
         return elapsed
 
-    first = one_step()
-    times = [one_step() for _ in range(3)]
-    print(f"=== prefill of {prompts} x {length} tokens in one step: first {first * 1000:.1f} ms, then "
-          f"{min(times) * 1000:.1f} ms (best of 3) ===")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
-        one_step()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70))
-    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=70))
+    _time_and_profile(one_step, f"prefill of {prompts} x {length} tokens in one step")
 
 
 def profile_mixed(engine, decodes: int, prompts: int, length: int, vocab: int) -> None:
@@ -105,25 +114,13 @@ def profile_mixed(engine, decodes: int, prompts: int, length: int, vocab: int) -
             engine.add_request(p, cfg)
         if engine.core._inflight is not None:
             engine.step()  # reads the launched decode back and admits the prompts (no new launch)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        engine.step()
-        torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
+        elapsed = _timed_step(engine)
         for request_id in list(engine._handles):
             engine.abort(request_id)
         engine.run_until_idle()
         return elapsed
 
-    first = one_step()
-    times = [one_step() for _ in range(3)]
-    print(f"=== {prompts} x {length} prompt tokens beside {decodes} decodes in one step: first "
-          f"{first * 1000:.1f} ms, then {min(times) * 1000:.1f} ms (best of 3) ===")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
-        one_step()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70))
-    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=70))
+    _time_and_profile(one_step, f"{prompts} x {length} prompt tokens beside {decodes} decodes in one step")
     # A loaded server's steps rarely repeat a token count: what does a step of a count never seen cost?
     fresh = [one_step(length + k) for k in range(1, 4)]
     print(f"=== the same with prompts of {length + 1}..{length + 3} tokens (token counts not seen before): "
