@@ -102,8 +102,8 @@ class DecodeTensors:
 
 @dataclass
 class MixedTensors:
-    """A step with decode and prefill rows, split for the CUDA kernels: the decode rows go to the
-    decode kernel (no padded gather of their whole contexts), the prompt rows to the padded groups."""
+    """A step with decode and prefill rows, split for a decode kernel (CUDA or CPU): the decode rows
+    go to the kernel (no padded gather of their whole contexts), the prompt rows to the padded groups."""
 
     decode_rows: torch.Tensor  # [decodes] long: flat token index of each decode row
     decode: DecodeTensors
@@ -318,14 +318,13 @@ def _cpu_decode_attention(q: torch.Tensor, k_cache, v_cache, meta: AttentionMeta
     if meta.mixed is None and all(n == 1 for n in meta.query_lens):
         decode = _cpu_decode_tensors(meta)
         return None if decode is None else _cpu_decode_rows(kernels, q, k_cache, v_cache, decode, meta, scale)
-    mixed = _cpu_mixed_tensors(meta)
-    if mixed is None:
-        return None
-    out = torch.empty(q.shape, dtype=q.dtype)
-    decoded = _cpu_decode_rows(kernels, q.index_select(0, mixed.decode_rows), k_cache, v_cache, mixed.decode,
-                               meta, scale)
-    out.index_copy_(0, mixed.decode_rows, decoded)
-    return _attend_groups(q, k_cache, v_cache, mixed.prefill_groups, scale, None, out)
+    if meta.mixed is None:
+        decode, prefill = _decode_and_prefill_members(meta)
+        if not decode or not prefill or not _covered(meta, decode):
+            return None
+    mixed = _split_step(meta, q.device, _host_tables)
+    return _attend_split(q, k_cache, v_cache, mixed, scale,
+                         lambda rows, tables: _cpu_decode_rows(kernels, rows, k_cache, v_cache, tables, meta, scale))
 
 
 def _cpu_decode_rows(kernels, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, decode: DecodeTensors,
@@ -336,8 +335,8 @@ def _cpu_decode_rows(kernels, q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     return out
 
 
-def _cpu_tables(block_tables: Sequence[List[int]], context_lens: Sequence[int]) -> DecodeTensors:
-    """Block tables and key counts (cached + this step's token) as int32 CPU tensors."""
+def _host_tables(block_tables: Sequence[List[int]], context_lens: Sequence[int]) -> DecodeTensors:
+    """Block tables (zero padded) and key counts (cached + this step's token) as int32 host tensors."""
     width = max(1, max(len(t) for t in block_tables))
     tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
     return DecodeTensors(tables, torch.tensor([c + 1 for c in context_lens], dtype=torch.int32), 0)
@@ -349,23 +348,8 @@ def _cpu_decode_tensors(meta: AttentionMetadata) -> Optional[DecodeTensors]:
         return meta.decode
     if not meta.query_lens or not _covered(meta, range(len(meta.query_lens))):
         return None
-    meta.decode = _cpu_tables(meta.block_tables, meta.context_lens)
+    meta.decode = _host_tables(meta.block_tables, meta.context_lens)
     return meta.decode
-
-
-def _cpu_mixed_tensors(meta: AttentionMetadata) -> Optional[MixedTensors]:
-    """A step of decode and prompt rows split once for every layer, or None when it has no decode
-    rows (or their tables do not cover their keys)."""
-    if meta.mixed is not None:
-        return meta.mixed
-    decode, prefill = _decode_and_prefill_members(meta)
-    if not decode or not prefill or not _covered(meta, decode):
-        return None
-    starts = _starts(meta.query_lens)
-    meta.mixed = MixedTensors(torch.tensor([starts[i] for i in decode], dtype=torch.long),
-                              _cpu_tables([meta.block_tables[i] for i in decode], [meta.context_lens[i] for i in decode]),
-                              [_build_group(meta, prefill, starts, torch.device("cpu"), meta.sliding_window)])
-    return meta.mixed
 
 
 def _covered(meta: AttentionMetadata, members: Sequence[int]) -> bool:
@@ -383,26 +367,32 @@ def _mixed_split_applies(kernels, q: torch.Tensor, k_cache, v_cache, meta: Atten
     return bool(decode and prefill) and _covered(meta, decode) and _kernel_inputs_ok(kernels, q, k_cache, v_cache)
 
 
-def _mixed_tensors(kernels, meta: AttentionMetadata, device: torch.device) -> MixedTensors:
+def _split_step(meta: AttentionMetadata, device: torch.device, decode_tables) -> MixedTensors:
+    """A step of decode and prompt rows split once for every layer: the decode rows' flat indices
+    and kernel tables (`decode_tables(block_tables, context_lens)`), the prompts' padded group."""
     if meta.mixed is None:
         starts = _starts(meta.query_lens)
         decode, prefill = _decode_and_prefill_members(meta)
-        tables = _build_decode_tensors(kernels, [meta.block_tables[i] for i in decode],
-                                       [meta.context_lens[i] for i in decode], meta.sliding_window, device)
+        tables = decode_tables([meta.block_tables[i] for i in decode], [meta.context_lens[i] for i in decode])
         rows = torch.tensor([starts[i] for i in decode], dtype=torch.long).to(device)
         meta.mixed = MixedTensors(rows, tables, [_build_group(meta, prefill, starts, device, meta.sliding_window)])
     return meta.mixed
 
 
+def _attend_split(q: torch.Tensor, k_cache, v_cache, mixed: MixedTensors, scale: float, attend_decode) -> torch.Tensor:
+    """Decode rows through `attend_decode(rows, tables)` (a decode kernel), prompt rows through SDPA."""
+    out = torch.empty_like(q)
+    out.index_copy_(0, mixed.decode_rows, attend_decode(q.index_select(0, mixed.decode_rows), mixed.decode))
+    return _attend_groups(q, k_cache, v_cache, mixed.prefill_groups, scale, None, out)
+
+
 def _mixed_attention(kernels, q: torch.Tensor, k_cache, v_cache, meta: AttentionMetadata,
                      scale: float) -> torch.Tensor:
-    mixed = _mixed_tensors(kernels, meta, q.device)
-    decode = mixed.decode
-    out = torch.empty_like(q)
-    decoded = paged_decode_attention(q.index_select(0, mixed.decode_rows), k_cache, v_cache, decode.block_tables,
-                                     decode.seq_lens, scale, decode.max_partitions, meta.sliding_window)
-    out.index_copy_(0, mixed.decode_rows, decoded)
-    return _attend_groups(q, k_cache, v_cache, mixed.prefill_groups, scale, None, out)
+    mixed = _split_step(meta, q.device, lambda tables, lens: _build_decode_tensors(
+        kernels, tables, lens, meta.sliding_window, q.device))
+    return _attend_split(q, k_cache, v_cache, mixed, scale, lambda rows, decode: paged_decode_attention(
+        rows, k_cache, v_cache, decode.block_tables, decode.seq_lens, scale, decode.max_partitions,
+        meta.sliding_window))
 
 
 def _decode_kernel_applies(kernels, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -462,11 +452,9 @@ def _decode_tensors(kernels, meta: AttentionMetadata, device: torch.device) -> D
 
 def _build_decode_tensors(kernels, block_tables: Sequence[List[int]], context_lens: Sequence[int],
                           sliding_window: Optional[int], device: torch.device) -> DecodeTensors:
-    width = max(1, max(len(t) for t in block_tables))
-    tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
-    seq_lens = [ctx + 1 for ctx in context_lens]
-    parts = max(decode_partitions(n, kernels.decode_partition_size, sliding_window) for n in seq_lens)
-    return DecodeTensors(tables.to(device), torch.tensor(seq_lens, dtype=torch.int32).to(device), parts)
+    host = _host_tables(block_tables, context_lens)
+    parts = max(decode_partitions(ctx + 1, kernels.decode_partition_size, sliding_window) for ctx in context_lens)
+    return DecodeTensors(host.block_tables.to(device), host.seq_lens.to(device), parts)
 
 
 @functools.lru_cache(maxsize=None)
