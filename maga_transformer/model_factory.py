@@ -18,6 +18,9 @@ from maga_transformer.ops.linear import fp8_emulated, fp8_supported
 from maga_transformer.engine.core_client import EngineProcessClient, StartingCore
 from maga_transformer.engine.core_main import CoreLaunch
 from maga_transformer.engine.engine import Engine
+from maga_transformer.lora.config import LoraConfig
+from maga_transformer.lora.merge import merged_tensors
+from maga_transformer.lora.peft_reader import read_peft_adapter
 from maga_transformer.config.placement import choose_placement
 from maga_transformer.distributed.parallel_config import ParallelConfig
 from maga_transformer.distributed.tensor_parallel import TensorParallel
@@ -70,6 +73,7 @@ class AsyncModel:
         self._arch = arch if arch is not None else model.arch
         self._engine = engine
         self._engine_lock = threading.Lock()
+        self.lora = lora_config_of(config)
 
     @property
     def arch(self):
@@ -84,7 +88,7 @@ class AsyncModel:
         with self._engine_lock:
             if self._engine is None:
                 self._engine = Engine(self.model, self.tokenizer, self.engine_config, self.max_seq_len,
-                                      self.config.seq_size_per_block, self.eos_token_ids)
+                                      self.config.seq_size_per_block, self.eos_token_ids, self.lora)
             return self._engine
 
     def stop(self) -> None:
@@ -136,7 +140,8 @@ def _configs_from_env(env: dict) -> Tuple[ModelConfig, EngineConfig, ParallelCon
         model_type=env.get("MODEL_TYPE", ""), ckpt_path=env.get("CHECKPOINT_PATH", ""),
         tokenizer_path=env.get("TOKENIZER_PATH", ""), max_seq_len=max_seq_len, seq_size_per_block=block,
         weight_type=WEIGHT_TYPE.from_str(env.get("WEIGHT_TYPE") or "fp32"),
-        act_type=ACT_TYPE.from_str(env["ACT_TYPE"]) if env.get("ACT_TYPE") else None)
+        act_type=ACT_TYPE.from_str(env["ACT_TYPE"]) if env.get("ACT_TYPE") else None,
+        lora_infos=LoraConfig.from_env(env).adapters)
     return config, EngineConfig.from_env(env), ParallelConfig.from_env(env)
 
 
@@ -159,7 +164,7 @@ def _placed(name_or_path, model_config: Optional[ModelConfig],
 
 def load_model_weights(ckpt_path: str, model_type: str, dtype: torch.dtype, device: torch.device,
                        tp: Optional[TensorParallel] = None, load_threads: int = 1,
-                       weight_quant: str = "") -> DecoderModel:
+                       weight_quant: str = "", lora: Optional[LoraConfig] = None) -> DecoderModel:
     """The model family's class built on `device` with the checkpoint's weights (where the engine
     core lives: this process in-process, the core's process otherwise); under tensor parallelism,
     this rank's shard of them."""
@@ -170,8 +175,17 @@ def load_model_weights(ckpt_path: str, model_type: str, dtype: torch.dtype, devi
     model.weight_quant = weight_quant
     logger.info("loading %s (%s) from %s as %s on %s%s", model_cls.__name__, hf_config.get("model_type"),
                 ckpt_path, dtype, device, f", {model.tp}" if tp is not None else "")
-    model.load_weights(iter_checkpoint_tensors(ckpt_path, lazy=model.tp.size > 1))
+    tensors = iter_checkpoint_tensors(ckpt_path, lazy=model.tp.size > 1)
+    if lora is not None and lora.merge:  # LORA_MERGE=1: the one adapter goes into the weights as they load
+        name, path = next(iter(lora.adapters.items()))
+        tensors = merged_tensors(tensors, read_peft_adapter(name, path, lora.max_rank))
+    model.load_weights(tensors)
     return model
+
+
+def lora_config_of(config: ModelConfig) -> LoraConfig:
+    """ModelConfig.lora_infos (or LORA_INFO) with MAX_LORA_MODEL_SIZE and LORA_MERGE from the environment."""
+    return LoraConfig.from_env(os.environ, config.lora_infos)
 
 
 def _check_quantization(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
@@ -216,7 +230,7 @@ def _core_launch(config: ModelConfig, engine_config: EngineConfig, device: torch
                       max_seq_len=config.max_seq_len, block_size=config.seq_size_per_block, eos_token_ids=eos,
                       log_level=logging.getLogger().getEffectiveLevel(),
                       parallel=parallel.with_free_port() if parallel.enabled and parallel.machines == 1 else parallel,
-                      weight_quant=config.weight_type.quantization)
+                      weight_quant=config.weight_type.quantization, lora=lora_config_of(config))
 
 
 def _load(config: ModelConfig, engine_config: Optional[EngineConfig], device: torch.device,
@@ -228,11 +242,13 @@ def _load(config: ModelConfig, engine_config: Optional[EngineConfig], device: to
     eos = _configured_eos_ids(config.ckpt_path, hf_config)
     _check_parallel(parallel, arch, device, engine_config)
     _check_quantization(config, device, dtype)
+    if parallel.enabled and lora_config_of(config).adapters:
+        raise ValueError("LORA_INFO: LoRA adapters under tensor parallelism (TP_SIZE > 1) are not supported yet")
     if not engine_config.engine_process:
         tokenizer = load_tokenizer(config.tokenizer_path, config.ckpt_path)
         eos = eos if eos is not None else _tokenizer_eos_ids(tokenizer)
         model = load_model_weights(config.ckpt_path, config.model_type, dtype, device,
-                                   weight_quant=config.weight_type.quantization)
+                                   weight_quant=config.weight_type.quantization, lora=lora_config_of(config))
         return AsyncModel(model, tokenizer, config, hf_config, eos, engine_config)
     tokenizer = None
     if eos is None:  # only the tokenizer knows: read it before the core needs it

@@ -108,9 +108,11 @@ class GenerateConfig:
         if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
             raise ValueError(
                 f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams ({self.num_beams})")
-        for name in ("adapter_name", "task_id"):
-            if getattr(self, name) is not None:
-                raise ValueError(f"{name}: not supported yet (LoRA / P-tuning come in a later release)")
+        if self.adapter_name is not None and (not isinstance(self.adapter_name, str) or not self.adapter_name):
+            raise ValueError(f"adapter_name: expected the name of a served LoRA adapter, got {self.adapter_name!r} "
+                             "(a list is for prompt_batch, one name per prompt)")
+        if self.task_id is not None:
+            raise ValueError("task_id: not supported yet (P-tuning / task prompts come in a later release)")
 
 
 def _check_int(cfg: GenerateConfig, name: str, low: Optional[int], high: Optional[int]) -> None:

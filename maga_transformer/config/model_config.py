@@ -87,5 +87,5 @@ class ModelConfig:
             raise ValueError("gen_num_per_circle > 1 needs speculative decoding, which is not supported yet")
         if self.ptuning_path:
             raise ValueError("ptuning_path: P-tuning is not supported yet")
-        if self.lora_infos:
-            raise ValueError("lora_infos: LoRA is not supported yet")
+        if not isinstance(self.lora_infos, dict):
+            raise ValueError("lora_infos: expected a dict of LoRA adapter name -> PEFT directory")

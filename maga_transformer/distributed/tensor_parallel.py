@@ -162,9 +162,10 @@ class TensorParallel:
             return local_logits
         return self.all_gather_last(local_logits)[..., :vocab_size]
 
-    def row_linear(self, x: torch.Tensor, weight: ops.LinearWeight, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    def row_linear(self, x: torch.Tensor, weight: ops.LinearWeight, bias: Optional[torch.Tensor],
+                   lora: Optional[ops.LoraRows] = None) -> torch.Tensor:
         """A row-parallel projection: this rank's partial sum, the bias added once, all-reduced."""
-        return self.all_reduce(ops.linear(x, weight, bias if self.rank == 0 else None))
+        return self.all_reduce(ops.linear(x, weight, bias if self.rank == 0 else None, lora))
 
 
 SINGLE = TensorParallel()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Iterable, List, Optional, Tuple
+from typing import Iterable, List, Optional, Set, Tuple
 
 import torch
 
@@ -25,9 +25,12 @@ from maga_transformer.engine.model_runner import ModelRunner, profile_forward
 from maga_transformer.engine.overlap import (InflightStep, can_look_ahead, look_ahead_plan,
                                               step_can_overlap)
 from maga_transformer.engine.request import FinishReason, Request, Sequence
-from maga_transformer.engine.scheduler import Scheduler, SchedulerOutput
+from maga_transformer.engine.scheduler import PrefillPolicy, Scheduler, SchedulerOutput
 from maga_transformer.engine.step_processor import StepProcessor
 from maga_transformer.engine.step_trace import StepSummary, StepTrace
+from maga_transformer.lora.config import LoraConfig
+from maga_transformer.lora.manager import LoraManager
+from maga_transformer.lora.messages import LoraCommand
 from maga_transformer.models.decoder import DecoderModel
 
 logger = logging.getLogger(__name__)
@@ -60,8 +63,9 @@ def _description(model: DecoderModel, engine_config: EngineConfig, num_blocks: i
 
 class EngineCore:
     def __init__(self, model: DecoderModel, engine_config: EngineConfig, max_seq_len: int,
-                 block_size: int, eos_token_ids: List[int], ranks=None) -> None:
-        """ranks: the tensor-parallel group (distributed/ranks.py) when this core is rank 0 of one."""
+                 block_size: int, eos_token_ids: List[int], ranks=None, lora: Optional[LoraConfig] = None) -> None:
+        """ranks: the tensor-parallel group (distributed/ranks.py) when this core is rank 0 of one.
+        lora: the adapters to serve from the start and the served set's limits (lora/config.py)."""
         self.model = model
         self.config = engine_config
         self.max_seq_len = max_seq_len
@@ -73,14 +77,17 @@ class EngineCore:
         if engine_config.enable_prefix_cache and not prefix_cache:
             logger.info("prefix cache off: %s's keys depend on the whole prompt", type(model).__name__)
         self.pool = BlockPool(num_blocks, prefix_cache)
+        policy = PrefillPolicy(engine_config.max_num_partial_prefills, engine_config.long_prefill_token_threshold)
         self.scheduler = Scheduler(self.pool, block_size, engine_config.max_num_batched_tokens,
-                                   engine_config.max_num_seqs, engine_config.enable_chunked_prefill)
+                                   engine_config.max_num_seqs, engine_config.enable_chunked_prefill, policy)
         self.processor = StepProcessor(self.scheduler)
+        self.lora = LoraManager(model, lora)  # loads LORA_INFO's adapters now (a bad one stops start-up)
         self.info = EngineInfo(
             vocab_size=model.arch.vocab_size, max_seq_len=max_seq_len, block_size=block_size, num_blocks=num_blocks,
             max_num_batched_tokens=engine_config.max_num_batched_tokens,
             enable_chunked_prefill=engine_config.enable_chunked_prefill, eos_token_ids=list(eos_token_ids),
-            description=_description(model, engine_config, num_blocks, block_size))
+            description=_description(model, engine_config, num_blocks, block_size),
+            adapters=self.lora.adapters, lora_merged=self.lora.config.merge)
         self.limits = RequestLimits(self.info, model.prompt_layout)
         overlap = engine_config.overlap_scheduling
         self.overlap = model.device.type == "cuda" if overlap is None else overlap
@@ -94,6 +101,7 @@ class EngineCore:
         self._pending_stops: List[Tuple[str, int]] = []
         self._lock = threading.Lock()
         self.wakeup = threading.Condition(self._lock)  # notified when work is queued
+        self.lora.on_job_done = self._notify
 
     # ---- queued from other threads --------------------------------------------------------------
     def add_requests(self, requests: Iterable[EngineRequest]) -> None:
@@ -112,10 +120,19 @@ class EngineCore:
             self._pending_stops.extend(stops)
             self.wakeup.notify()
 
+    def lora_command(self, command: LoraCommand) -> None:
+        """Change the served LoRA adapters; the result comes in a step's `lora_results`."""
+        self.lora.submit(command)
+        self._notify()
+
+    def _notify(self) -> None:
+        with self._lock:
+            self.wakeup.notify()
+
     def has_work_locked(self) -> bool:
         """Anything queued, scheduled or in flight; call with `wakeup` held."""
         return bool(self._pending_adds or self._pending_aborts or self._pending_stops
-                    or self.scheduler.has_unfinished() or self._inflight is not None)
+                    or self.scheduler.has_unfinished() or self._inflight is not None or self.lora.busy)
 
     def has_work(self) -> bool:
         with self._lock:
@@ -136,8 +153,16 @@ class EngineCore:
                           max_new_tokens=admission.max_new_tokens, eos_token_ids=admission.eos_token_ids,
                           emits_every_step=req.emits_every_step, prompt_layout=admission.prompt_layout,
                           unsplit_prefix_len=admission.unsplit_prefix_len)
-        request.seqs = [Sequence(token_ids=list(req.prompt_token_ids), prompt_len=request.prompt_len)]
+        salt = None
+        if req.config.adapter_name is not None:
+            adapter = self.lora.resolve(req.config.adapter_name)  # unloaded since the front end checked: refused
+            request.lora_slot, salt = adapter.slot, adapter.cache_salt
+        request.seqs = [Sequence(token_ids=list(req.prompt_token_ids), prompt_len=request.prompt_len,
+                                 cache_salt=salt)]
         return request
+
+    def _live_lora_slots(self) -> Set[int]:
+        return {request.lora_slot for request in self.scheduler.requests.values()}
 
     def _apply_pending(self, out: CoreStepOutput) -> int:
         """Admit, abort and stop what other threads queued; returns the number admitted."""
@@ -203,6 +228,8 @@ class EngineCore:
             self.last_step = StepSummary()
         start = time.monotonic()
         added = self._apply_pending(out)
+        if self.lora.busy:
+            out.lora_results = self.lora.step(self._live_lora_slots)
         if self._inflight is not None:
             self._read_back_inflight(out)
         else:
@@ -211,6 +238,8 @@ class EngineCore:
         out.stats = self.stats()
         if self.trace is not None:
             self.trace.record(self, start, added, out)
+        if self.lora.loading and not self.scheduler.has_unfinished():
+            self.lora.wait(0.01)  # nothing to run while an adapter loads: do not spin on empty steps
         return out
 
     def _run_plan(self, plan: SchedulerOutput, out: CoreStepOutput, planned: float) -> None:

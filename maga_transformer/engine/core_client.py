@@ -25,6 +25,7 @@ from maga_transformer.engine.frontend import FrontEnd
 from maga_transformer.engine.ipc import Channel, describe_exit
 from maga_transformer.engine.limits import PromptLayoutFn, RequestLimits
 from maga_transformer.engine.messages import EngineInfo, EngineRequest
+from maga_transformer.lora.messages import LoraCommand
 
 logger = logging.getLogger(__name__)
 core_logger = logging.getLogger("maga_transformer.engine_core")
@@ -163,6 +164,10 @@ class EngineProcessClient(FrontEnd):
     def _send_stops(self, stops: List[Tuple[str, int]]) -> None:
         if self.healthy:
             self._send(("stop", stops))
+
+    def _send_lora(self, command: LoraCommand) -> None:
+        self._check_alive()
+        self._send(("lora", command))
 
     # ---- from the core --------------------------------------------------------------------------
     def _read_loop(self) -> None:

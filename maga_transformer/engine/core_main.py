@@ -21,6 +21,7 @@ from typing import List, Optional
 from maga_transformer.config.engine_config import EngineConfig
 from maga_transformer.distributed.parallel_config import ParallelConfig
 from maga_transformer.engine.ipc import Channel, describe_exit
+from maga_transformer.lora.config import LoraConfig
 
 logger = logging.getLogger(__name__)
 _STOPPING = threading.Event()  # a clean shutdown: workers exiting now is expected
@@ -41,6 +42,7 @@ class CoreLaunch:
     log_level: int = logging.WARNING
     parallel: ParallelConfig = ParallelConfig()  # tensor parallelism: this core is rank 0 of the group
     weight_quant: str = ""  # WEIGHT_TYPE=INT8 / FP8: "int8" / "fp8"
+    lora: Optional[LoraConfig] = None  # LORA_INFO's adapters and the served set's limits
 
 
 class _ForwardLogs(logging.Handler):
@@ -105,9 +107,10 @@ def _build_core(launch: CoreLaunch, channel: Channel):
     ranks, workers = _start_group(launch, device, channel) if launch.parallel.enabled else (None, [])
     model = load_model_weights(launch.ckpt_path, launch.model_type, getattr(torch, launch.dtype), device,
                                ranks.tp if ranks is not None else None, launch.parallel.load_threads,
-                               launch.weight_quant)
+                               launch.weight_quant, launch.lora)
     logger.info("rank 0: %.1f MiB of weights", model.weight_bytes() / 2**20)
-    core = EngineCore(model, launch.engine_config, launch.max_seq_len, launch.block_size, launch.eos_token_ids, ranks)
+    core = EngineCore(model, launch.engine_config, launch.max_seq_len, launch.block_size, launch.eos_token_ids, ranks,
+                      launch.lora)
     _limit_host_threads(device)
     return core, workers
 
@@ -137,6 +140,8 @@ def _apply(core, message) -> bool:
         core.abort(message[1])
     elif kind == "stop":
         core.stop_sequences(message[1])
+    elif kind == "lora":
+        core.lora_command(message[1])
     elif kind == "shutdown":
         return False
     return True

@@ -15,6 +15,8 @@ from maga_transformer.engine.core import EngineCore
 from maga_transformer.engine.frontend import FrontEnd
 from maga_transformer.engine.messages import EngineRequest
 from maga_transformer.engine.output import RequestOutput
+from maga_transformer.lora.config import LoraConfig
+from maga_transformer.lora.messages import LoraCommand
 from maga_transformer.models.decoder import DecoderModel
 
 logger = logging.getLogger(__name__)
@@ -22,8 +24,8 @@ logger = logging.getLogger(__name__)
 
 class Engine(FrontEnd):
     def __init__(self, model: DecoderModel, tokenizer, engine_config: EngineConfig, max_seq_len: int,
-                 block_size: int, eos_token_ids: List[int]) -> None:
-        self.core = EngineCore(model, engine_config, max_seq_len, block_size, eos_token_ids)
+                 block_size: int, eos_token_ids: List[int], lora: Optional[LoraConfig] = None) -> None:
+        self.core = EngineCore(model, engine_config, max_seq_len, block_size, eos_token_ids, lora=lora)
         super().__init__(tokenizer, self.core.info, self.core.limits)
         self.model = model
         self.config = engine_config
@@ -78,6 +80,9 @@ class Engine(FrontEnd):
 
     def _send_stops(self, stops: List[Tuple[str, int]]) -> None:
         self.core.stop_sequences(stops)
+
+    def _send_lora(self, command: LoraCommand) -> None:
+        self.core.lora_command(command)
 
     # ---- driving the core -----------------------------------------------------------------------
     def step(self) -> List[RequestOutput]:

@@ -23,9 +23,12 @@ from maga_transformer.engine.limits import RequestLimits
 from maga_transformer.engine.messages import CoreStepOutput, EngineInfo, EngineRequest, EngineStats
 from maga_transformer.engine.output import RequestOutput
 from maga_transformer.engine.output_processor import OutputProcessor
+from maga_transformer.lora.messages import LoraCommand, LoraUpdateResult
 
 logger = logging.getLogger(__name__)
 _request_ids = itertools.count()
+_lora_command_ids = itertools.count(1)
+LORA_UPDATE_TIMEOUT_S = 600.0
 
 
 class RequestHandle:
@@ -91,6 +94,8 @@ class FrontEnd:
         self.stats = EngineStats(num_free_blocks=info.num_blocks)
         self._handles: Dict[str, RequestHandle] = {}
         self._lock = threading.Lock()  # handles + processor: callers add, the output side processes
+        self.adapters: Dict[str, str] = dict(info.adapters)  # LoRA adapters served, as of the core's last word
+        self._lora_waiters: Dict[int, list] = {}  # command id -> [threading.Event, result]
 
     # ---- to the core (subclasses) ---------------------------------------------------------------
     def _submit(self, requests: List[EngineRequest]) -> None:
@@ -100,6 +105,9 @@ class FrontEnd:
         raise NotImplementedError
 
     def _send_stops(self, stops: List[Tuple[str, int]]) -> None:
+        raise NotImplementedError
+
+    def _send_lora(self, command: LoraCommand) -> None:
         raise NotImplementedError
 
     # ---- public API (thread-safe) ---------------------------------------------------------------
@@ -137,6 +145,47 @@ class FrontEnd:
     def validate(self, prompt_token_ids: List[int], config: GenerateConfig) -> None:
         """Raise ValueError naming the field if add_request would refuse this request."""
         self.limits.check(prompt_token_ids, config)
+        self._check_adapter(config)
+
+    def _check_adapter(self, config: GenerateConfig) -> None:
+        name = config.adapter_name
+        if name is not None and name not in self.adapters:
+            raise ValueError(f"adapter_name: no LoRA adapter named {name!r} is served "
+                             f"(served: {sorted(self.adapters) or 'none'})")
+
+    # ---- LoRA adapters (lora/manager.py does the work, in the core) -----------------------------
+    def update_lora(self, kind: str, adapters: Dict[str, str],
+                    timeout_s: float = LORA_UPDATE_TIMEOUT_S) -> LoraUpdateResult:
+        """Change the served adapters and wait for the core's answer. kind "set": `adapters` is the
+        whole wanted set (rtp-llm's /update); "load" adds, "unload" removes the named ones. Requests
+        keep running meanwhile; a refused command changes nothing (result.error says why)."""
+        command = LoraCommand(next(_lora_command_ids), kind, dict(adapters))
+        waiter = [threading.Event(), None]
+        with self._lock:
+            self._check_alive()
+            self._lora_waiters[command.command_id] = waiter
+        self._send_lora(command)
+        if not waiter[0].wait(timeout_s):
+            with self._lock:
+                self._lora_waiters.pop(command.command_id, None)
+            raise TimeoutError(f"the engine core did not finish the LoRA update within {timeout_s:.0f} s")
+        return waiter[1]
+
+    def _on_lora_results(self, results: List[LoraUpdateResult]) -> None:
+        """Call with the lock held."""
+        for result in results:
+            self.adapters = dict(result.adapters)
+            waiter = self._lora_waiters.pop(result.command_id, None)
+            if waiter is not None:
+                waiter[1] = result
+                waiter[0].set()
+
+    def _fail_lora_waiters(self, message: str) -> None:
+        """Call with the lock held: the core is gone, no answer will come."""
+        for command_id, waiter in list(self._lora_waiters.items()):
+            waiter[1] = LoraUpdateResult(command_id, dict(self.adapters), error=message, status=503)
+            waiter[0].set()
+        self._lora_waiters.clear()
 
     def add_request(self, prompt_token_ids: List[int], config: GenerateConfig,
                     request_id: Optional[str] = None, sink=None, stream: bool = True) -> RequestHandle:
@@ -150,6 +199,7 @@ class FrontEnd:
         """Several requests in one message to the core; all are validated before any is sent."""
         for ids in prompts:
             self.limits.check(ids, config)
+        self._check_adapter(config)
         ids_given = list(request_ids or [None] * len(prompts))
         names = [rid or f"req-{next(_request_ids)}" for rid in ids_given]
         handles = [RequestHandle(self, name, sink) for name in names]
@@ -181,6 +231,8 @@ class FrontEnd:
         """Turn one step's deltas into outputs, stop what stop strings ended, hand outputs out."""
         with self._lock:
             outputs, stops, changed = self.processor.process(step)
+            if step.lora_results:
+                self._on_lora_results(step.lora_results)
             if step.stats is not None:
                 self.stats = step.stats
             routed = self._route(outputs)
@@ -200,6 +252,7 @@ class FrontEnd:
     def fail_all(self, message: str) -> None:
         with self._lock:
             routed = self._route(self.processor.fail_all(message))
+            self._fail_lora_waiters(message)
         _deliver(routed)
 
     def _route(self, outputs: List[RequestOutput]):

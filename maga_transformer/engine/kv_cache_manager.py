@@ -45,6 +45,7 @@ class KVCacheManager:
         return copies
 
     def _update_hashes(self, seq: Sequence, extra: Optional[str]) -> None:
+        extra = extra if extra is not None else seq.cache_salt  # the sequence's LoRA adapter, if any
         full = len(seq.token_ids) // self.block_size
         while len(seq.block_hashes) < full:
             i = len(seq.block_hashes)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from maga_transformer.config.generate_config import GenerateConfig
+from maga_transformer.lora.messages import LoraUpdateResult
 
 # (request_id, sequence index, new token ids, their log-probs, their top log-probs [[(id, logprob)]]
 #  or None, finish reason value or None, beam score or None). A beam delta (score not None) carries
@@ -69,10 +70,11 @@ class CoreStepOutput:
     finals: List[RequestFinal] = field(default_factory=list)
     started: List[Tuple[str, int]] = field(default_factory=list)  # (request id, reuse_len) at first output
     stats: Optional[EngineStats] = None
+    lora_results: List[LoraUpdateResult] = field(default_factory=list)  # LoRA commands that completed
 
     @property
     def is_empty(self) -> bool:
-        return not (self.deltas or self.finals)
+        return not (self.deltas or self.finals or self.lora_results)
 
 
 @dataclass
@@ -86,3 +88,5 @@ class EngineInfo:
     enable_chunked_prefill: bool
     eos_token_ids: List[int]
     description: str = ""  # device, dtype, KV tokens: the start-up log line
+    adapters: Dict[str, str] = field(default_factory=dict)  # LoRA adapters served at start-up: name -> path
+    lora_merged: bool = False  # LORA_MERGE=1: the one adapter is in the weights

@@ -37,6 +37,7 @@ class BatchInputs:
     tables: List[List[int]]
     bidirectional_lens: Optional[List[int]] = None
     block_positions: Optional[List[int]] = None
+    lora_slots: Optional[List[int]] = None  # per token, its request's LoRA adapter slot (-1: none)
 
 
 @dataclass
@@ -185,7 +186,8 @@ class ModelRunner:
         rows: List[Tuple[Sequence, DecodeRow]] = []
         for item in plan.scheduled:
             cfg = item.request.config
-            if item.num_tokens != 1 or cfg.return_hidden_states or cfg.calculate_loss:
+            # LoRA rows run eagerly: the graphs hold no adapter index (yet)
+            if item.num_tokens != 1 or cfg.return_hidden_states or cfg.calculate_loss or item.request.lora_slot >= 0:
                 return None
             for seq in item.request.live_seqs:
                 position = seq.num_computed_tokens
@@ -203,9 +205,13 @@ class ModelRunner:
         seqs: List[Sequence] = []
         loss_seqs: List[Sequence] = []
         layouts = _LayoutColumns()
+        lora_slots: List[int] = []
+        with_lora = any(item.request.lora_slot >= 0 for item in plan.scheduled)
         for item in plan.scheduled:
             layout = item.request.prompt_layout
             for seq in item.request.live_seqs:
+                if with_lora:
+                    lora_slots.extend([item.request.lora_slot] * item.num_tokens)
                 start, end = seq.num_computed_tokens, seq.num_computed_tokens + item.num_tokens
                 batch.input_ids.extend(seq.token_ids[start:end] if not pending else [0])  # pending: filled on the device
                 batch.positions.extend(range(start, end) if layout is None else layout.positions(start, end))
@@ -221,6 +227,7 @@ class ModelRunner:
                 if item.request.config.calculate_loss:
                     loss_seqs.append(seq)
         batch.bidirectional_lens, batch.block_positions = layouts.bidirectional_lens, layouts.block_positions
+        batch.lora_slots = lora_slots if with_lora else None
         return batch, seqs, loss_seqs
 
     def _plan_outputs(self, inputs: StepInputs, seqs: List[Sequence], loss_seqs: List[Sequence],
@@ -270,6 +277,8 @@ class ModelRunner:
                              as_tensor(b.rope_lens), attn)
         if b.block_positions is not None:
             batch.block_positions = as_tensor(b.block_positions)
+        if b.lora_slots is not None:
+            batch.lora = ops.LoraRows.from_slots(b.lora_slots, self.device)
         return batch
 
     def _prompt_logprobs(self, hidden: torch.Tensor, span: LossSpan) -> Tuple[int, torch.Tensor]:

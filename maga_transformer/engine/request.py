@@ -44,6 +44,8 @@ class Sequence:
     finish_reason: Optional[FinishReason] = None
     num_sent: int = 0  # output tokens already sent to the front end
     finish_sent: bool = False  # the front end has been told finish_reason
+    # chained into every block hash: KV computed under one LoRA adapter is never reused by another
+    cache_salt: Optional[str] = None
 
     @property
     def output_ids(self) -> List[int]:
@@ -69,7 +71,7 @@ class Sequence:
                         block_table=list(self.block_table), block_hashes=list(self.block_hashes),
                         num_registered_blocks=self.num_registered_blocks, cum_logprob=self.cum_logprob,
                         output_logprobs=list(self.output_logprobs),
-                        output_top_logprobs=list(self.output_top_logprobs))
+                        output_top_logprobs=list(self.output_top_logprobs), cache_salt=self.cache_salt)
 
 
 @dataclass
@@ -108,6 +110,7 @@ class Request:
     prompt_layout: Optional[Any] = None
     # the first prefill chunk (also after a preemption) must compute at least this many tokens
     unsplit_prefix_len: int = 0
+    lora_slot: int = -1  # the LoRA adapter slot its rows use (lora/manager.py), -1: the base model
 
     @property
     def prompt_len(self) -> int:

@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import torch
 
-from maga_transformer.ops import AttentionMetadata
+from maga_transformer.ops import AttentionMetadata, LoraRows
 
 
 @dataclass
@@ -98,3 +98,4 @@ class ForwardBatch:
     rope_seq_lens: torch.Tensor  # [tokens] its sequence's length after this step (dynamic NTK rope)
     attn: AttentionMetadata
     block_positions: Optional[torch.Tensor] = None  # [tokens] GLM's second rotary stream (PromptLayout)
+    lora: Optional[LoraRows] = None  # each row's LoRA adapter slot, when any row of the step has one

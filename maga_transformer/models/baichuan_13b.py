@@ -40,7 +40,7 @@ class Baichuan13BModel(BaichuanModel):
                    batch: ForwardBatch, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         """DecoderModel's attention without the rotary (cos/sin are unused), with the ALiBi slopes."""
         arch = self.arch
-        qkv = ops.linear(x, layer.qkv, layer.qkv_bias)
+        qkv = ops.linear(x, layer.qkv, layer.qkv_bias, batch.lora)
         tokens = qkv.shape[0]
         q_width, k_width = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
         q = qkv[:, :q_width].view(tokens, arch.num_heads, arch.head_dim)
@@ -48,7 +48,7 @@ class Baichuan13BModel(BaichuanModel):
         v = qkv[:, q_width + k_width:].view(tokens, arch.num_kv_heads, arch.head_dim)
         ops.write_kv_cache(k, v, k_cache, v_cache, batch.slot_mapping)
         out = ops.paged_attention(q, k_cache, v_cache, batch.attn, self.scale, self.alibi)
-        return self.tp.row_linear(out.reshape(tokens, -1), layer.o, layer.o_bias)
+        return self.tp.row_linear(out.reshape(tokens, -1), layer.o, layer.o_bias, batch.lora)
 
 
 class Baichuan2_13BModel(Baichuan13BModel):

@@ -4,6 +4,7 @@ DecoderModel (LLaMA-shaped families) and GptDecoderModel (GPT-style families) bu
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -13,6 +14,16 @@ from maga_transformer.distributed.tensor_parallel import SINGLE, TensorParallel,
 from maga_transformer.models.arch import ModelArch, PromptLayout
 
 WeightName = Tuple[Optional[int], str]  # (layer index or None for global weights, canonical name)
+
+
+@dataclass(frozen=True)
+class LoraTarget:
+    """Where a LoRA adapter's module lands: the (possibly fused) projection, and the output rows of
+    it that the module's own weight occupies (q's, k's or v's rows of the fused q/k/v, say)."""
+
+    linear: ops.LinearWeight
+    row_offset: int
+    rows: int
 
 
 class FamilyModel:
@@ -52,6 +63,11 @@ class FamilyModel:
 
     def prompt_layout(self, prompt_token_ids: List[int]) -> Optional[PromptLayout]:
         return type(self).layout_for(self.arch, prompt_token_ids)
+
+    def lora_target(self, layer: int, canonical: str) -> Optional[LoraTarget]:
+        """Family hook: the projection a LoRA module of this canonical weight name adapts, or None
+        where the family applies no LoRA there (maga_transformer/lora/ refuses such adapters)."""
+        return None
 
     # ---- loading helpers ------------------------------------------------------------------------
     def _cast(self, tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

@@ -16,7 +16,7 @@ import torch
 from maga_transformer import ops
 from maga_transformer.distributed.tensor_parallel import TensorParallel
 from maga_transformer.models.arch import ForwardBatch, ModelArch
-from maga_transformer.models.base import FamilyModel, WeightName  # noqa: F401  (WeightName: re-exported)
+from maga_transformer.models.base import FamilyModel, LoraTarget, WeightName  # noqa: F401  (WeightName: re-exported)
 from maga_transformer.models.rotary_embedding import RotaryEmbedding
 
 logger = logging.getLogger(__name__)
@@ -108,6 +108,22 @@ class DecoderModel(FamilyModel):
                    else torch.cat([tp.even(get("gate")), tp.even(get("up"))]))
         return self._proj(gate_up), self._proj(tp.even(get("down"), dim=1))
 
+    # ---- LoRA -----------------------------------------------------------------------------------
+    def lora_target(self, layer: int, canonical: str) -> Optional[LoraTarget]:
+        """q / k / v land in their rows of the fused q/k/v projection, gate / up in theirs of gate/up;
+        o and down are whole projections. MoE families add their experts (models/moe.py)."""
+        if not 0 <= layer < len(self.layers):
+            return None
+        weights = self.layers[layer]
+        arch = self.arch
+        q_rows, kv_rows = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+        targets = {"q": (weights.qkv, 0, q_rows), "k": (weights.qkv, q_rows, kv_rows),
+                   "v": (weights.qkv, q_rows + kv_rows, kv_rows), "qkv": (weights.qkv, 0, q_rows + 2 * kv_rows),
+                   "o": (weights.o, 0, weights.o.out_features)}
+        targets.update(gated_mlp_lora_targets("", weights.gate_up, weights.down))
+        found = targets.get(canonical)
+        return LoraTarget(*found) if found is not None and found[0] is not None else None
+
     # ---- forward --------------------------------------------------------------------------------
     def forward(self, batch: ForwardBatch, kv_caches: List[KVCache]) -> torch.Tensor:
         """Hidden states after the final norm, [tokens, hidden]."""
@@ -119,7 +135,7 @@ class DecoderModel(FamilyModel):
         for index, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):
             attn_out = self._attention(layer, x, cos, sin, batch, k_cache, v_cache)
             x, residual = ops.fused_add_rms_norm(attn_out, residual, layer.post_norm, arch.norm_eps)
-            mlp_out = self._mlp(layer, x)
+            mlp_out = self._mlp(layer, x, batch.lora)
             next_norm = self.layers[index + 1].input_norm if index + 1 < len(self.layers) else self.final_norm
             x, residual = ops.fused_add_rms_norm(mlp_out, residual, next_norm, arch.norm_eps)
         return x
@@ -127,7 +143,7 @@ class DecoderModel(FamilyModel):
     def _attention(self, layer: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    batch: ForwardBatch, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         arch = self.arch
-        qkv = ops.linear(x, layer.qkv, layer.qkv_bias)
+        qkv = ops.linear(x, layer.qkv, layer.qkv_bias, batch.lora)
         tokens = qkv.shape[0]
         qk_heads = arch.num_heads + arch.num_kv_heads
         qk = qkv[:, :qk_heads * arch.head_dim].view(tokens, qk_heads, arch.head_dim)
@@ -139,7 +155,7 @@ class DecoderModel(FamilyModel):
         q = ops.rotate_and_write_kv(qk, v, cos, sin, arch.rope.rotary_dim, arch.num_heads, k_cache, v_cache,
                                     batch.slot_mapping)
         out = ops.paged_attention(q, k_cache, v_cache, batch.attn, self.scale)
-        return self.tp.row_linear(out.reshape(tokens, -1), layer.o, layer.o_bias)
+        return self.tp.row_linear(out.reshape(tokens, -1), layer.o, layer.o_bias, batch.lora)
 
     def _qk_norm(self, layer: LayerWeights, qk: torch.Tensor) -> torch.Tensor:
         """Qwen3: RMSNorm over each head's channels, separate weights for queries and keys."""
@@ -148,14 +164,25 @@ class DecoderModel(FamilyModel):
         k = ops.rms_norm(qk[:, heads:].reshape(-1, head_dim), layer.k_norm, eps)
         return torch.cat([q.view(qk.shape[0], heads, head_dim), k.view(qk.shape[0], -1, head_dim)], dim=1)
 
-    def _mlp(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
-        """Family hook: the dense gated MLP (MoE families override)."""
-        gate_up = ops.linear(x, layer.gate_up, layer.gate_up_bias)
+    def _mlp(self, layer: LayerWeights, x: torch.Tensor, lora: Optional[ops.LoraRows] = None) -> torch.Tensor:
+        """Family hook: the dense gated MLP (MoE families override). lora: the step's adapter rows."""
+        gate_up = ops.linear(x, layer.gate_up, layer.gate_up_bias, lora)
         act = ops.gated_activation(gate_up, ops.gate_kind(self.arch.hidden_act))
-        return self.tp.row_linear(act, layer.down, layer.down_bias)
+        return self.tp.row_linear(act, layer.down, layer.down_bias, lora)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.tp.logits(ops.linear(hidden, self.lm_head), self.arch.vocab_size).float()
+
+
+def gated_mlp_lora_targets(prefix: str, gate_up: Optional[ops.LinearWeight],
+                           down: Optional[ops.LinearWeight]) -> Dict[str, Tuple]:
+    """LoRA targets of a gated MLP whose canonical names start with prefix: gate and up are the two
+    halves of the fused gate/up rows."""
+    if gate_up is None or down is None:
+        return {}
+    half = gate_up.out_features // 2
+    return {prefix + "gate": (gate_up, 0, half), prefix + "up": (gate_up, half, half),
+            prefix + "gate_up": (gate_up, 0, 2 * half), prefix + "down": (down, 0, down.out_features)}
 
 
 def group_checkpoint_tensors(tensors: Iterable[Tuple[str, torch.Tensor]],

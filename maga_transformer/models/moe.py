@@ -19,7 +19,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from maga_transformer import ops
-from maga_transformer.models.decoder import require_weight
+from maga_transformer.models.base import LoraTarget
+from maga_transformer.models.decoder import gated_mlp_lora_targets, require_weight
 
 
 @dataclass
@@ -43,33 +44,39 @@ def route(x: torch.Tensor, moe: MoeWeights) -> Tuple[torch.Tensor, torch.Tensor]
     return weights, experts
 
 
-def _gated_mlp(x: torch.Tensor, gate_up: ops.LinearWeight, down: ops.LinearWeight) -> torch.Tensor:
-    return ops.linear(ops.silu_and_mul(ops.linear(x, gate_up)), down)
+def _gated_mlp(x: torch.Tensor, gate_up: ops.LinearWeight, down: ops.LinearWeight,
+               lora: Optional[ops.LoraRows] = None) -> torch.Tensor:
+    return ops.linear(ops.silu_and_mul(ops.linear(x, gate_up, None, lora)), down, None, lora)
 
 
-def _expert(x: torch.Tensor, moe: MoeWeights, index: int) -> torch.Tensor:
-    return _gated_mlp(x, moe.gate_up[index], moe.down[index])
+def _expert(x: torch.Tensor, moe: MoeWeights, index: int, lora: Optional[ops.LoraRows] = None) -> torch.Tensor:
+    return _gated_mlp(x, moe.gate_up[index], moe.down[index], lora)
 
 
-def moe_mlp(x: torch.Tensor, moe: MoeWeights) -> torch.Tensor:
-    """x: [tokens, hidden] -> [tokens, hidden]."""
+def moe_mlp(x: torch.Tensor, moe: MoeWeights, lora: Optional[ops.LoraRows] = None) -> torch.Tensor:
+    """x: [tokens, hidden] -> [tokens, hidden]. lora: the step's adapter rows (experts and the shared
+    expert may carry LoRA factors; the router never does)."""
     weights, experts = route(x, moe)
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
         out = moe_mlp_dense(x, moe, weights, experts)
     else:
-        out = _moe_grouped(x, moe, weights, experts)
+        out = _moe_grouped(x, moe, weights, experts, lora)
     if moe.shared_gate_up is not None:
         shared_weight = torch.sigmoid(ops.linear(x, moe.shared_gate).float())
-        out = out + (_gated_mlp(x, moe.shared_gate_up, moe.shared_down).float() * shared_weight).to(x.dtype)
+        shared = _gated_mlp(x, moe.shared_gate_up, moe.shared_down, lora)
+        out = out + (shared.float() * shared_weight).to(x.dtype)
     return out
 
 
-def _moe_grouped(x: torch.Tensor, moe: MoeWeights, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+def _moe_grouped(x: torch.Tensor, moe: MoeWeights, weights: torch.Tensor, experts: torch.Tensor,
+                 lora: Optional[ops.LoraRows] = None) -> torch.Tensor:
     """Each routed expert runs once, on exactly the tokens routed to it."""
     out = torch.zeros_like(x)
     for index in torch.unique(experts).tolist():
         token_ids, slot = torch.where(experts == index)
-        contribution = _expert(x[token_ids], moe, index).float() * weights[token_ids, slot, None]
+        has_lora = lora is not None and (moe.gate_up[index].lora or moe.down[index].lora)
+        rows = lora.subset(token_ids) if has_lora else None
+        contribution = _expert(x[token_ids], moe, index, rows).float() * weights[token_ids, slot, None]
         out.index_add_(0, token_ids, contribution.to(x.dtype))
     return out
 
@@ -103,7 +110,19 @@ class SparseMoeMixin:
             shared_gate_up=shared[0], shared_down=shared[1],
             shared_gate=self._linear(get("shared_gate")) if shared[0] is not None else None)
 
-    def _mlp(self, layer, x: torch.Tensor) -> torch.Tensor:
+    def lora_target(self, layer: int, canonical: str) -> Optional[LoraTarget]:
+        """Also each expert's and the shared expert's gate / up / down (canonical "expert.E.gate", ...)."""
+        target = super().lora_target(layer, canonical)
+        if target is not None or not 0 <= layer < len(self.layers) or self.layers[layer].mlp is None:
+            return target
+        moe = self.layers[layer].mlp
+        targets = gated_mlp_lora_targets("shared.", moe.shared_gate_up, moe.shared_down)
+        for index, (gate_up, down) in enumerate(zip(moe.gate_up, moe.down)):
+            targets.update(gated_mlp_lora_targets(f"expert.{index}.", gate_up, down))
+        found = targets.get(canonical)
+        return LoraTarget(*found) if found is not None else None
+
+    def _mlp(self, layer, x: torch.Tensor, lora: Optional[ops.LoraRows] = None) -> torch.Tensor:
         if layer.mlp is None:
-            return super()._mlp(layer, x)
-        return self.tp.all_reduce(moe_mlp(x, layer.mlp))
+            return super()._mlp(layer, x, lora)
+        return self.tp.all_reduce(moe_mlp(x, layer.mlp, lora))

@@ -18,14 +18,15 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from maga_transformer.ops._compiled import cpu_kernels
 from maga_transformer.ops._cuda import aligned, check_status, kernels_for, same_device
+from maga_transformer.ops.lora import LoraPair, LoraRows, add_lora
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,9 @@ class LinearWeight:
     # output row
     qweight: Optional[torch.Tensor] = None
     scale: Optional[torch.Tensor] = None
+    # unmerged LoRA (maga_transformer/lora/): adapter slot -> its low-rank factors for this projection;
+    # filled and emptied by the engine core between steps as adapters load and unload
+    lora: Dict[int, LoraPair] = field(default_factory=dict)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight the quantized one stands for, [out, in] in dtype (the quantization's oracle)."""
@@ -282,7 +286,16 @@ def _cuda_gemv(x: torch.Tensor, w: LinearWeight) -> Optional[torch.Tensor]:
     return out
 
 
-def linear(x: torch.Tensor, w: LinearWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def linear(x: torch.Tensor, w: LinearWeight, bias: Optional[torch.Tensor] = None,
+           lora: Optional[LoraRows] = None) -> torch.Tensor:
+    """x @ W.T (+ bias), plus each row's LoRA term when the step has adapter rows (ops/lora.py)."""
+    out = _base_linear(x, w, bias)
+    if lora is not None and w.lora:
+        out = add_lora(out, x, w.lora, lora)
+    return out
+
+
+def _base_linear(x: torch.Tensor, w: LinearWeight, bias: Optional[torch.Tensor]) -> torch.Tensor:
     if w.qweight is not None:
         return _int8_linear(x, w, bias) if w.qweight.dtype == torch.int8 else _fp8_linear(x, w, bias)
     if bias is None and x.is_cuda:
