@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from maga_transformer.config.server_config import ServerConfig
-from maga_transformer.server import native_api, openai_api, openai_routes
+from maga_transformer.server import lora_routes, native_api, openai_api, openai_routes
 from maga_transformer.server.access_log import AccessLogMiddleware
 from maga_transformer.server.async_engine import AsyncEngine, EngineUnavailableError
 from maga_transformer.server.body_limits import BodyLimitMiddleware
@@ -147,11 +147,7 @@ def create_app(model, server_config: ServerConfig, stop_model_on_shutdown: bool 
         ids = ctx.tokenizer.encode(body.prompt)
         return {"token_ids": ids, "tokens": ctx.tokenizer.convert_ids_to_tokens(ids)}
 
-    @app.post("/update")
-    async def update():
-        return JSONResponse({"error_code": native_api.UNSUPPORTED,
-                             "message": "update: LoRA hot update is not supported yet"}, status_code=400)
-
     native_api.register(app, ctx)
+    lora_routes.register(app, ctx)
     openai_routes.register(app, ctx)
     return app

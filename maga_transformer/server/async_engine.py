@@ -107,6 +107,17 @@ class AsyncEngine:
             raise EngineUnavailableError(f"engine core is not running: {self.failure}")
         self.engine.validate(prompt_ids, config)
 
+    @property
+    def adapters(self) -> Dict[str, str]:
+        """The LoRA adapters served (name -> path), as of the core's last answer."""
+        return dict(self.engine.adapters)
+
+    async def update_lora(self, kind: str, adapters: Dict[str, str]):
+        """FrontEnd.update_lora off the event loop: the core loads while requests keep streaming."""
+        if not self.healthy:
+            raise EngineUnavailableError(f"engine core is not running: {self.failure}")
+        return await asyncio.to_thread(self.engine.update_lora, kind, adapters)
+
     def _loop_sink(self) -> _LoopSink:
         if self._sink is None:
             self._sink = _LoopSink(asyncio.get_running_loop())

@@ -1,6 +1,7 @@
 """rtp-llm's native API: POST / with prompt / prompt_batch and generate_config."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Dict, List, Optional, Tuple
@@ -43,6 +44,27 @@ class NativeRequest:
     batch: bool
     config: GenerateConfig
     stream: bool
+    adapter_names: Optional[List[Optional[str]]] = None  # generate_config.adapter_name given as a list
+
+    def config_for(self, index: int) -> GenerateConfig:
+        """The config of prompt `index`: with its own LoRA adapter when adapter_name was a list."""
+        if self.adapter_names is None:
+            return self.config
+        return dataclasses.replace(self.config, adapter_name=self.adapter_names[index])
+
+
+def _adapter_names(raw_config: dict, prompts: List[str]) -> Optional[List[Optional[str]]]:
+    """rtp-llm's adapter_name list: one name (or null: the base model) per prompt of prompt_batch."""
+    names = raw_config.get("adapter_name")
+    if not isinstance(names, list):
+        return None
+    del raw_config["adapter_name"]
+    if len(names) != len(prompts):
+        raise NativeError(BAD_INPUT_FORMAT, f"adapter_name: a list of {len(names)} adapter names for "
+                                            f"{len(prompts)} prompt(s); give one per prompt of prompt_batch")
+    if not all(n is None or (isinstance(n, str) and n) for n in names):
+        raise NativeError(BAD_INPUT_FORMAT, "adapter_name: expected a list of adapter names (strings or null)")
+    return names
 
 
 def parse_native(body: Any) -> NativeRequest:
@@ -67,12 +89,13 @@ def parse_native(body: Any) -> NativeRequest:
         raise NativeError(BAD_GENERATE_CONFIG, "generate_config: expected an object")
     raw_config = dict(raw_config)
     stream = bool(body.get("yield_generator") or raw_config.pop("yield_generator", False))
+    adapter_names = _adapter_names(raw_config, prompts)
     try:
         config = GenerateConfig.from_dict(raw_config)
     except (ValueError, TypeError) as err:
         code = BAD_STOP_LIST if "stop_words" in str(err) else BAD_GENERATE_CONFIG
         raise NativeError(code, str(err)) from None
-    return NativeRequest(prompts, batch, config, stream)
+    return NativeRequest(prompts, batch, config, stream, adapter_names)
 
 
 def native_response(output: RequestOutput, config: GenerateConfig, previous_text: Optional[List[str]] = None) -> Dict:
@@ -151,8 +174,8 @@ def _parse_and_validate(ctx: ServerContext, body: Any) -> Tuple[NativeRequest, L
         raise over_limit(ctx, parsed)
     try:
         prompt_ids = [ctx.encode(p, "prompt") for p in parsed.prompts]
-        for ids in prompt_ids:
-            ctx.engine.validate(ids, parsed.config)
+        for index, ids in enumerate(prompt_ids):
+            ctx.engine.validate(ids, parsed.config_for(index))
     except ValueError as err:
         code = PROMPT_TOO_LONG if "max_seq_len" in str(err) else BAD_GENERATE_CONFIG
         raise NativeError(code, str(err)) from None
@@ -206,7 +229,8 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
             # the slots are released after the response, streamed or dropped, even if the stream never started
             return EventStream(_stream(ctx, parsed, prompt_ids[0]), on_close=lambda: ctx.slots.release(needed))
         try:
-            outputs = await last_outputs([ctx.engine.generate(ids, parsed.config) for ids in prompt_ids], request)
+            streams = [ctx.engine.generate(ids, parsed.config_for(i)) for i, ids in enumerate(prompt_ids)]
+            outputs = await last_outputs(streams, request)
         finally:
             ctx.slots.release(needed)
         if outputs is None:
@@ -220,7 +244,7 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
 
 async def _stream(ctx: ServerContext, parsed: NativeRequest, prompt_ids: List[int]) -> AsyncIterator[str]:
     previous: Optional[List[str]] = None
-    async for output in ctx.engine.generate(prompt_ids, parsed.config):
+    async for output in ctx.engine.generate(prompt_ids, parsed.config_for(0)):
         if output.error:  # the stream's last event says why it ended
             yield sse({"error_code": UNKNOWN_ERROR, "message": output.error})
             break

@@ -1,6 +1,7 @@
 """Routes of the OpenAI-compatible API: /v1/models, /v1/chat/completions, /v1/completions."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from maga_transformer.config.generate_config import GenerateConfig
 from maga_transformer.engine.output import RequestOutput, SequenceOutput
 from maga_transformer.server import openai_api
 from maga_transformer.server.context import ServerContext, last_outputs, merge_streams
+from maga_transformer.server.lora_routes import adapter_for_model
 from maga_transformer.server.openai_api import OpenAIError
 from maga_transformer.server.sse import EventStream
 
@@ -115,8 +117,13 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": ctx.config.model_name, "object": "model",
-                                             "created": int(time.time()), "owned_by": "maga_transformer"}]}
+        """The base model, then each served LoRA adapter (its `parent` the base model, as vLLM lists them)."""
+        created, base = int(time.time()), ctx.config.model_name
+        data = [{"id": base, "object": "model", "created": created, "owned_by": "maga_transformer", "root": base,
+                 "parent": None}]
+        data += [{"id": name, "object": "model", "created": created, "owned_by": "maga_transformer", "root": path,
+                  "parent": base} for name, path in sorted(ctx.engine.adapters.items())]
+        return {"object": "list", "data": data}
 
     @app.post("/v1/chat/completions")
     async def chat(body: openai_api.ChatCompletionRequest, request: Request):
@@ -126,6 +133,7 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
                 raise over_limit(1, body.n)
             ids = chat_prompt(body)
             config = body.generate_config(ctx.default_max_new_tokens(ids))
+            config = dataclasses.replace(config, adapter_name=adapter_for_model(ctx, body.model))
             ctx.engine.validate(ids, config)
         except OpenAIError as err:
             return _error(err)
@@ -162,6 +170,7 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
                 raise OpenAIError("prompt: must not be empty", param="prompt")
             prompt_ids = [ctx.encode(p, "prompt") for p in prompts]
             config = body.generate_config(ctx.default_max_new_tokens(max(prompt_ids, key=len)))
+            config = dataclasses.replace(config, adapter_name=adapter_for_model(ctx, body.model))
             for ids in prompt_ids:
                 ctx.engine.validate(ids, config)
         except OpenAIError as err:

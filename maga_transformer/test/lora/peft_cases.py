@@ -96,3 +96,31 @@ def reference_prompt_logprobs(model, prompt: List[int]) -> torch.Tensor:
     with torch.no_grad():
         logits = model(torch.tensor([prompt])).logits[0].double()
     return torch.log_softmax(logits[:-1], dim=-1).gather(1, torch.tensor(prompt[1:])[:, None]).squeeze(1)
+
+
+def save_adapter(base, directory: str, seed: int = 7, **lora_kwargs) -> str:
+    """One more PEFT adapter of `base` saved to `directory` (DoRA, modules_to_save, ... for refusals)."""
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(seed)
+    lora_kwargs.setdefault("target_modules", ["q_proj", "v_proj"])
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                                **lora_kwargs))
+    peft_model.save_pretrained(directory)
+    return directory
+
+
+def other_shaped_adapter(directory: str) -> str:
+    """An adapter of a LLaMA with another hidden size: its shapes fit no projection of ours."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    other = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB))
+    return save_adapter(other, directory)
+
+
+def reference_greedy_through_eos(model, prompt: List[int], max_new_tokens: int) -> List[int]:
+    """Greedy tokens that run past EOS (generate_config.ignore_eos), one full forward per token."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]

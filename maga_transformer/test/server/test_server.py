@@ -193,7 +193,8 @@ def test_worker_status_tokenizer_and_update_routes(model, server):
     bad = httpx.post(server.url + "/tokenizer/encode", json={"prompt": 3}, timeout=10)
     assert bad.status_code == 400 and "prompt" in bad.json()["message"]
     update = httpx.post(server.url + "/update", json={}, timeout=10)
-    assert update.status_code == 400 and update.json()["error_code"] == 515
+    # a body that is not rtp-llm's {"peft_info": {"lora_info": ...}} (LoRA updates: test/lora/)
+    assert update.status_code == 400 and update.json()["error_code"] == 507 and "peft_info" in update.json()["message"]
 
 
 def test_concurrent_streams_equal_plain_requests_and_give_back_their_slots(client, server):
