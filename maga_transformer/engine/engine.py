@@ -84,6 +84,14 @@ class Engine(FrontEnd):
     def _send_lora(self, command: LoraCommand) -> None:
         self.core.lora_command(command)
 
+    def _wait_lora(self, done: threading.Event, timeout_s: float) -> bool:
+        if self._thread is not None:
+            return done.wait(timeout_s)
+        deadline = time.monotonic() + timeout_s  # nobody else steps the core: do it here
+        while not done.is_set() and time.monotonic() < deadline:
+            self.step()
+        return done.is_set()
+
     # ---- driving the core -----------------------------------------------------------------------
     def step(self) -> List[RequestOutput]:
         """One engine step on this thread; returns the outputs it handed out."""

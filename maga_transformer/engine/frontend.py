@@ -165,11 +165,15 @@ class FrontEnd:
             self._check_alive()
             self._lora_waiters[command.command_id] = waiter
         self._send_lora(command)
-        if not waiter[0].wait(timeout_s):
+        if not self._wait_lora(waiter[0], timeout_s):
             with self._lock:
                 self._lora_waiters.pop(command.command_id, None)
             raise TimeoutError(f"the engine core did not finish the LoRA update within {timeout_s:.0f} s")
         return waiter[1]
+
+    def _wait_lora(self, done: threading.Event, timeout_s: float) -> bool:
+        """Wait for the core's answer (the in-process Engine without its loop thread steps meanwhile)."""
+        return done.wait(timeout_s)
 
     def _on_lora_results(self, results: List[LoraUpdateResult]) -> None:
         """Call with the lock held."""

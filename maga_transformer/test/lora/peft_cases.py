@@ -98,14 +98,15 @@ def reference_prompt_logprobs(model, prompt: List[int]) -> torch.Tensor:
     return torch.log_softmax(logits[:-1], dim=-1).gather(1, torch.tensor(prompt[1:])[:, None]).squeeze(1)
 
 
-def save_adapter(base, directory: str, seed: int = 7, **lora_kwargs) -> str:
+def save_adapter(base, directory: str, seed: int = 7, safe_serialization: bool = True, **lora_kwargs) -> str:
     """One more PEFT adapter of `base` saved to `directory` (DoRA, modules_to_save, ... for refusals)."""
     from peft import LoraConfig, get_peft_model
     torch.manual_seed(seed)
     lora_kwargs.setdefault("target_modules", ["q_proj", "v_proj"])
-    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
-                                                                **lora_kwargs))
-    peft_model.save_pretrained(directory)
+    lora_kwargs.setdefault("r", 4)
+    lora_kwargs.setdefault("lora_alpha", 8)
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(init_lora_weights=False, **lora_kwargs))
+    peft_model.save_pretrained(directory, safe_serialization=safe_serialization)
     return directory
 
 
