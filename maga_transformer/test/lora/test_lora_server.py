@@ -138,7 +138,8 @@ def test_bad_adapters_refused_and_serving_goes_on(case, served, tmp_path):
         "missing": (str(tmp_path / "nowhere"), "not a directory"),
         "lm_head": (save_adapter(base, str(tmp_path / "head"), target_modules=["lm_head"]), "lm_head"),
     }
-    served_before = httpx.get(server.url + "/v1/models").json()
+    listed = lambda: [(m["id"], m["root"]) for m in httpx.get(server.url + "/v1/models").json()["data"]]  # noqa: E731
+    served_before = listed()
     for name, (path, reason) in bad.items():
         reply = _set(server, {"a_qv": case.adapter_dirs["a_qv"], "b_all": case.adapter_dirs["b_all"], name: path})
         assert reply.status_code == 400, (name, reply.text)
@@ -147,7 +148,7 @@ def test_bad_adapters_refused_and_serving_goes_on(case, served, tmp_path):
         assert vllm.status_code == 400 and reason in vllm.json()["error"]["message"], name
     changed = _set(server, {"a_qv": case.adapter_dirs["b_all"], "b_all": case.adapter_dirs["b_all"]})
     assert changed.status_code == 400 and "new path for a known name" in changed.json()["message"]
-    assert httpx.get(server.url + "/v1/models").json()["data"] == served_before["data"]
+    assert listed() == served_before
     # bad requests
     misaligned = _native(server, "prompt_batch", PROMPTS[:2], ["a_qv"])
     assert misaligned.status_code == 400 and misaligned.json()["error_code"] == 507
