@@ -56,12 +56,13 @@ def prepare_adapter(model, adapter: PeftAdapter) -> PreparedAdapter:
     check_model_supports_lora(model, adapter.name)
     parts: Dict[int, List[_Part]] = {}
     for module, (a, b) in sorted(adapter.factors.items()):
-        target = _target_of(model, adapter.name, module)
+        canonical, target = _target_of(model, adapter.name, module)
         if a.shape[1] != target.linear.in_features or b.shape[0] != target.rows:
             raise refuse(adapter.name, f"module {module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do "
                                        f"not fit the base model's projection of {target.rows} x "
                                        f"{target.linear.in_features} (an adapter of another base model?)")
-        parts.setdefault(id(target.linear), []).append((target, a, b.float() * adapter.scales[module]))
+        b = model.lora_b_rows(canonical, b.float()) * adapter.scales[module]
+        parts.setdefault(id(target.linear), []).append((target, a, b))
     prepared = PreparedAdapter(adapter.name, adapter.path, adapter.max_rank)
     for group in parts.values():
         linear = group[0][0].linear
@@ -69,7 +70,8 @@ def prepare_adapter(model, adapter: PeftAdapter) -> PreparedAdapter:
     return prepared
 
 
-def _target_of(model, name: str, module: str) -> LoraTarget:
+def _target_of(model, name: str, module: str) -> Tuple[str, LoraTarget]:
+    """(canonical weight name, target) of a PEFT module path."""
     mapped = model.map_weight_name(module + ".weight")
     if mapped is None or mapped[0] is None:
         raise refuse(name, f"target module {module} is not a projection of a layer of this model (LoRA applies "
@@ -78,7 +80,7 @@ def _target_of(model, name: str, module: str) -> LoraTarget:
     if target is None:
         raise refuse(name, f"target module {module} ({mapped[1]} of layer {mapped[0]}) is not a projection "
                            f"{type(model).__name__} applies LoRA to")
-    return target
+    return mapped[1], target
 
 
 def _fused_pair(group: List[_Part], dtype: torch.dtype, device: torch.device) -> ops.LoraPair:

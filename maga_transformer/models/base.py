@@ -69,6 +69,11 @@ class FamilyModel:
         where the family applies no LoRA there (maga_transformer/lora/ refuses such adapters)."""
         return None
 
+    def lora_b_rows(self, canonical: str, lora_b: torch.Tensor) -> torch.Tensor:
+        """Family hook: a LoRA module's B rows reordered as loading reorders the base weight's rows
+        (ChatGLM permutes q/k channels); most families keep the checkpoint's order."""
+        return lora_b
+
     # ---- loading helpers ------------------------------------------------------------------------
     def _cast(self, tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         if tensor is None:

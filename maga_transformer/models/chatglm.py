@@ -97,6 +97,10 @@ class ChatGLMModel(DecoderModel):
                 w[key] = self._qk_rows_to_halves(w[key])
         return super()._assemble_layer(index, w)
 
+    def lora_b_rows(self, canonical: str, lora_b: torch.Tensor) -> torch.Tensor:
+        """An adapter of query_key_value outputs its rows in the checkpoint's order: permute them too."""
+        return self._qk_rows_to_halves(lora_b) if canonical == "qkv" else lora_b
+
     def _qk_rows_to_halves(self, qkv: torch.Tensor) -> torch.Tensor:
         arch = self.full_arch  # the checkpoint's whole projection, before this rank takes its heads
         q_rows, k_rows = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim

@@ -7,6 +7,7 @@ engine core sends each request's tokens once, when it finishes.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 from dataclasses import dataclass, field
@@ -71,16 +72,16 @@ class Pipeline:
     def __call__(self, prompts: Union[str, List[str]], generate_config: Optional[Dict[str, Any]] = None,
                  **kwargs: Any) -> Iterator[PipelineResponse]:
         """Validate everything before anything runs, then stream; abandoning the iterator aborts."""
-        token_ids, config = self._prepare(prompts, generate_config, kwargs)
-        return self._stream(token_ids, config, stream=True)
+        token_ids, config, adapters = self._prepare(prompts, generate_config, kwargs)
+        return self._stream(token_ids, config, stream=True, adapters=adapters)
 
     def generate(self, prompts: Union[str, List[str]], generate_config: Optional[Dict[str, Any]] = None,
                  **kwargs: Any) -> PipelineResponse:
         """The offline form: every prompt's final result, nothing streamed (the fastest way to run a
         large batch: the engine core sends each request's tokens once, when it finishes)."""
-        token_ids, config = self._prepare(prompts, generate_config, kwargs)
+        token_ids, config, adapters = self._prepare(prompts, generate_config, kwargs)
         last = None
-        for last in self._stream(token_ids, config, stream=False):
+        for last in self._stream(token_ids, config, stream=False, adapters=adapters):
             pass
         assert last is not None and last.finished
         return last
@@ -92,19 +93,27 @@ class Pipeline:
             raise ValueError("prompts: expected a non-empty list of strings")
         merged = dict(generate_config or {})
         merged.update(kwargs)
+        adapters = merged.pop("adapter_name") if isinstance(merged.get("adapter_name"), list) else None
+        if adapters is not None and len(adapters) != len(prompts):
+            raise ValueError(f"adapter_name: a list of {len(adapters)} LoRA adapter names for {len(prompts)} "
+                             "prompt(s); give one per prompt (None: the base model)")
         config = GenerateConfig.from_dict(merged)
         for prompt in prompts:
             _check_prompt(prompt)
         # one batched call: the Rust tokenizer encodes the prompts in parallel threads
         token_ids = self.tokenizer(prompts)["input_ids"] if len(prompts) > 1 else [self.encode(prompts[0])]
-        for ids in token_ids:
-            self.engine.validate(ids, config)  # all checked before any is submitted
-        return token_ids, config
+        for index, ids in enumerate(token_ids):  # all checked before any is submitted
+            self.engine.validate(ids, _with_adapter(config, adapters, index))
+        return token_ids, config, adapters
 
-    def _stream(self, token_ids: List[List[int]], config: GenerateConfig,
-                stream: bool) -> Iterator[PipelineResponse]:
+    def _stream(self, token_ids: List[List[int]], config: GenerateConfig, stream: bool,
+                adapters: Optional[List[Optional[str]]] = None) -> Iterator[PipelineResponse]:
         sink = _StepSink()
-        handles = self.engine.add_requests(token_ids, config, sink=sink, stream=stream)
+        if adapters is None:
+            handles = self.engine.add_requests(token_ids, config, sink=sink, stream=stream)
+        else:  # a LoRA adapter per prompt: one config each
+            handles = [self.engine.add_requests([ids], _with_adapter(config, adapters, i), sink=sink, stream=stream)[0]
+                       for i, ids in enumerate(token_ids)]
         index_of = {h.request_id: i for i, h in enumerate(handles)}
         latest: List[Optional[RequestOutput]] = [None] * len(handles)
         texts: List[Union[str, List[str]]] = ["" if config.num_return_sequences == 1 else [""]] * len(handles)
@@ -126,6 +135,11 @@ class Pipeline:
 
     def stop(self) -> None:
         self.engine.stop()
+
+
+def _with_adapter(config: GenerateConfig, adapters: Optional[List[Optional[str]]], index: int) -> GenerateConfig:
+    """The config of prompt `index` when adapter_name was a list (one LoRA adapter per prompt)."""
+    return config if adapters is None else dataclasses.replace(config, adapter_name=adapters[index])
 
 
 def _check_prompt(prompt) -> None:
