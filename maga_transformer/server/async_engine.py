@@ -15,6 +15,7 @@ from typing import AsyncIterator, Dict, List, Optional
 from maga_transformer.config.generate_config import GenerateConfig
 from maga_transformer.engine.output import AuxInfo, RequestOutput, SequenceOutput
 from maga_transformer.engine.request import FinishReason
+from maga_transformer.lora.messages import LoraUpdateResult
 from maga_transformer.server.metrics import RequestTimer
 
 _ids = itertools.count()
@@ -116,7 +117,12 @@ class AsyncEngine:
         """FrontEnd.update_lora off the event loop: the core loads while requests keep streaming."""
         if not self.healthy:
             raise EngineUnavailableError(f"engine core is not running: {self.failure}")
-        return await asyncio.to_thread(self.engine.update_lora, kind, adapters)
+        try:
+            return await asyncio.to_thread(self.engine.update_lora, kind, adapters)
+        except TimeoutError as err:
+            return LoraUpdateResult(0, self.adapters, error=str(err), status=504)
+        except RuntimeError as err:  # the core went away meanwhile
+            raise EngineUnavailableError(str(err)) from None
 
     def _loop_sink(self) -> _LoopSink:
         if self._sink is None:

@@ -100,7 +100,9 @@ def test_hot_update_while_streaming(case, served):
     events = []
     stream = threading.Thread(target=_stream, args=(server, PROMPTS[1], "a_qv", events))
     stream.start()
+    deadline = time.monotonic() + 60
     while not events:
+        assert time.monotonic() < deadline and stream.is_alive(), "the stream never started"
         time.sleep(0.001)
     reply = _set(server, {"b_all": case.adapter_dirs["b_all"], "c_mlp": case.adapter_dirs["c_mlp"]})
     assert reply.status_code == 200, reply.text
