@@ -39,6 +39,13 @@ class EngineConfig:
     num_kv_blocks: Optional[int] = None  # explicit block count (tests); overrides kv_cache_mem_mb
     enable_prefix_cache: bool = True  # USE_BLOCK_CACHE
     enable_chunked_prefill: bool = True
+    # MAX_NUM_PARTIAL_PREFILLS: prompts whose prefill spans several steps, at once; a prompt that
+    # would be the next one waits, and shorter prompts that fit a step whole pass it
+    max_num_partial_prefills: int = 1
+    # LONG_PREFILL_TOKEN_THRESHOLD: next to running decodes, a prompt with more tokens left than this
+    # is prefilled in chunks of this many per step, so the decodes' inter-token latency stays near a
+    # plain decode step's; a prompt running alone takes the whole budget. 0: no cap
+    long_prefill_token_threshold: int = 256
     concurrency_limit: int = 32
     # launch decode step N+1 before reading step N back (engine/overlap.py); None: on CUDA devices
     overlap_scheduling: Optional[bool] = None
@@ -54,7 +61,9 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"KV_CACHE_DTYPE: expected one of {list(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
-        for name in ("max_num_batched_tokens", "max_num_seqs", "concurrency_limit"):
+        if self.long_prefill_token_threshold < 0:
+            raise ValueError(f"LONG_PREFILL_TOKEN_THRESHOLD must be >= 0, got {self.long_prefill_token_threshold}")
+        for name in ("max_num_batched_tokens", "max_num_seqs", "concurrency_limit", "max_num_partial_prefills"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.kv_cache_mem_mb is not None and self.kv_cache_mem_mb <= 0:
@@ -73,6 +82,8 @@ class EngineConfig:
             kv_cache_mem_mb=env_int(env, "KV_CACHE_MEM_MB", None),
             enable_prefix_cache=env_bool(env, "USE_BLOCK_CACHE", True),
             enable_chunked_prefill=env_bool(env, "ENABLE_CHUNKED_PREFILL", True),
+            max_num_partial_prefills=env_int(env, "MAX_NUM_PARTIAL_PREFILLS", 1),
+            long_prefill_token_threshold=env_int(env, "LONG_PREFILL_TOKEN_THRESHOLD", 256),
             concurrency_limit=env_int(env, "CONCURRENCY_LIMIT", 32),
             overlap_scheduling=env_bool(env, "OVERLAP_SCHEDULING", True) if env.get("OVERLAP_SCHEDULING") else None,
             engine_process=env_bool(env, "ENGINE_PROCESS", True),

@@ -4,7 +4,7 @@ from __future__ import annotations
 from maga_transformer.config import GenerateConfig
 from maga_transformer.engine.block_pool import BlockPool
 from maga_transformer.engine.request import Request, RequestStatus, Sequence
-from maga_transformer.engine.scheduler import Scheduler
+from maga_transformer.engine.scheduler import PrefillPolicy, Scheduler
 
 
 def _request(rid: str, prompt_len: int) -> Request:
@@ -55,3 +55,66 @@ def test_preemption_requeues_latest_request_first_in_line():
     assert b.status == RequestStatus.WAITING and sched.waiting[0] is b
     assert b.seqs[0].num_computed_tokens == 0 and not b.seqs[0].block_table
     assert [i.request.request_id for i in plan.scheduled] == ["a"]
+
+
+
+def _planned(plan) -> dict:
+    return {item.request.request_id: item.num_tokens for item in plan.scheduled}
+
+
+def _policy_scheduler(threshold: int, partial: int = 1, budget: int = 2048) -> Scheduler:
+    return Scheduler(BlockPool(20000), block_size=16, max_num_batched_tokens=budget, max_num_seqs=64,
+                     policy=PrefillPolicy(max_num_partial_prefills=partial, long_prefill_token_threshold=threshold))
+
+
+def _start_decodes(sched: Scheduler, count: int, prefix: str = "d") -> list:
+    decodes = [_request(f"{prefix}{i}", 20) for i in range(count)]
+    for request in decodes:
+        sched.add_request(request)
+    _advance(sched.schedule())
+    return decodes
+
+
+def test_decodes_run_every_step_while_a_long_prompt_prefills():
+    """Decodes admitted after a long prompt were starved behind it before (planned in admission order)."""
+    sched = _policy_scheduler(threshold=256)
+    decoders = _start_decodes(sched, 4, "early")
+    long_prompt = _request("long", 32000)
+    sched.add_request(long_prompt)
+    _advance(sched.schedule())  # the long prompt takes its first chunk next to the 4 decodes
+    decoders += _start_decodes(sched, 3, "late")
+    steps = 0
+    while long_prompt.seqs[0].num_computed_tokens < 32000:
+        plan = sched.schedule()
+        planned = _planned(plan)
+        assert all(planned.get(r.request_id) == 1 for r in decoders), planned  # every decode, every step
+        assert planned["long"] <= 256
+        _advance(plan)
+        steps += 1
+    assert steps >= (32000 - 2 * 256) // 256
+
+
+def test_a_long_prompt_alone_takes_the_whole_budget():
+    sched = _policy_scheduler(threshold=256)
+    sched.add_request(_request("long", 32000))
+    assert _planned(sched.schedule()) == {"long": 2048}
+
+
+def test_a_second_long_prompt_waits_and_short_ones_pass_it():
+    sched = _policy_scheduler(threshold=600, partial=1, budget=1000)
+    decoding = _start_decodes(sched, 1)  # decodes make a long prompt's chunk capped
+    for rid, length in (("long1", 5000), ("long2", 5000), ("short", 100)):
+        sched.add_request(_request(rid, length))
+    planned = _planned(sched.schedule())
+    # long2 would be a second partial prefill: it waits; the short prompt fits whole and passes it
+    assert planned == {decoding[0].request_id: 1, "long1": 600, "short": 100}
+    assert [r.request_id for r in sched.waiting] == ["long2"]
+
+
+def test_two_partial_prefills_when_allowed():
+    sched = _policy_scheduler(threshold=300, partial=2, budget=1000)
+    _start_decodes(sched, 1)
+    for rid in ("long1", "long2"):
+        sched.add_request(_request(rid, 5000))
+    planned = _planned(sched.schedule())
+    assert planned["long1"] == 300 and planned["long2"] == 300
