@@ -8,8 +8,9 @@ not inflate the work of every decode in the same step.
 
 On CUDA, a step whose every sequence decodes (one query each) runs the paged decode kernel
 (src/kernels/cuda/paged_decode_attention.cu, flash-decoding over 64-token partitions). In a step
-that mixes decodes and prompt chunks, the decode rows take the same kernel and the prompt rows the
-torch reference (padded groups through SDPA); a varlen prefill kernel comes later (issue 15).
+that mixes decodes and prompt chunks, the decode rows take the same kernel and the prompt rows
+flash attention's varlen kernel (ops/flash_prefill.py: no padding, no mask tensor), or the torch
+reference (padded groups through SDPA) where flash does not apply (GLM's bidirectional prompt, fp32).
 
 ALiBi (Bloom, MPT, Falcon-alibi, Baichuan-13B) adds slope[h] * (key_pos - query_pos) to the
 scores; only the torch reference implements it, so paged_attention never dispatches to the decode
@@ -28,6 +29,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from maga_transformer.ops._cpu import cpu_kernels_for
 from maga_transformer.ops._cuda import KERNEL_DTYPES, aligned, check_status, kernels_for, same_device
+from maga_transformer.ops.flash_prefill import (FlashPrefillPlan, build_flash_prefill_plan, flash_prefill,
+                                                flash_prefill_applies)
 from maga_transformer.ops.kv_cache import QuantizedKV, read_kv
 
 
@@ -89,6 +92,8 @@ class AttentionMetadata:
     groups: Optional[List[_PaddedGroup]] = None
     decode: Optional["DecodeTensors"] = None
     mixed: Optional["MixedTensors"] = None
+    # (plan, decode rows apart on the decode kernel); plan None: flash refused this step
+    flash: Optional[Tuple[Optional[FlashPrefillPlan], bool]] = None
 
 
 @dataclass
@@ -291,6 +296,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         decode = _decode_tensors(kernels, meta, q.device)
         return paged_decode_attention(q, k_cache, v_cache, decode.block_tables, decode.seq_lens, scale,
                                       decode.max_partitions, meta.sliding_window)
+    flash = _flash_prefill_step(kernels, q, k_cache, v_cache, meta, scale, alibi_slopes)
+    if flash is not None:
+        return flash
     if kernels is not None and _mixed_split_applies(kernels, q, k_cache, v_cache, meta):
         return _mixed_attention(kernels, q, k_cache, v_cache, meta, scale)
     if alibi_slopes is None:
@@ -298,6 +306,41 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         if out is not None:
             return out
     return paged_attention_reference(q, k_cache, v_cache, meta, scale, alibi_slopes)
+
+
+def _flash_prefill_step(kernels, q: torch.Tensor, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+                        alibi_slopes: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A CUDA step with prompt rows: the prompts through flash's varlen kernel (ops/flash_prefill.py),
+    the decode rows beside them through the decode kernel when it applies, else through flash too.
+    None when flash does not apply (the padded reference runs)."""
+    if meta.flash is not None and meta.flash[0] is None:
+        return None  # refused by an earlier layer of this step
+    if meta.flash is None:
+        if not any(n > 1 for n in meta.query_lens) or not flash_prefill_applies(q, k_cache, meta.bidirectional_lens):
+            return None
+        decode, prefill = _decode_and_prefill_members(meta)
+        split = kernels is not None and bool(decode) and _mixed_split_applies(kernels, q, k_cache, v_cache, meta)
+        members = prefill if split else list(range(len(meta.query_lens)))
+        plan = build_flash_prefill_plan(meta.query_lens, meta.context_lens, meta.block_tables, meta.block_size,
+                                        members, q.device)
+        meta.flash = (plan, split)
+    plan, split = meta.flash
+    prompt_out = flash_prefill(q, k_cache, v_cache, plan, scale, meta.sliding_window, alibi_slopes)
+    if prompt_out is None:
+        meta.flash = (None, False)
+        return None
+    if plan.rows is None:
+        return prompt_out  # every row, in the batch's order
+    out = torch.empty_like(q)
+    out.index_copy_(0, plan.rows, prompt_out)
+    if split:
+        mixed = _split_step(meta, q.device, lambda tables, lens: _build_decode_tensors(
+            kernels, tables, lens, meta.sliding_window, q.device), with_groups=False)
+        decode = mixed.decode
+        out.index_copy_(0, mixed.decode_rows, paged_decode_attention(
+            q.index_select(0, mixed.decode_rows), k_cache, v_cache, decode.block_tables, decode.seq_lens, scale,
+            decode.max_partitions, meta.sliding_window))
+    return out
 
 
 def _cpu_decode_attention(q: torch.Tensor, k_cache, v_cache, meta: AttentionMetadata,
@@ -367,15 +410,17 @@ def _mixed_split_applies(kernels, q: torch.Tensor, k_cache, v_cache, meta: Atten
     return bool(decode and prefill) and _covered(meta, decode) and _kernel_inputs_ok(kernels, q, k_cache, v_cache)
 
 
-def _split_step(meta: AttentionMetadata, device: torch.device, decode_tables) -> MixedTensors:
+def _split_step(meta: AttentionMetadata, device: torch.device, decode_tables, with_groups: bool = True) -> MixedTensors:
     """A step of decode and prompt rows split once for every layer: the decode rows' flat indices
-    and kernel tables (`decode_tables(block_tables, context_lens)`), the prompts' padded group."""
+    and kernel tables (`decode_tables(block_tables, context_lens)`), the prompts' padded group
+    (unless the prompts take flash: ops/flash_prefill.py)."""
     if meta.mixed is None:
         starts = _starts(meta.query_lens)
         decode, prefill = _decode_and_prefill_members(meta)
         tables = decode_tables([meta.block_tables[i] for i in decode], [meta.context_lens[i] for i in decode])
         rows = torch.tensor([starts[i] for i in decode], dtype=torch.long).to(device)
-        meta.mixed = MixedTensors(rows, tables, [_build_group(meta, prefill, starts, device, meta.sliding_window)])
+        groups = [_build_group(meta, prefill, starts, device, meta.sliding_window)] if with_groups else []
+        meta.mixed = MixedTensors(rows, tables, groups)
     return meta.mixed
 
 
