@@ -38,27 +38,26 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.
 
 
 def test_cuda_sources_match_bazel():
-    """sources.txt's [cuda] kernels, src/BUILD's CUDA_KERNEL_SRCS and the .cu files on disk agree."""
+    """sources.txt's [cuda] sources, src/BUILD's CUDA_SRCS and the .cu files on disk agree."""
     from maga_transformer.ops._compiled import read_source_lists
     lists = read_source_lists(os.path.join(_ROOT, "src", "sources.txt"))
     assert lists is not None, "a source listed in src/sources.txt is missing"
     # the lists hold real paths (under Bazel, outside the runfiles tree): compare from src/ on
-    kernels = [p for p in lists.cuda if p.endswith(".cu")]
-    assert all(os.sep.join(p.split(os.sep)[-4:-1]) == "src/kernels/cuda" for p in kernels)
-    listed = sorted("kernels/cuda/" + os.path.basename(p) for p in kernels)
+    listed = sorted(p.rsplit(os.sep + "src" + os.sep, 1)[1].replace(os.sep, "/") for p in lists.cuda)
     with open(os.path.join(_ROOT, "src", "BUILD")) as f:
-        in_build = sorted(set(re.findall(r'"(kernels/cuda/\w+\.cu)"', f.read())))
-    on_disk = sorted("kernels/cuda/" + n for n in os.listdir(os.path.join(_ROOT, "src", "kernels", "cuda"))
-                     if n.endswith(".cu"))
+        in_build = sorted(set(re.findall(r'"((?:kernels/cuda|bindings)/\w+\.cu)"', f.read())))
+    on_disk = sorted([f"kernels/cuda/{n}" for n in os.listdir(os.path.join(_ROOT, "src", "kernels", "cuda"))
+                      if n.endswith(".cu")] +
+                     [f"bindings/{n}" for n in os.listdir(os.path.join(_ROOT, "src", "bindings")) if n.endswith(".cu")])
     assert listed == in_build == on_disk
-    assert not any(p.endswith(".cu") for p in lists.cpu), "the CPU build must not list CUDA sources"
+    assert not any(p.endswith(".cu") for p in lists.cpu), "the CPU library must not list CUDA sources"
 
 
 @pytest.fixture(scope="module")
 def kernels():
     from maga_transformer.ops._compiled import cuda_kernels
     module = cuda_kernels()
-    assert module is not None, "the CUDA build of the C++ runtime failed (see the log for nvcc's error)"
+    assert module is not None, "no CUDA kernels: neither a bundled library fits nor the build from sources worked"
     return module
 
 
@@ -512,5 +511,74 @@ def test_prefill_attention_avoids_cudnn_plan_builds(kernels, query_lens, context
         torch.cuda.synchronize()
     names = [event.name for event in prof.events()]
     assert not [n for n in names if "cudnn" in n.lower()], "prefill attention went to cuDNN"
-    assert [g.plain_causal for g in meta.groups] == [context_lens == [0, 0]]
+    assert meta.flash is not None and meta.flash[0] is not None, "prompt rows did not take flash varlen"
     assert _rel_error(out, _decode_oracle(q, k_cache, v_cache, meta, 0.09)) < ORACLE_REL[torch.bfloat16]
+
+
+# ---- prompt rows through flash varlen (ops/flash_prefill.py) ----------------------------------
+
+PREFILL_CASES = [
+    # query lens,        context lens,     heads, kv, dim, block, window
+    ([300, 1, 57], [0, 40, 1000], 32, 8, 128, 16, None),  # fresh prompt, a decode row, a chunk after cache
+    ([2048], [32000], 32, 8, 128, 16, None),               # a chunk after 32k cached keys
+    ([200, 130], [5000, 0], 16, 1, 64, 32, None),          # MQA, head_dim 64
+    ([90, 33], [700, 12], 28, 4, 128, 16, None),           # GQA 7
+    ([64, 64], [100, 0], 12, 2, 80, 16, None),             # head_dim 80
+    ([40, 9], [300, 0], 8, 8, 96, 16, None),               # head_dim 96
+    ([100, 7], [200, 31], 8, 4, 256, 8, None),             # head_dim 256
+    ([500, 300], [3000, 0], 32, 8, 128, 16, 1024),         # sliding window reaching into the cache
+    ([77, 13], [130, 5], 8, 2, 128, 12, None),             # block size not a power of two
+]
+
+
+@gpu_test
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("case", PREFILL_CASES, ids=lambda c: f"q{max(c[0])}ctx{max(c[1])}h{c[2]}kv{c[3]}d{c[4]}w{c[6]}")
+def test_prompt_rows_take_flash_varlen_and_match_the_oracle(case, dtype):
+    """Chunks after cached tokens (block tables with holes), fresh prompts and decode rows in one
+    step: flash's varlen kernel against the float64 reference; no padded group is built."""
+    query_lens, context_lens, heads, kv_heads, head_dim, block, window = case
+    keys = [q + c - 1 for q, c in zip(query_lens, context_lens)]
+    _, k_cache, v_cache, tables = _random_paged_batch(keys, heads, kv_heads, head_dim, block, dtype, seed=sum(keys))
+    q = torch.randn(sum(query_lens), heads, head_dim, device="cuda", dtype=dtype)
+    meta = build_attention_metadata(query_lens, context_lens, tables, block, q.device, sliding_window=window)
+    out = ops.paged_attention(q, k_cache, v_cache, meta, head_dim ** -0.5)
+    assert meta.flash is not None and meta.flash[0] is not None and meta.groups is None
+    oracle = _decode_oracle(q, k_cache, v_cache, build_attention_metadata(
+        query_lens, context_lens, tables, block, q.device, sliding_window=window), head_dim ** -0.5)
+    assert _rel_error(out, oracle) < ORACLE_REL[dtype]
+
+
+@gpu_test
+def test_flash_prompt_rows_with_alibi_match_the_oracle():
+    from maga_transformer.ops.attention import alibi_slopes
+    query_lens, context_lens = [120, 1, 33], [0, 50, 400]
+    keys = [q + c - 1 for q, c in zip(query_lens, context_lens)]
+    _, k_cache, v_cache, tables = _random_paged_batch(keys, 16, 16, 64, 16, torch.bfloat16, seed=5)
+    q = torch.randn(sum(query_lens), 16, 64, device="cuda", dtype=torch.bfloat16)
+    slopes = alibi_slopes(16).cuda()
+    meta = build_attention_metadata(query_lens, context_lens, tables, 16, q.device)
+    out = ops.paged_attention(q, k_cache, v_cache, meta, 0.125, alibi_slopes=slopes)
+    oracle = paged_attention_reference(q.double(), k_cache.double(), v_cache.double(),
+                                       build_attention_metadata(query_lens, context_lens, tables, 16, q.device),
+                                       0.125, alibi_slopes=slopes.double())
+    assert meta.flash is not None and meta.flash[0] is not None
+    assert _rel_error(out, oracle) < ORACLE_REL[torch.bfloat16]
+
+
+@gpu_test
+def test_flash_prompt_rows_read_a_quantized_cache(kernels):
+    from maga_transformer.ops.kv_cache import allocate_kv
+    query_lens, context_lens = [64, 1], [500, 90]
+    keys = [q + c for q, c in zip(query_lens, context_lens)]
+    _, k_src, v_src, tables = _random_paged_batch(keys, 16, 4, 128, 16, torch.bfloat16, seed=9)
+    k_cache, v_cache = (allocate_kv(k_src.shape, torch.bfloat16, torch.device("cuda"), "int8") for _ in range(2))
+    slots = torch.arange(k_src.shape[0] * 16, device="cuda")
+    write_kv_cache_reference(k_src.view(-1, 4, 128), v_src.view(-1, 4, 128), k_cache, v_cache, slots)
+    q = torch.randn(sum(query_lens), 16, 128, device="cuda", dtype=torch.bfloat16)
+    meta = build_attention_metadata(query_lens, context_lens, tables, 16, q.device)
+    out = ops.paged_attention(q, k_cache, v_cache, meta, 0.09)
+    ref = paged_attention_reference(q, k_cache, v_cache, build_attention_metadata(
+        query_lens, context_lens, tables, 16, q.device), 0.09)
+    assert meta.flash is not None and meta.flash[0] is not None
+    assert _rel_error(out, ref.double()) < ORACLE_REL[torch.bfloat16]
