@@ -19,14 +19,14 @@ import functools
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from maga_transformer.ops._compiled import cpu_kernels
 from maga_transformer.ops._cuda import aligned, check_status, kernels_for, same_device
-from maga_transformer.ops.lora import LoraPair, LoraRows, add_lora
+from maga_transformer.ops.lora import LoraRows, LoraSet, add_lora
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class LinearWeight:
     scale: Optional[torch.Tensor] = None
     # unmerged LoRA (maga_transformer/lora/): adapter slot -> its low-rank factors for this projection;
     # filled and emptied by the engine core between steps as adapters load and unload
-    lora: Dict[int, LoraPair] = field(default_factory=dict)
+    lora: LoraSet = field(default_factory=LoraSet)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight the quantized one stands for, [out, in] in dtype (the quantization's oracle)."""
