@@ -151,3 +151,23 @@ def test_unload_lets_running_requests_finish(llama_case):
         engine.pool.check_idle()
     finally:
         model.stop()
+
+
+def test_engine_process_start_up_names_the_bad_adapter(llama_case, tmp_path):
+    """The product path: the core process refuses LORA_INFO's bad adapter and the front end raises why."""
+    dora = save_adapter(llama_case.base, str(tmp_path / "dora"), use_dora=True)
+    with pytest.raises(ValueError, match="LoRA adapter 'dora': DoRA"):
+        lora_engine_model(llama_case.base_dir, {"dora": dora}, engine_process=True)
+
+
+def test_families_without_lora_refuse_adapters(tmp_path):
+    """A GPT-style family (GPT-NeoX) never says where adapters go: refused, naming the family."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from maga_transformer.test.fixtures import save_tiny_checkpoint
+    torch.manual_seed(0)
+    neox = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                            num_attention_heads=4, vocab_size=128, max_position_embeddings=64))
+    base_dir = save_tiny_checkpoint(neox, str(tmp_path / "neox"))
+    adapter = save_adapter(neox, str(tmp_path / "neox_lora"), target_modules=["query_key_value"])
+    with pytest.raises(ValueError, match="GptNeoXModel family does not apply LoRA"):
+        lora_engine_model(base_dir, {"x": adapter}).engine
