@@ -9,7 +9,7 @@ stacked, their B matrices placed block-diagonally at their rows, the scale folde
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -63,11 +63,48 @@ def prepare_adapter(model, adapter: PeftAdapter) -> PreparedAdapter:
                                        f"{target.linear.in_features} (an adapter of another base model?)")
         b = model.lora_b_rows(canonical, b.float()) * adapter.scales[module]
         parts.setdefault(id(target.linear), []).append((target, a, b))
+    for module, pairs in sorted(adapter.expert_factors.items()):
+        for target, a, b in _expert_parts(model, adapter, module, pairs):
+            parts.setdefault(id(target.linear), []).append((target, a, b))
     prepared = PreparedAdapter(adapter.name, adapter.path, adapter.max_rank)
     for group in parts.values():
         linear = group[0][0].linear
         prepared.pairs.append((linear, _fused_pair(group, model.dtype, model.device)))
     return prepared
+
+
+def _expert_parts(model, adapter: PeftAdapter, module: str,
+                  pairs: List[Tuple[torch.Tensor, torch.Tensor]]) -> List[_Part]:
+    """PEFT's LoRA on a module's 3-D expert tensors (target_parameters): A [rank * E, in] holds the
+    experts' A matrices expert-major, B [out, rank * E] their B matrices expert-minor, so expert e
+    adds B[:, :, e] @ A[e] (after reshaping) to its weight. Which tensor a pair adapts (the fused
+    gate/up or down) follows from its shapes, which differ between the two."""
+    found = model.lora_fused_experts(module)
+    if found is None:
+        raise refuse(adapter.name, f"target_parameters module {module} is not an MoE expert block of "
+                                   f"{type(model).__name__}")
+    layer, num_experts = found
+    parts: List[_Part] = []
+    for a, b in pairs:
+        role = _expert_role(model, layer, a, b)
+        if role is None or a.shape[0] % num_experts:
+            raise refuse(adapter.name, f"module {module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} fit "
+                                       f"neither the experts' gate/up nor their down projection")
+        rank = a.shape[0] // num_experts
+        a_experts = a.float().reshape(num_experts, rank, a.shape[1])
+        b_experts = b.float().reshape(b.shape[0], rank, num_experts)
+        for expert in range(num_experts):
+            target = model.lora_target(layer, f"expert.{expert}.{role}")
+            parts.append((target, a_experts[expert], b_experts[:, :, expert] * adapter.parameter_scale))
+    return parts
+
+
+def _expert_role(model, layer: int, a: torch.Tensor, b: torch.Tensor) -> Optional[str]:
+    for role in ("gate_up", "down"):
+        target = model.lora_target(layer, f"expert.0.{role}")
+        if target is not None and a.shape[1] == target.linear.in_features and b.shape[0] == target.rows:
+            return role
+    return None
 
 
 def _target_of(model, name: str, module: str) -> Tuple[str, LoraTarget]:

@@ -20,6 +20,9 @@ logger = logging.getLogger(__name__)
 def merged_tensors(tensors: Iterable[Tuple[str, torch.Tensor]], adapter: PeftAdapter) -> Iterator[Tuple[str, torch.Tensor]]:
     """The checkpoint's tensors with the adapter's deltas added to the weights it targets; raises
     (naming the adapter) for a module the checkpoint lacks or whose shape differs."""
+    if adapter.expert_factors:
+        raise refuse(adapter.name, "LORA_MERGE=1 cannot merge target_parameters (fused MoE expert tensors); "
+                                   "serve it unmerged")
     wanted = {module + ".weight": module for module in adapter.factors}
     seen = set()
     for name, tensor in tensors:

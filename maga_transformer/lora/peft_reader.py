@@ -10,13 +10,14 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-_TENSOR_NAME = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
+# module path, then PEFT's nesting of parameter wrappers (one ".base_layer" per level), then A or B
+_TENSOR_NAME = re.compile(r"^(?:base_model\.model\.)?(.+?)((?:\.base_layer)*)\.lora_([AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
 _SAFETENSORS, _BIN = "adapter_model.safetensors", "adapter_model.bin"
 
 
@@ -34,10 +35,16 @@ class PeftAdapter:
     rank: int  # the config's r (modules may differ through rank_pattern)
     factors: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     scales: Dict[str, float] = field(default_factory=dict)
+    # target_parameters (LoRA on a module's 3-D expert tensors, transformers 5's fused MoE experts):
+    # per module path, the (A [rank * experts, in], B [out, rank * experts]) of each tensor it adapts,
+    # which tensor told apart later by its shapes; all scaled by parameter_scale
+    expert_factors: Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    parameter_scale: float = 1.0
 
     @property
     def max_rank(self) -> int:
-        return max(a.shape[0] for a, _ in self.factors.values())
+        ranks = [a.shape[0] for a, _ in self.factors.values()]
+        return max(ranks + ([self.rank] if self.expert_factors else []))
 
 
 def read_peft_adapter(name: str, path: str, max_rank: int = 256) -> PeftAdapter:
@@ -46,9 +53,19 @@ def read_peft_adapter(name: str, path: str, max_rank: int = 256) -> PeftAdapter:
         raise refuse(name, f"{path!r} is not a directory")
     config = _read_config(name, path)
     tensors = _read_tensors(name, path)
-    factors = _pair_factors(name, tensors)
-    adapter = PeftAdapter(name, path, int(config["r"]), factors)
-    for module, (a, b) in factors.items():
+    factors, nested = _pair_factors(name, tensors)
+    adapter = PeftAdapter(name, path, int(config["r"]), {})
+    parameter_modules = {p.rsplit(".", 1)[0] for p in config.get("target_parameters") or []}
+    for module, pair in factors.items():
+        if nested.get(module) or any(module == m or module.endswith("." + m) for m in parameter_modules):
+            adapter.expert_factors.setdefault(module.split(".base_layer")[0], []).append(pair)
+        else:
+            adapter.factors[module] = pair
+    if adapter.expert_factors:
+        if adapter.rank > max_rank:
+            raise refuse(name, f"rank {adapter.rank} of its target_parameters is above the maximum of {max_rank}")
+        adapter.parameter_scale = _scale(config, "", adapter.rank)
+    for module, (a, b) in adapter.factors.items():
         rank = a.shape[0]
         if rank > max_rank:
             raise refuse(name, f"module {module}: rank {rank} is above the maximum of {max_rank}")
@@ -82,8 +99,6 @@ def _check_config(name: str, config: dict) -> None:
     if config.get("modules_to_save"):
         raise refuse(name, f"modules_to_save ({config['modules_to_save']}) is not supported: it replaces whole "
                            "layers, which one shared model instance cannot do per request")
-    if config.get("target_parameters"):
-        raise refuse(name, "target_parameters (LoRA on fused MoE expert tensors) is not supported")
     if config.get("fan_in_fan_out"):
         raise refuse(name, "fan_in_fan_out (Conv1D layers) is not supported")
     if config.get("lora_bias"):
@@ -114,13 +129,17 @@ def _read_tensors(name: str, path: str) -> Dict[str, torch.Tensor]:
     raise refuse(name, f"{path} has neither {_SAFETENSORS} nor {_BIN}")
 
 
-def _pair_factors(name: str, tensors: Dict[str, torch.Tensor]) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+def _pair_factors(name: str, tensors: Dict[str, torch.Tensor]):
+    """({module path + its parameter-wrapper nesting: (A, B)}, {that key: nested or not})."""
     halves: Dict[str, Dict[str, torch.Tensor]] = {}
+    nested: Dict[str, bool] = {}
     for key, tensor in tensors.items():
         match = _TENSOR_NAME.match(key)
         if match is None:
             raise refuse(name, f"tensor {key} is not a LoRA A/B weight of a linear layer")
-        halves.setdefault(match.group(1), {})[match.group(2)] = tensor
+        module = match.group(1) + match.group(2)
+        nested[module] = bool(match.group(2))
+        halves.setdefault(module, {})[match.group(3)] = tensor
     if not halves:
         raise refuse(name, "its weights file holds no LoRA tensors")
     factors = {}
@@ -132,7 +151,7 @@ def _pair_factors(name: str, tensors: Dict[str, torch.Tensor]) -> Dict[str, Tupl
             raise refuse(name, f"module {module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not "
                                "form a low-rank pair")
         factors[module] = (a, b)
-    return factors
+    return factors, nested
 
 
 def _pattern_value(patterns: dict, module: str, default):

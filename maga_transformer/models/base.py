@@ -69,6 +69,11 @@ class FamilyModel:
         where the family applies no LoRA there (maga_transformer/lora/ refuses such adapters)."""
         return None
 
+    def lora_fused_experts(self, module: str) -> Optional[Tuple[int, int]]:
+        """Family hook: (layer, number of experts) when `module` is an MoE block whose experts PEFT
+        adapts as 3-D tensors (target_parameters), else None."""
+        return None
+
     def lora_b_rows(self, canonical: str, lora_b: torch.Tensor) -> torch.Tensor:
         """Family hook: a LoRA module's B rows reordered as loading reorders the base weight's rows
         (ChatGLM permutes q/k channels); most families keep the checkpoint's order."""

@@ -13,6 +13,7 @@ Qwen2-MoE adds a shared expert every token passes through, scaled by sigmoid(sha
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -91,6 +92,9 @@ def moe_mlp_dense(x: torch.Tensor, moe: MoeWeights, weights: torch.Tensor, exper
     return out
 
 
+_FUSED_EXPERTS = re.compile(r"^(?:model\.)?layers\.(\d+)\.mlp\.experts$")
+
+
 class SparseMoeMixin:
     """Put before a DecoderModel subclass in the bases: MoE on the layers whose checkpoint has a router."""
 
@@ -121,6 +125,18 @@ class SparseMoeMixin:
             targets.update(gated_mlp_lora_targets(f"expert.{index}.", gate_up, down))
         found = targets.get(canonical)
         return LoraTarget(*found) if found is not None else None
+
+    def lora_fused_experts(self, module: str) -> Optional[Tuple[int, int]]:
+        """transformers 5 keeps the routed experts of Mixtral and Qwen-MoE as one module holding
+        3-D gate_up_proj [E, 2I, H] and down_proj [E, H, I] (our gate/up and down of each expert,
+        in the same row order); PEFT names it model.layers.N.mlp.experts."""
+        match = _FUSED_EXPERTS.match(module)
+        if match is None:
+            return None
+        layer = int(match.group(1))
+        if not 0 <= layer < len(self.layers) or self.layers[layer].mlp is None:
+            return None
+        return layer, len(self.layers[layer].mlp.gate_up)
 
     def _mlp(self, layer, x: torch.Tensor, lora: Optional[ops.LoraRows] = None) -> torch.Tensor:
         if layer.mlp is None:

@@ -53,7 +53,28 @@ def _qwen2_moe():
     return model
 
 
-BASES = {"llama": _llama, "qwen2": _qwen2, "qwen2_moe": _qwen2_moe}
+def _mixtral():
+    from transformers import MixtralConfig, MixtralForCausalLM
+    model = MixtralForCausalLM(MixtralConfig(
+        hidden_size=64, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=VOCAB, max_position_embeddings=128, eos_token_id=2, bos_token_id=1, num_local_experts=4,
+        num_experts_per_tok=2))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                param.normal_(0, 1.0)
+    return model
+
+
+BASES = {"llama": _llama, "qwen2": _qwen2, "qwen2_moe": _qwen2_moe, "mixtral": _mixtral}
+
+# LoRA on the routed experts, which transformers 5 keeps as 3-D tensors: PEFT's target_parameters
+EXPERT_ADAPTERS = {
+    "experts_both": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                         target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]),
+    "experts_down": dict(r=8, lora_alpha=8, use_rslora=True, target_modules=[],  # the experts alone
+                         target_parameters=["mlp.experts.down_proj"]),
+}
 
 
 @dataclass
