@@ -242,8 +242,9 @@ def _load(config: ModelConfig, engine_config: Optional[EngineConfig], device: to
     eos = _configured_eos_ids(config.ckpt_path, hf_config)
     _check_parallel(parallel, arch, device, engine_config)
     _check_quantization(config, device, dtype)
-    if parallel.enabled and lora_config_of(config).adapters:
-        raise ValueError("LORA_INFO: LoRA adapters under tensor parallelism (TP_SIZE > 1) are not supported yet")
+    if parallel.enabled and lora_config_of(config).merge:
+        raise ValueError("LORA_MERGE=1 under tensor parallelism (TP_SIZE > 1) is not supported: serve the adapter "
+                         "unmerged")
     if not engine_config.engine_process:
         tokenizer = load_tokenizer(config.tokenizer_path, config.ckpt_path)
         eos = eos if eos is not None else _tokenizer_eos_ids(tokenizer)

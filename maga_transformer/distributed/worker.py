@@ -133,6 +133,8 @@ def run_worker(launch: WorkerLaunch) -> int:
                                core.parallel.load_threads, core.weight_quant)
     runner = build_model_runner(model, core.engine_config, core.max_seq_len, core.block_size, ranks,
                                 sends_steps=False)
+    from maga_transformer.lora.mirror import LoraMirror
+    runner.lora_mirror = LoraMirror(model, core.lora)  # LORA_INFO's adapters, in rank 0's slots
     logger.info("ready: %.1f MiB of weights, %d KV blocks", model.weight_bytes() / 2**20, runner.num_blocks)
     while True:
         step = ranks.recv_step()

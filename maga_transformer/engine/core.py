@@ -230,6 +230,8 @@ class EngineCore:
         added = self._apply_pending(out)
         if self.lora.busy:
             out.lora_results = self.lora.step(self._live_lora_slots)
+            if self.ranks is not None:
+                self.runner.lora_ops.extend(self.lora.take_rank_ops())
         if self._inflight is not None:
             self._read_back_inflight(out)
         else:

@@ -63,6 +63,8 @@ class StepInputs:
     loss_spans: List[LossSpan] = field(default_factory=list)
     want_hidden: bool = False
     num_pending: int = 0  # overlap scheduling: input tokens still on the device, one per row
+    # tensor parallelism: LoRA changes since the last step, for the other ranks (lora/mirror.py)
+    lora_ops: List[tuple] = field(default_factory=list)
 
 
 @dataclass
@@ -147,6 +149,8 @@ class ModelRunner:
                     "" if kv_cache_dtype == "auto" else
                     f": {kv_bytes_per_block(model, block_size) / per_block:.2f}x the tokens of {model.dtype}")
         self.graphs: Optional[DecodeGraphs] = None
+        self.lora_ops: List[tuple] = []  # rank 0: LoRA changes the next step's inputs carry
+        self.lora_mirror = None  # other ranks: a lora.mirror.LoraMirror that replays them
         self.last_ran_graph = False  # whether the last step replayed a graph (engine/step_trace.py)
         reason = graphs_supported(model, kv_cache_dtype)
         if reason is None and max_seq_len and max_batch:
@@ -166,6 +170,7 @@ class ModelRunner:
     # ---- rank 0: the plan as inputs -------------------------------------------------------------
     def prepare(self, plan: SchedulerOutput, pending: bool = False) -> StepInputs:
         inputs = StepInputs(block_copies=list(plan.block_copies))
+        inputs.lora_ops, self.lora_ops = self.lora_ops, []
         rows = self._graph_rows(plan, pending)
         if rows is not None:
             inputs.graph_rows = [row for _, row in rows]
@@ -248,6 +253,8 @@ class ModelRunner:
     # ---- every rank: the step from its inputs ---------------------------------------------------
     @torch.inference_mode()
     def run(self, inputs: StepInputs, pending_tokens: Optional[torch.Tensor] = None) -> StepResult:
+        if inputs.lora_ops and self.lora_mirror is not None:
+            self.lora_mirror.apply(inputs.lora_ops)
         if inputs.block_copies:
             src = to_device([s for s, _ in inputs.block_copies], torch.long, self.device)
             dst = to_device([d for _, d in inputs.block_copies], torch.long, self.device)

@@ -44,8 +44,6 @@ class PreparedAdapter:
 
 
 def check_model_supports_lora(model, name: str) -> None:
-    if getattr(model, "tp", None) is not None and model.tp.size > 1:
-        raise refuse(name, "LoRA under tensor parallelism (TP_SIZE > 1) is not supported yet")
     if type(model).lora_target is FamilyModel.lora_target:  # the family never said where adapters go
         raise refuse(name, f"the {type(model).__name__} family does not apply LoRA adapters")
 
@@ -57,12 +55,12 @@ def prepare_adapter(model, adapter: PeftAdapter) -> PreparedAdapter:
     parts: Dict[int, List[_Part]] = {}
     for module, (a, b) in sorted(adapter.factors.items()):
         canonical, target = _target_of(model, adapter.name, module)
+        a, b = _local_share(model, adapter.name, module, canonical, a.float(), model.lora_b_rows(canonical, b.float()))
         if a.shape[1] != target.linear.in_features or b.shape[0] != target.rows:
             raise refuse(adapter.name, f"module {module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do "
                                        f"not fit the base model's projection of {target.rows} x "
                                        f"{target.linear.in_features} (an adapter of another base model?)")
-        b = model.lora_b_rows(canonical, b.float()) * adapter.scales[module]
-        parts.setdefault(id(target.linear), []).append((target, a, b))
+        parts.setdefault(id(target.linear), []).append((target, a, b * adapter.scales[module]))
     for module, pairs in sorted(adapter.expert_factors.items()):
         for target, a, b in _expert_parts(model, adapter, module, pairs):
             parts.setdefault(id(target.linear), []).append((target, a, b))
@@ -94,17 +92,34 @@ def _expert_parts(model, adapter: PeftAdapter, module: str,
         a_experts = a.float().reshape(num_experts, rank, a.shape[1])
         b_experts = b.float().reshape(b.shape[0], rank, num_experts)
         for expert in range(num_experts):
-            target = model.lora_target(layer, f"expert.{expert}.{role}")
-            parts.append((target, a_experts[expert], b_experts[:, :, expert] * adapter.parameter_scale))
+            canonical = f"expert.{expert}.{role}"
+            a_e, b_e = _local_share(model, adapter.name, module, canonical, a_experts[expert], b_experts[:, :, expert])
+            parts.append((model.lora_target(layer, canonical), a_e, b_e * adapter.parameter_scale))
     return parts
 
 
 def _expert_role(model, layer: int, a: torch.Tensor, b: torch.Tensor) -> Optional[str]:
-    for role in ("gate_up", "down"):
+    """gate_up [2I, H] or down [H, I] by the whole (unsplit) shapes: under tensor parallelism each
+    rank holds 1 / TP_SIZE of gate_up's rows and of down's columns."""
+    ranks = model.tp.size
+    for role, in_scale, row_scale in (("gate_up", 1, ranks), ("down", ranks, 1)):
         target = model.lora_target(layer, f"expert.0.{role}")
-        if target is not None and a.shape[1] == target.linear.in_features and b.shape[0] == target.rows:
+        if (target is not None and a.shape[1] == target.linear.in_features * in_scale
+                and b.shape[0] == target.rows * row_scale):
             return role
     return None
+
+
+def _local_share(model, name: str, module: str, canonical: str, a: torch.Tensor,
+                 b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """This rank's (A, B), cut as its base weight is; shapes that cannot be cut are the adapter's fault."""
+    if model.tp.size == 1:
+        return a, b
+    try:
+        return model.lora_shard(canonical, a, b)
+    except (ValueError, RuntimeError) as err:
+        raise refuse(name, f"module {module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the "
+                           f"base model's projection ({err})") from None
 
 
 def _target_of(model, name: str, module: str) -> Tuple[str, LoraTarget]:

@@ -6,6 +6,11 @@ attached to the projections (a few dict insertions), so no running request waits
 that step. Commands run one at a time in arrival order, each all or nothing: a bad adapter in a
 `set` leaves the served set as it was.
 
+Under tensor parallelism (rank 0 here, in the engine core) every change is also queued as a rank op
+(`take_rank_ops`) that travels to the other ranks with the next step's inputs, where a LoraMirror
+(lora/mirror.py) replays it on their shards: "prepare" as the load starts (they read and cut their
+share meanwhile), "attach" under the slot rank 0 chose, "discard" for a refused load, "detach".
+
 Unloading takes a name out of the served set at once (new requests naming it are refused) and lets
 the requests already using it finish with it: its factors stay attached under its slot until no
 live request has that slot, then they are dropped. Slots are never reused, so a name unloaded and
@@ -62,6 +67,8 @@ class LoraManager:
         self._executor: Optional[ThreadPoolExecutor] = None
         self._lock = threading.Lock()  # commands arrive from other threads (the in-process mode)
         self.on_job_done: Optional[Callable[[], None]] = None  # wakes the step loop (in-process mode)
+        self._rank_ops: List[tuple] = []  # tensor parallelism: what the other ranks must replay
+        self._mirror_ranks = getattr(getattr(model, "tp", None), "size", 1) > 1
         if self.config.merge:
             name, path = next(iter(self.config.adapters.items()))
             self.served[name] = ServedAdapter(name, path, MERGED_SLOT, None)
@@ -93,6 +100,15 @@ class LoraManager:
             raise ValueError(f"adapter_name: no LoRA adapter named {name!r} is served "
                              f"(served: {sorted(self.served) or 'none'})")
         return served
+
+    def take_rank_ops(self) -> List[tuple]:
+        """The changes since the last call, for the other tensor-parallel ranks (in order)."""
+        ops, self._rank_ops = self._rank_ops, []
+        return ops
+
+    def _rank_op(self, *op) -> None:
+        if self._mirror_ranks:
+            self._rank_ops.append(op)
 
     def submit(self, command: LoraCommand) -> None:
         with self._lock:
@@ -135,6 +151,7 @@ class LoraManager:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="maga-lora-load")
         future = self._executor.submit(self._prepare_all, plan.load)
+        self._rank_op("prepare", command.command_id, dict(plan.load))
         if self.on_job_done is not None:
             future.add_done_callback(lambda _: self.on_job_done())
         self._job = (plan, future)
@@ -188,12 +205,14 @@ class LoraManager:
         if err is not None:
             status = 400 if isinstance(err, ValueError) else 500
             logger.warning("LoRA update refused: %s", err)
+            self._rank_op("discard", plan.command.command_id)
             return LoraUpdateResult(plan.command.command_id, self.adapters, error=str(err), status=status)
         return self._apply(plan, future.result())
 
     def _apply(self, plan: _Plan, prepared: List[PreparedAdapter]) -> LoraUpdateResult:
         for adapter in prepared:
-            self._install_one(adapter)
+            slot = self._install_one(adapter)
+            self._rank_op("attach", plan.command.command_id, adapter.name, slot)
         for name in plan.unload:
             served = self.served.pop(name)
             self.draining[served.slot] = served
@@ -201,17 +220,19 @@ class LoraManager:
         return LoraUpdateResult(plan.command.command_id, self.adapters, loaded=[p.name for p in prepared],
                                 unloaded=list(plan.unload))
 
-    def _install_one(self, prepared: PreparedAdapter) -> None:
+    def _install_one(self, prepared: PreparedAdapter) -> int:
         slot = next(self._slots)
         prepared.attach(slot)
         self.served[prepared.name] = ServedAdapter(prepared.name, prepared.path, slot, prepared)
         logger.info("LoRA adapter %r served in slot %d (rank %d, %.1f MiB)", prepared.name, slot, prepared.rank,
                     prepared.nbytes / 2**20)
+        return slot
 
     def _drop_drained(self, live: Set[int]) -> None:
         for slot in [s for s in self.draining if s not in live]:
             served = self.draining.pop(slot)
             served.prepared.detach(slot)
+            self._rank_op("detach", slot)
             logger.info("LoRA adapter %r (slot %d) dropped: no request uses it any more", served.name, slot)
 
 

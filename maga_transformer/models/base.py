@@ -74,6 +74,12 @@ class FamilyModel:
         adapts as 3-D tensors (target_parameters), else None."""
         return None
 
+    def lora_shard(self, canonical: str, lora_a: torch.Tensor, lora_b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Family hook: this rank's share of a LoRA module's (A, B) under tensor parallelism, cut as
+        its base weight is (a column-parallel projection's output rows are B's rows, a row-parallel
+        one's input columns A's columns)."""
+        return lora_a, lora_b
+
     def lora_b_rows(self, canonical: str, lora_b: torch.Tensor) -> torch.Tensor:
         """Family hook: a LoRA module's B rows reordered as loading reorders the base weight's rows
         (ChatGLM permutes q/k channels); most families keep the checkpoint's order."""

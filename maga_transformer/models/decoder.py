@@ -124,6 +124,19 @@ class DecoderModel(FamilyModel):
         found = targets.get(canonical)
         return LoraTarget(*found) if found is not None and found[0] is not None else None
 
+    def lora_shard(self, canonical: str, lora_a: torch.Tensor, lora_b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Cut as `_assemble_layer` and `_gated_mlp_weights` cut the base weights (experts' and the
+        shared expert's gate / up / down by their last name part)."""
+        tp, full = self.tp, self.full_arch
+        if tp.size == 1:
+            return lora_a, lora_b
+        cut = {"q": lambda: (lora_a, tp.query_heads(lora_b, full, dim=0)),
+               "k": lambda: (lora_a, tp.kv_heads(lora_b, full)), "v": lambda: (lora_a, tp.kv_heads(lora_b, full)),
+               "qkv": lambda: (lora_a, tp.qkv(lora_b, full)), "o": lambda: (tp.query_heads(lora_a, full), lora_b),
+               "gate": lambda: (lora_a, tp.even(lora_b)), "up": lambda: (lora_a, tp.even(lora_b)),
+               "gate_up": lambda: (lora_a, tp.even(lora_b, parts=2)), "down": lambda: (tp.even(lora_a, dim=1), lora_b)}
+        return cut[canonical.rsplit(".", 1)[-1]]()
+
     # ---- forward --------------------------------------------------------------------------------
     def forward(self, batch: ForwardBatch, kv_caches: List[KVCache]) -> torch.Tensor:
         """Hidden states after the final norm, [tokens, hidden]."""
