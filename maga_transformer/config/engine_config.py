@@ -43,9 +43,12 @@ class EngineConfig:
     # would be the next one waits, and shorter prompts that fit a step whole pass it
     max_num_partial_prefills: int = 1
     # LONG_PREFILL_TOKEN_THRESHOLD: next to running decodes, a prompt with more tokens left than this
-    # is prefilled in chunks of this many per step, so the decodes' inter-token latency stays near a
-    # plain decode step's; a prompt running alone takes the whole budget. 0: no cap
-    long_prefill_token_threshold: int = 256
+    # is prefilled in chunks of this many per step, so the decodes' inter-token latency stays nearer a
+    # plain decode step's; a prompt running alone takes the whole budget. 0 (the default, as vLLM's):
+    # no cap. On the H200, 256 held 32 streams' ITL p99 to 6x their own during a 32k prefill, but it
+    # also slows long prompts that arrive together (each waits its turn at 256 tokens a step while
+    # the earlier ones decode): docs/benchmarks.md, long contexts
+    long_prefill_token_threshold: int = 0
     concurrency_limit: int = 32
     # launch decode step N+1 before reading step N back (engine/overlap.py); None: on CUDA devices
     overlap_scheduling: Optional[bool] = None
@@ -83,7 +86,7 @@ class EngineConfig:
             enable_prefix_cache=env_bool(env, "USE_BLOCK_CACHE", True),
             enable_chunked_prefill=env_bool(env, "ENABLE_CHUNKED_PREFILL", True),
             max_num_partial_prefills=env_int(env, "MAX_NUM_PARTIAL_PREFILLS", 1),
-            long_prefill_token_threshold=env_int(env, "LONG_PREFILL_TOKEN_THRESHOLD", 256),
+            long_prefill_token_threshold=env_int(env, "LONG_PREFILL_TOKEN_THRESHOLD", 0),
             concurrency_limit=env_int(env, "CONCURRENCY_LIMIT", 32),
             overlap_scheduling=env_bool(env, "OVERLAP_SCHEDULING", True) if env.get("OVERLAP_SCHEDULING") else None,
             engine_process=env_bool(env, "ENGINE_PROCESS", True),

@@ -16,6 +16,16 @@ constexpr int kThreads = kWarps * 32;
 #define MAGA_DECODE_UNROLL 4
 #endif
 constexpr int kUnroll = MAGA_DECODE_UNROLL;
+// Keys a CTA scores, normalises and accumulates between two barriers: up to this many consecutive
+// partitions of its split at once. Each span costs four block-wide barriers and a softmax pass with
+// the memory idle, so at long contexts larger spans pay (H200, 2026-12-03: one 256-key partition
+// per span against 64 took batch 1 x 32k keys from 75 to 60 us and 8 x 8k from 168 to 103 us),
+// while splits of one or two partitions (short contexts at small batches, where 64-key partitions
+// keep every SM busy) are not affected.
+#ifndef MAGA_DECODE_SPAN_PARTITIONS
+#define MAGA_DECODE_SPAN_PARTITIONS 4
+#endif
+constexpr int kSpanKeys = MAGA_DECODE_SPAN_PARTITIONS * kDecodePartitionSize;
 // CTAs per SM the register allocation must allow (__launch_bounds__' second argument) for big
 // batches (at least kBandwidthBoundPairs (sequence, KV head) pairs), which are bound by memory
 // parallelism, i.e. by how many CTAs share an SM: unconstrained, the kernel's 96 registers left room
@@ -186,7 +196,7 @@ __device__ __forceinline__ void compute_logits(const PagedDecodeParams& p, const
     for (int j = 0; j < kSums; ++j) {
       const int u = (first + j) / kHeads, h = (first + j) % kHeads;
       const int i = base + u * L::kStride + row_in_warp;
-      if (i < n && writer) logits[h * kDecodePartitionSize + i] = dots[j] * row_scale<C, kHeadDim>(p.k_scale, table, t0 + i);
+      if (i < n && writer) logits[h * kSpanKeys + i] = dots[j] * row_scale<C, kHeadDim>(p.k_scale, table, t0 + i);
     }
   }
 }
@@ -196,7 +206,7 @@ template <int kHeads>
 __device__ __forceinline__ void softmax_numerators(float* logits, int n, float* head_max, float* head_sum) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int h = warp; h < kHeads; h += kWarps) {
-    float* row = logits + h * kDecodePartitionSize;
+    float* row = logits + h * kSpanKeys;
     float m = -INFINITY;
     for (int i = lane; i < n; i += 32) m = fmaxf(m, row[i]);
     m = warp_max(m);
@@ -233,7 +243,7 @@ __device__ __forceinline__ void accumulate_values(const PagedDecodeParams& p, co
       const float v_scale = i < n ? row_scale<C, kHeadDim>(p.v_scale, table, t0 + i) : 0.f;
 #pragma unroll
       for (int h = 0; h < kHeads; ++h) {
-        const float prob = i < n ? probs[h * kDecodePartitionSize + i] * v_scale : 0.f;
+        const float prob = i < n ? probs[h * kSpanKeys + i] * v_scale : 0.f;
 #pragma unroll
         for (int e = 0; e < L::kElems; ++e) acc[h][e] += prob * row_element<C, kHeadDim>(v[u], e);
       }
@@ -258,23 +268,39 @@ __device__ __forceinline__ void accumulate_values(const PagedDecodeParams& p, co
   }
 }
 
-// Keys [t0, t0 + n) of partition `rel` (relative to the range's first partition).
+// Keys [t0, t0 + n) of partitions [rel, rel + count) (relative to the range's first partition).
 struct PartitionSpan {
   int t0, n;
 };
 
-__device__ __forceinline__ PartitionSpan partition_span(const DecodeRange& r, int rel) {
+__device__ __forceinline__ PartitionSpan partition_span(const DecodeRange& r, int rel, int count) {
   const int part = r.first_part + rel;
   const int t0 = max(part * kDecodePartitionSize, r.start);
-  return {t0, min((part + 1) * kDecodePartitionSize, r.len) - t0};
+  return {t0, min((part + count) * kDecodePartitionSize, r.len) - t0};
 }
 
-// Stages partition `rel`'s slice of the block table as row offsets (PartitionBlocks::base). The
-// caller synchronizes before the rows are used.
-__device__ __forceinline__ void stage_partition_rows(const DecodeRange& r, int rel, const int32_t* row_table,
+// Split z's partitions: a contiguous, balanced share [begin, end) of the sequence's, so that a
+// split's consecutive partitions form spans. Non-empty for z < min(num_parts, splits) (the
+// partition merge counts on the first min(num_parts, splits) splits holding results).
+struct SplitRange {
+  int begin, end;
+};
+
+__device__ __forceinline__ SplitRange split_range(int num_parts, int z, int splits) {
+  const int used = min(num_parts, splits);
+  return {z * num_parts / used, (z + 1) * num_parts / used};
+}
+
+// The span of the split's partitions starting at `rel`: up to MAGA_DECODE_SPAN_PARTITIONS of them.
+__device__ __forceinline__ PartitionSpan span_at(const DecodeRange& r, const SplitRange& mine, int rel) {
+  return partition_span(r, rel, min(MAGA_DECODE_SPAN_PARTITIONS, mine.end - rel));
+}
+
+// Stages a span's slice of the block table as row offsets (PartitionBlocks::base). The caller
+// synchronizes before the rows are used.
+__device__ __forceinline__ void stage_partition_rows(const PartitionSpan& span, const int32_t* row_table,
                                                      int block_size, int64_t token_stride, int64_t head_offset,
                                                      int64_t* block_base) {
-  const PartitionSpan span = partition_span(r, rel);
   const int first_block = span.t0 / block_size;
   for (int j = threadIdx.x; j <= (span.t0 + span.n - 1) / block_size - first_block; j += kThreads)
     block_base[j] = static_cast<int64_t>(row_table[first_block + j]) * block_size * token_stride + head_offset;
@@ -282,21 +308,22 @@ __device__ __forceinline__ void stage_partition_rows(const DecodeRange& r, int r
 
 template <int kHeadDim, int kHeads>
 constexpr int smem_floats() {
-  return kHeads * kHeadDim + (kHeads * kDecodePartitionSize > kWarps * kHeads * kHeadDim
-                                  ? kHeads * kDecodePartitionSize
+  return kHeads * kHeadDim + (kHeads * kSpanKeys > kWarps * kHeads * kHeadDim
+                                  ? kHeads * kSpanKeys
                                   : kWarps * kHeads * kHeadDim);
 }
 
 // Grid: (sequence, kv head x chunk of kHeads query heads sharing it, split). Sharing the CTA
 // between the query heads of one KV head reads each key and value row once for all of them. Split
-// z takes partitions z, z + num_splits, ... and merges them in registers (online softmax).
+// z takes a contiguous share of the partitions (split_range), a span of up to
+// MAGA_DECODE_SPAN_PARTITIONS of them at a time, and merges the spans in registers (online softmax).
 template <typename T, typename C, int kHeadDim, int kHeads, int kMinBlocks>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) paged_decode_kernel(const PagedDecodeParams p) {
   extern __shared__ float smem[];
   __shared__ float head_max[kHeads], head_sum[kHeads];  // this partition's
   __shared__ float run_max[kHeads], run_sum[kHeads];    // the split's so far
-  // A partition spans at most kDecodePartitionSize + 1 blocks (block_size 1, or a misaligned start).
-  __shared__ int64_t block_base[kDecodePartitionSize + 1];
+  // A span covers at most kSpanKeys + 1 blocks (block_size 1, or a misaligned start).
+  __shared__ int64_t block_base[kSpanKeys + 1];
   allow_downstream_launch();
   constexpr int kPerThread = (kHeads * kHeadDim + kThreads - 1) / kThreads;
   float* q_s = smem;                     // [kHeads][kHeadDim], pre-scaled
@@ -314,7 +341,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) paged_decode_kernel(cons
   const int64_t token_stride = static_cast<int64_t>(p.num_kv_heads) * kHeadDim;
   const int block_shift = (p.block_size & (p.block_size - 1)) == 0 ? __ffs(p.block_size) - 1 : -1;
   const int64_t head_offset = static_cast<int64_t>(kv_head) * kHeadDim;
-  if (r.num_parts > 0) stage_partition_rows(r, blockIdx.z, row_table, p.block_size, token_stride, head_offset, block_base);
+  const SplitRange mine = r.num_parts > 0 ? split_range(r.num_parts, blockIdx.z, gridDim.z) : SplitRange{0, 0};
+  if (r.num_parts > 0)
+    stage_partition_rows(span_at(r, mine, mine.begin), row_table, p.block_size, token_stride, head_offset, block_base);
   wait_for_upstream();
   T* out = static_cast<T*>(p.out) + (static_cast<int64_t>(seq) * p.num_heads + head0) * kHeadDim;
   if (r.num_parts <= 0) {  // no keys: defined output rather than garbage
@@ -327,12 +356,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) paged_decode_kernel(cons
   for (int i = threadIdx.x; i < kHeads * kHeadDim; i += kThreads)
     q_s[i] = to_float(q[(head0 + i / kHeadDim) * p.q_head_stride + i % kHeadDim]) * p.scale;
   float o_run[kPerThread];  // this thread's elements i = threadIdx.x + k * kThreads of [kHeads][kHeadDim]
-  for (int rel = blockIdx.z; rel < r.num_parts; rel += gridDim.z) {
-    const bool first = rel == static_cast<int>(blockIdx.z);
-    const PartitionSpan span = partition_span(r, rel);
+  for (int rel = mine.begin; rel < mine.end; rel += MAGA_DECODE_SPAN_PARTITIONS) {
+    const bool first = rel == mine.begin;
+    const PartitionSpan span = span_at(r, mine, rel);
     const int t0 = span.t0, n = span.n;
     const PartitionBlocks table{block_base, t0 / p.block_size, p.block_size, block_shift, token_stride};
-    if (!first) stage_partition_rows(r, rel, row_table, p.block_size, token_stride, head_offset, block_base);
+    if (!first) stage_partition_rows(span, row_table, p.block_size, token_stride, head_offset, block_base);
     __syncthreads();
     compute_logits<C, kHeadDim, kHeads>(p, q_s, table, t0, n, work);
     __syncthreads();
