@@ -4,10 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# curl: scripts/serve.sh shows the server with it
-if ! command -v bazel >/dev/null 2>&1 || [ ! -d /usr/share/bazel/platforms ] || ! command -v curl >/dev/null 2>&1; then
+# curl: scripts/serve.sh shows the server with it; python3-venv: scripts/wheel_smoke.sh installs the
+# wheel into a fresh virtual environment; g++: the runtime libraries (src/)
+if ! command -v bazel >/dev/null 2>&1 || [ ! -d /usr/share/bazel/platforms ] || ! command -v curl >/dev/null 2>&1 \
+    || ! python3 -c "import ensurepip" >/dev/null 2>&1 || ! command -v g++ >/dev/null 2>&1; then
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bazel-bootstrap bazel-platforms curl
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bazel-bootstrap bazel-platforms curl python3-venv g++
 fi
 
 PYTHON=${PYTHON:-python3}

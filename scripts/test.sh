@@ -12,6 +12,9 @@ status=0
 if [ -x /usr/local/cuda/bin/nvcc ]; then bash scripts/build_native.sh --cuda || status=$?; else bash scripts/build_native.sh || status=$?; fi
 python3 -c "from maga_transformer.ops._compiled import cpu_kernels; k = cpu_kernels(); print('C++ runtime:', k and (k.source, k.path))"
 bazel test //maga_transformer/... "$@" || status=$?
+# the release wheel, installed into a fresh virtual environment, runs the embedded model through the
+# Pipeline and the server with its bundled CPU kernels (about 80 s)
+bash scripts/wheel_smoke.sh || status=$?
 # one closing line with pytest's counts over all targets ("N passed, N failed, N skipped")
 python3 scripts/test_summary.py "$(bazel info bazel-testlogs 2>/dev/null || echo bazel-testlogs)" || status=1
 # do not leave a Bazel server running after CI
