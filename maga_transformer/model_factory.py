@@ -21,6 +21,8 @@ from maga_transformer.engine.engine import Engine
 from maga_transformer.lora.config import LoraConfig
 from maga_transformer.lora.merge import merged_tensors
 from maga_transformer.lora.peft_reader import read_peft_adapter
+from maga_transformer.ptuning.reader import find_ptuning_dir
+from maga_transformer.ptuning.task_prompts import task_prompts_from_env
 from maga_transformer.config.placement import choose_placement
 from maga_transformer.distributed.parallel_config import ParallelConfig
 from maga_transformer.distributed.tensor_parallel import TensorParallel
@@ -88,7 +90,9 @@ class AsyncModel:
         with self._engine_lock:
             if self._engine is None:
                 self._engine = Engine(self.model, self.tokenizer, self.engine_config, self.max_seq_len,
-                                      self.config.seq_size_per_block, self.eos_token_ids, self.lora)
+                                      self.config.seq_size_per_block, self.eos_token_ids, self.lora,
+                                      find_ptuning_dir(self.config.ptuning_path, self.config.ckpt_path))
+                self._engine.set_task_prompts(tokenize_task_prompts(self.tokenizer))
             return self._engine
 
     def stop(self) -> None:
@@ -141,7 +145,7 @@ def _configs_from_env(env: dict) -> Tuple[ModelConfig, EngineConfig, ParallelCon
         tokenizer_path=env.get("TOKENIZER_PATH", ""), max_seq_len=max_seq_len, seq_size_per_block=block,
         weight_type=WEIGHT_TYPE.from_str(env.get("WEIGHT_TYPE") or "fp32"),
         act_type=ACT_TYPE.from_str(env["ACT_TYPE"]) if env.get("ACT_TYPE") else None,
-        lora_infos=LoraConfig.from_env(env).adapters)
+        lora_infos=LoraConfig.from_env(env).adapters, ptuning_path=env.get("PTUNING_PATH") or None)
     return config, EngineConfig.from_env(env), ParallelConfig.from_env(env)
 
 
@@ -181,6 +185,11 @@ def load_model_weights(ckpt_path: str, model_type: str, dtype: torch.dtype, devi
         tensors = merged_tensors(tensors, read_peft_adapter(name, path, lora.max_rank))
     model.load_weights(tensors)
     return model
+
+
+def tokenize_task_prompts(tokenizer) -> dict:
+    """MULTI_TASK_PROMPT(_STR)'s prompts as token ids (task_id -> ids)."""
+    return {task_id: tokenizer.encode(text) for task_id, text in task_prompts_from_env().items()}
 
 
 def lora_config_of(config: ModelConfig) -> LoraConfig:
@@ -230,7 +239,8 @@ def _core_launch(config: ModelConfig, engine_config: EngineConfig, device: torch
                       max_seq_len=config.max_seq_len, block_size=config.seq_size_per_block, eos_token_ids=eos,
                       log_level=logging.getLogger().getEffectiveLevel(),
                       parallel=parallel.with_free_port() if parallel.enabled and parallel.machines == 1 else parallel,
-                      weight_quant=config.weight_type.quantization, lora=lora_config_of(config))
+                      weight_quant=config.weight_type.quantization, lora=lora_config_of(config),
+                      ptuning_dir=find_ptuning_dir(config.ptuning_path, config.ckpt_path))
 
 
 def _load(config: ModelConfig, engine_config: Optional[EngineConfig], device: torch.device,
@@ -263,4 +273,5 @@ def _load(config: ModelConfig, engine_config: Optional[EngineConfig], device: to
         starting.kill()
         raise
     engine = starting.connect(tokenizer, functools.partial(model_cls.layout_for, arch), engine_config.step_timeout_s)
+    engine.set_task_prompts(tokenize_task_prompts(tokenizer))
     return AsyncModel(None, tokenizer, config, hf_config, eos, engine_config, arch=arch, engine=engine)

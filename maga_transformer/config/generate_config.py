@@ -112,7 +112,9 @@ class GenerateConfig:
             raise ValueError(f"adapter_name: expected the name of a served LoRA adapter, got {self.adapter_name!r} "
                              "(a list is for prompt_batch, one name per prompt)")
         if self.task_id is not None:
-            raise ValueError("task_id: not supported yet (P-tuning / task prompts come in a later release)")
+            if isinstance(self.task_id, bool) or not isinstance(self.task_id, (str, int)) or self.task_id == "":
+                raise ValueError(f"task_id: expected the id of a MULTI_TASK_PROMPT task, got {self.task_id!r}")
+            self.task_id = str(self.task_id)
 
 
 def _check_int(cfg: GenerateConfig, name: str, low: Optional[int], high: Optional[int]) -> None:

@@ -85,7 +85,5 @@ class ModelConfig:
             raise ValueError(f"max_seq_len must be >= 0, got {self.max_seq_len}")
         if self.gen_num_per_circle != 1:
             raise ValueError("gen_num_per_circle > 1 needs speculative decoding, which is not supported yet")
-        if self.ptuning_path:
-            raise ValueError("ptuning_path: P-tuning is not supported yet")
         if not isinstance(self.lora_infos, dict):
             raise ValueError("lora_infos: expected a dict of LoRA adapter name -> PEFT directory")

@@ -135,6 +135,11 @@ def run_worker(launch: WorkerLaunch) -> int:
                                 sends_steps=False)
     from maga_transformer.lora.mirror import LoraMirror
     runner.lora_mirror = LoraMirror(model, core.lora)  # LORA_INFO's adapters, in rank 0's slots
+    if core.ptuning_dir:  # the same prefix blocks as rank 0's, this rank's heads
+        from maga_transformer.ptuning.prefix import prefix_blocks, write_prefix
+        from maga_transformer.ptuning.reader import read_prefix_past
+        past = read_prefix_past(core.ptuning_dir)
+        write_prefix(model, runner.kv_caches, past, prefix_blocks(past.shape[0], core.block_size), core.block_size)
     logger.info("ready: %.1f MiB of weights, %d KV blocks", model.weight_bytes() / 2**20, runner.num_blocks)
     while True:
         step = ranks.recv_step()

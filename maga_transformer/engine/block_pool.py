@@ -41,6 +41,10 @@ class BlockPool:
         self._evictable: "OrderedDict[int, None]" = OrderedDict()  # cached, unreferenced, LRU first
         self._by_hash: Dict[int, int] = {}
         self.stats = PrefixCacheStats()
+        self.pinned: List[int] = []  # held by the engine for good (the P-tuning prefix)
+        # task prompts (MULTI_TASK_PROMPT): blocks registered under these hashes are held for good too
+        self.resident_hashes: set = set()
+        self.resident: List[int] = []
 
     # ---- capacity ---------------------------------------------------------------------------
     @property
@@ -102,10 +106,20 @@ class BlockPool:
             return
         self.block_hash[block] = block_hash
         self._by_hash[block_hash] = block
+        if block_hash in self.resident_hashes:  # a task prompt's block: never evicted from now on
+            self.incref(block)
+            self.resident.append(block)
+
+    def pin(self, count: int) -> List[int]:
+        """Take `count` blocks for good (the engine's own); on a fresh pool these are 0, 1, ..."""
+        self.pinned = [self.allocate() for _ in range(count)]
+        return self.pinned
 
     def check_idle(self) -> None:
-        """Invariant when no request is live: every block is free or an evictable cached block."""
-        held = [b for b, count in enumerate(self.ref_counts) if count]
+        """Invariant when no request is live: every block is free or an evictable cached block
+        (or pinned by the engine, referenced by it alone)."""
+        pinned = set(self.pinned) | set(self.resident)
+        held = [b for b, count in enumerate(self.ref_counts) if count and not (b in pinned and count == 1)]
         if held:
             raise AssertionError(f"blocks still referenced with no live request: {held[:10]}")
-        assert len(self._free) + len(self._evictable) == self.num_blocks
+        assert len(self._free) + len(self._evictable) + len(pinned) == self.num_blocks

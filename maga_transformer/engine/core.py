@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Iterable, List, Optional, Set, Tuple
+from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 import torch
 
@@ -31,6 +31,8 @@ from maga_transformer.engine.step_trace import StepSummary, StepTrace
 from maga_transformer.lora.config import LoraConfig
 from maga_transformer.lora.manager import LoraManager
 from maga_transformer.lora.messages import LoraCommand
+from maga_transformer.ptuning.prefix import PLACEHOLDER, FixedPrefix, prefix_blocks, write_prefix
+from maga_transformer.ptuning.reader import read_prefix_past
 from maga_transformer.models.decoder import DecoderModel
 
 logger = logging.getLogger(__name__)
@@ -63,9 +65,11 @@ def _description(model: DecoderModel, engine_config: EngineConfig, num_blocks: i
 
 class EngineCore:
     def __init__(self, model: DecoderModel, engine_config: EngineConfig, max_seq_len: int,
-                 block_size: int, eos_token_ids: List[int], ranks=None, lora: Optional[LoraConfig] = None) -> None:
+                 block_size: int, eos_token_ids: List[int], ranks=None, lora: Optional[LoraConfig] = None,
+                 ptuning_dir: Optional[str] = None) -> None:
         """ranks: the tensor-parallel group (distributed/ranks.py) when this core is rank 0 of one.
-        lora: the adapters to serve from the start and the served set's limits (lora/config.py)."""
+        lora: the adapters to serve from the start and the served set's limits (lora/config.py).
+        ptuning_dir: a P-tuning v2 checkpoint whose prefix every request starts with (ptuning/)."""
         self.model = model
         self.config = engine_config
         self.max_seq_len = max_seq_len
@@ -77,13 +81,15 @@ class EngineCore:
         if engine_config.enable_prefix_cache and not prefix_cache:
             logger.info("prefix cache off: %s's keys depend on the whole prompt", type(model).__name__)
         self.pool = BlockPool(num_blocks, prefix_cache)
+        self.prefix = self._install_prefix(ptuning_dir) if ptuning_dir else None
         policy = PrefillPolicy(engine_config.max_num_partial_prefills, engine_config.long_prefill_token_threshold)
         self.scheduler = Scheduler(self.pool, block_size, engine_config.max_num_batched_tokens,
                                    engine_config.max_num_seqs, engine_config.enable_chunked_prefill, policy)
         self.processor = StepProcessor(self.scheduler)
         self.lora = LoraManager(model, lora)  # loads LORA_INFO's adapters now (a bad one stops start-up)
         self.info = EngineInfo(
-            vocab_size=model.arch.vocab_size, max_seq_len=max_seq_len, block_size=block_size, num_blocks=num_blocks,
+            vocab_size=model.arch.vocab_size, max_seq_len=max_seq_len, block_size=block_size,
+            num_blocks=num_blocks - len(self.pool.pinned),  # what requests can use
             max_num_batched_tokens=engine_config.max_num_batched_tokens,
             enable_chunked_prefill=engine_config.enable_chunked_prefill, eos_token_ids=list(eos_token_ids),
             description=_description(model, engine_config, num_blocks, block_size),
@@ -103,6 +109,17 @@ class EngineCore:
         self.wakeup = threading.Condition(self._lock)  # notified when work is queued
         self.lora.on_job_done = self._notify
 
+    def _install_prefix(self, ptuning_dir: str) -> FixedPrefix:
+        """The P-tuning prefix into the pool's first blocks, held by the engine for good."""
+        past = read_prefix_past(ptuning_dir)
+        blocks = prefix_blocks(past.shape[0], self.block_size)
+        if len(blocks) >= self.pool.num_blocks:
+            raise ValueError(f"P-tuning: the prefix needs {len(blocks)} KV blocks, the pool has {self.pool.num_blocks}")
+        taken = self.pool.pin(len(blocks))
+        assert taken == blocks, "a fresh pool hands out blocks 0, 1, ... (every rank writes the same ones)"
+        write_prefix(self.model, self.runner.kv_caches, past, blocks, self.block_size)
+        return FixedPrefix(past.shape[0], blocks)
+
     # ---- queued from other threads --------------------------------------------------------------
     def add_requests(self, requests: Iterable[EngineRequest]) -> None:
         with self._lock:
@@ -119,6 +136,14 @@ class EngineCore:
         with self._lock:
             self._pending_stops.extend(stops)
             self.wakeup.notify()
+
+    def set_task_prompts(self, prompts: Dict[str, List[int]]) -> None:
+        """MULTI_TASK_PROMPT: the full blocks of each task prompt (after the P-tuning prefix, if any)
+        stay in the prefix cache for good once a request has computed them."""
+        head = [PLACEHOLDER] * self.prefix.length if self.prefix is not None else []
+        skip = len(self.prefix.blocks) if self.prefix is not None else 0
+        for ids in prompts.values():
+            self.pool.resident_hashes.update(self.scheduler.kv.full_block_hashes(head + list(ids))[skip:])
 
     def lora_command(self, command: LoraCommand) -> None:
         """Change the served LoRA adapters; the result comes in a step's `lora_results`."""
@@ -144,7 +169,7 @@ class EngineCore:
         return EngineStats(num_running=len(self.scheduler.running), num_waiting=waiting, kv_usage=self.pool.usage,
                            num_free_blocks=self.pool.num_free_blocks,
                            prefix_cache_queries=self.pool.stats.queries, prefix_cache_hits=self.pool.stats.hits,
-                           num_steps=self.num_steps)
+                           num_steps=self.num_steps, num_resident_blocks=len(self.pool.resident))
 
     # ---- admission ------------------------------------------------------------------------------
     def _make_request(self, req: EngineRequest) -> Request:
@@ -157,8 +182,14 @@ class EngineCore:
         if req.config.adapter_name is not None:
             adapter = self.lora.resolve(req.config.adapter_name)  # unloaded since the front end checked: refused
             request.lora_slot, salt = adapter.slot, adapter.cache_salt
-        request.seqs = [Sequence(token_ids=list(req.prompt_token_ids), prompt_len=request.prompt_len,
-                                 cache_salt=salt)]
+        head, fixed = [], None
+        if self.prefix is not None:
+            if req.config.calculate_loss:
+                raise ValueError("calculate_loss: not supported with a P-tuning prefix yet")
+            request.prefix_len, fixed = self.prefix.length, self.prefix.blocks
+            head = [PLACEHOLDER] * self.prefix.length
+        request.seqs = [Sequence(token_ids=head + list(req.prompt_token_ids), prompt_len=len(head) + request.prompt_len,
+                                 cache_salt=salt, fixed_prefix=fixed)]
         return request
 
     def _live_lora_slots(self) -> Set[int]:

@@ -169,6 +169,9 @@ class EngineProcessClient(FrontEnd):
         self._check_alive()
         self._send(("lora", command))
 
+    def _send_tasks(self, prompts) -> None:
+        self._send(("tasks", prompts))
+
     # ---- from the core --------------------------------------------------------------------------
     def _read_loop(self) -> None:
         channel = self._channel

@@ -43,6 +43,7 @@ class CoreLaunch:
     parallel: ParallelConfig = ParallelConfig()  # tensor parallelism: this core is rank 0 of the group
     weight_quant: str = ""  # WEIGHT_TYPE=INT8 / FP8: "int8" / "fp8"
     lora: Optional[LoraConfig] = None  # LORA_INFO's adapters and the served set's limits
+    ptuning_dir: Optional[str] = None  # a P-tuning v2 checkpoint (ptuning/)
 
 
 class _ForwardLogs(logging.Handler):
@@ -110,7 +111,7 @@ def _build_core(launch: CoreLaunch, channel: Channel):
                                launch.weight_quant, launch.lora)
     logger.info("rank 0: %.1f MiB of weights", model.weight_bytes() / 2**20)
     core = EngineCore(model, launch.engine_config, launch.max_seq_len, launch.block_size, launch.eos_token_ids, ranks,
-                      launch.lora)
+                      launch.lora, launch.ptuning_dir)
     _limit_host_threads(device)
     return core, workers
 
@@ -142,6 +143,8 @@ def _apply(core, message) -> bool:
         core.stop_sequences(message[1])
     elif kind == "lora":
         core.lora_command(message[1])
+    elif kind == "tasks":
+        core.set_task_prompts(message[1])
     elif kind == "shutdown":
         return False
     return True

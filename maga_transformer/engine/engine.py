@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from maga_transformer.config.engine_config import EngineConfig
 from maga_transformer.engine.core import EngineCore
@@ -24,8 +24,10 @@ logger = logging.getLogger(__name__)
 
 class Engine(FrontEnd):
     def __init__(self, model: DecoderModel, tokenizer, engine_config: EngineConfig, max_seq_len: int,
-                 block_size: int, eos_token_ids: List[int], lora: Optional[LoraConfig] = None) -> None:
-        self.core = EngineCore(model, engine_config, max_seq_len, block_size, eos_token_ids, lora=lora)
+                 block_size: int, eos_token_ids: List[int], lora: Optional[LoraConfig] = None,
+                 ptuning_dir: Optional[str] = None) -> None:
+        self.core = EngineCore(model, engine_config, max_seq_len, block_size, eos_token_ids, lora=lora,
+                               ptuning_dir=ptuning_dir)
         super().__init__(tokenizer, self.core.info, self.core.limits)
         self.model = model
         self.config = engine_config
@@ -83,6 +85,9 @@ class Engine(FrontEnd):
 
     def _send_lora(self, command: LoraCommand) -> None:
         self.core.lora_command(command)
+
+    def _send_tasks(self, prompts: Dict[str, List[int]]) -> None:
+        self.core.set_task_prompts(prompts)
 
     def _wait_lora(self, done: threading.Event, timeout_s: float) -> bool:
         if self._thread is not None:

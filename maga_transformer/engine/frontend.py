@@ -78,7 +78,7 @@ class PoolView:
         """With no request live, every block is free or an evictable cached one (the core's own
         BlockPool.check_idle, as its last step message reported it)."""
         stats = self._frontend.stats
-        if stats.num_free_blocks != self.num_blocks:
+        if stats.num_free_blocks + stats.num_resident_blocks != self.num_blocks:
             raise AssertionError(f"{self.num_blocks - stats.num_free_blocks} KV blocks still held with "
                                  f"{self._frontend.num_live_requests} request(s) live")
 
@@ -96,6 +96,7 @@ class FrontEnd:
         self._lock = threading.Lock()  # handles + processor: callers add, the output side processes
         self.adapters: Dict[str, str] = dict(info.adapters)  # LoRA adapters served, as of the core's last word
         self._lora_waiters: Dict[int, list] = {}  # command id -> [threading.Event, result]
+        self.task_prompts: Dict[str, List[int]] = {}  # MULTI_TASK_PROMPT: task_id -> its prompt's token ids
 
     # ---- to the core (subclasses) ---------------------------------------------------------------
     def _submit(self, requests: List[EngineRequest]) -> None:
@@ -109,6 +110,25 @@ class FrontEnd:
 
     def _send_lora(self, command: LoraCommand) -> None:
         raise NotImplementedError
+
+    def _send_tasks(self, prompts: Dict[str, List[int]]) -> None:
+        raise NotImplementedError
+
+    def set_task_prompts(self, prompts: Dict[str, List[int]]) -> None:
+        """MULTI_TASK_PROMPT's prompts, tokenized: a request's task_id puts its task's prompt first,
+        and the core keeps that prompt's KV blocks resident once computed."""
+        self.task_prompts = {str(k): list(v) for k, v in prompts.items()}
+        if self.task_prompts:
+            self._send_tasks(self.task_prompts)
+
+    def _with_task(self, prompt_token_ids: List[int], config: GenerateConfig) -> List[int]:
+        if config.task_id is None:
+            return prompt_token_ids
+        task = self.task_prompts.get(config.task_id)
+        if task is None:
+            raise ValueError(f"task_id: no MULTI_TASK_PROMPT task {config.task_id!r} "
+                             f"(tasks: {sorted(self.task_prompts) or 'none'})")
+        return task + list(prompt_token_ids)
 
     # ---- public API (thread-safe) ---------------------------------------------------------------
     @property
@@ -144,7 +164,7 @@ class FrontEnd:
 
     def validate(self, prompt_token_ids: List[int], config: GenerateConfig) -> None:
         """Raise ValueError naming the field if add_request would refuse this request."""
-        self.limits.check(prompt_token_ids, config)
+        self.limits.check(self._with_task(prompt_token_ids, config), config)
         self._check_adapter(config)
 
     def _check_adapter(self, config: GenerateConfig) -> None:
@@ -201,6 +221,7 @@ class FrontEnd:
                      request_ids: Optional[Sequence[Optional[str]]] = None, sink=None,
                      stream: bool = True) -> List[RequestHandle]:
         """Several requests in one message to the core; all are validated before any is sent."""
+        prompts = [self._with_task(ids, config) for ids in prompts]
         for ids in prompts:
             self.limits.check(ids, config)
         self._check_adapter(config)

@@ -53,6 +53,12 @@ class KVCacheManager:
             tokens = seq.token_ids[i * self.block_size:(i + 1) * self.block_size]
             seq.block_hashes.append(chain_hash(parent, tokens, extra))
 
+    def full_block_hashes(self, token_ids: List[int], salt: Optional[str] = None) -> List[int]:
+        """The chain hashes the full blocks of these tokens get (a task prompt's, to pin them)."""
+        seq = Sequence(token_ids=list(token_ids), prompt_len=len(token_ids), cache_salt=salt)
+        self._update_hashes(seq, None)
+        return seq.block_hashes
+
     def match_prefix(self, seq: Sequence, extra: Optional[str] = None) -> int:
         """Attach cached blocks for the longest cached prefix of a seq that holds no blocks.
 
@@ -60,16 +66,28 @@ class KVCacheManager:
         Returns the number of tokens reused.
         """
         assert not seq.block_table and seq.num_computed_tokens == 0
+        fixed = self._attach_fixed_prefix(seq)
         if not self.pool.enable_prefix_cache:
-            return 0
+            return fixed
         self._update_hashes(seq, extra)
         limit = (len(seq.token_ids) - 1) // self.block_size
-        for block_hash in seq.block_hashes[:limit]:
+        for block_hash in seq.block_hashes[len(seq.block_table):limit]:
             block = self.pool.lookup(block_hash)
             if block is None:
                 break
             seq.block_table.append(block)
         seq.num_registered_blocks = len(seq.block_table)
+        seq.num_computed_tokens = len(seq.block_table) * self.block_size
+        return seq.num_computed_tokens
+
+    def _attach_fixed_prefix(self, seq: Sequence) -> int:
+        """P-tuning: the engine's prefix blocks (computed once, held by the engine) head the table."""
+        if not seq.fixed_prefix:
+            return 0
+        for block in seq.fixed_prefix:
+            self.pool.incref(block)
+        seq.block_table = list(seq.fixed_prefix)
+        seq.num_registered_blocks = len(seq.block_table)  # never offered to the cache: not tokens
         seq.num_computed_tokens = len(seq.block_table) * self.block_size
         return seq.num_computed_tokens
 

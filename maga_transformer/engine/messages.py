@@ -62,6 +62,7 @@ class EngineStats:
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     num_steps: int = 0  # steps run so far (a step that only applied aborts counts too)
+    num_resident_blocks: int = 0  # task prompts' blocks (MULTI_TASK_PROMPT), held by the engine for good
 
 
 @dataclass

@@ -192,7 +192,8 @@ class ModelRunner:
         for item in plan.scheduled:
             cfg = item.request.config
             # LoRA rows run eagerly: the graphs hold no adapter index (yet)
-            if item.num_tokens != 1 or cfg.return_hidden_states or cfg.calculate_loss or item.request.lora_slot >= 0:
+            if (item.num_tokens != 1 or cfg.return_hidden_states or cfg.calculate_loss or item.request.lora_slot >= 0
+                    or item.request.prefix_len):  # P-tuning: positions start after the prefix
                 return None
             for seq in item.request.live_seqs:
                 position = seq.num_computed_tokens
@@ -219,12 +220,14 @@ class ModelRunner:
                     lora_slots.extend([item.request.lora_slot] * item.num_tokens)
                 start, end = seq.num_computed_tokens, seq.num_computed_tokens + item.num_tokens
                 batch.input_ids.extend(seq.token_ids[start:end] if not pending else [0])  # pending: filled on the device
-                batch.positions.extend(range(start, end) if layout is None else layout.positions(start, end))
+                shift = item.request.prefix_len  # P-tuning: the prompt's positions start at 0 after the prefix
+                batch.positions.extend(range(start - shift, end - shift) if layout is None
+                                       else layout.positions(start, end))
                 layouts.add(layout, start, end)
                 table = seq.block_table
                 batch.slots.extend(table[p // self.block_size] * self.block_size + p % self.block_size
                                    for p in range(start, end))
-                batch.rope_lens.extend([end] * item.num_tokens)
+                batch.rope_lens.extend([end - shift] * item.num_tokens)
                 batch.query_lens.append(item.num_tokens)
                 batch.context_lens.append(start)
                 batch.tables.append(table)

@@ -46,6 +46,8 @@ class Sequence:
     finish_sent: bool = False  # the front end has been told finish_reason
     # chained into every block hash: KV computed under one LoRA adapter is never reused by another
     cache_salt: Optional[str] = None
+    # P-tuning: the engine's prefix blocks, put at the head of the block table whenever it is rebuilt
+    fixed_prefix: Optional[List[int]] = None
 
     @property
     def output_ids(self) -> List[int]:
@@ -71,7 +73,8 @@ class Sequence:
                         block_table=list(self.block_table), block_hashes=list(self.block_hashes),
                         num_registered_blocks=self.num_registered_blocks, cum_logprob=self.cum_logprob,
                         output_logprobs=list(self.output_logprobs),
-                        output_top_logprobs=list(self.output_top_logprobs), cache_salt=self.cache_salt)
+                        output_top_logprobs=list(self.output_top_logprobs), cache_salt=self.cache_salt,
+                        fixed_prefix=self.fixed_prefix)
 
 
 @dataclass
@@ -111,6 +114,9 @@ class Request:
     # the first prefill chunk (also after a preemption) must compute at least this many tokens
     unsplit_prefix_len: int = 0
     lora_slot: int = -1  # the LoRA adapter slot its rows use (lora/manager.py), -1: the base model
+    # P-tuning: placeholder positions at the head of its sequences (the shared prefix), not counted
+    # in its length, its positions or its reuse_len
+    prefix_len: int = 0
 
     @property
     def prompt_len(self) -> int:

@@ -143,7 +143,8 @@ class StepProcessor:
             repetition_penalty=cfg.repetition_penalty, presence_penalty=cfg.presence_penalty,
             frequency_penalty=cfg.frequency_penalty, seed=cfg.random_seed,
             seed_offset=seq.sample_index * _SEED_STRIDE + num_outputs,
-            history_token_ids=seq.token_ids, output_token_ids=penalised_outputs, eos_token_ids=request.eos_token_ids,
+            history_token_ids=seq.token_ids[request.prefix_len:] if request.prefix_len else seq.token_ids,
+            output_token_ids=penalised_outputs, eos_token_ids=request.eos_token_ids,
             suppress_eos=num_outputs < cfg.min_new_tokens, bad_words_ids=single_bad,
             top_logprobs=cfg.top_logprobs)
 
@@ -211,7 +212,7 @@ class StepProcessor:
         rid, beams, top = request.request_id, request.is_beam_search, request.config.top_logprobs
         if not request.started_sent and request.first_token_time is not None:
             request.started_sent = True
-            out.started.append((rid, request.reuse_len))
+            out.started.append((rid, request.reuse_len - request.prefix_len))
         for index, seq in enumerate(request.seqs):
             sent = seq.num_sent
             new = seq.token_ids[seq.prompt_len + sent:]
@@ -231,7 +232,7 @@ class StepProcessor:
         first = request.first_token_time
         return RequestFinal(
             request_id=request.request_id, cost_time_ms=(now - request.arrival_time) * 1e3,
-            iter_count=request.num_steps, reuse_len=request.reuse_len, num_preemptions=request.num_preemptions,
+            iter_count=request.num_steps, reuse_len=request.reuse_len - request.prefix_len, num_preemptions=request.num_preemptions,
             first_token_time_ms=None if first is None else (first - request.arrival_time) * 1e3,
             loss=self._loss(request), logits=_host_rows(request.extras.get("logits")),
             hidden=_host_rows(request.extras.get("hidden")),

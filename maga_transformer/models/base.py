@@ -69,6 +69,12 @@ class FamilyModel:
         where the family applies no LoRA there (maga_transformer/lora/ refuses such adapters)."""
         return None
 
+    def ptuning_kv(self, past: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """Family hook: a P-tuning v2 prefix encoder's output [pre_seq_len, width] as per-layer keys
+        and values [pre_seq_len, kv_heads, head_dim] in this model's cache layout (this rank's heads)."""
+        raise ValueError(f"P-tuning: the {type(self).__name__} family has no prefix encoder support "
+                         "(ChatGLM2 / ChatGLM3 have)")
+
     def lora_fused_experts(self, module: str) -> Optional[Tuple[int, int]]:
         """Family hook: (layer, number of experts) when `module` is an MoE block whose experts PEFT
         adapts as 3-D tensors (target_parameters), else None."""

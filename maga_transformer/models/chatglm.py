@@ -14,7 +14,7 @@ position_encoding_2d, without ffn_hidden_size) is sent to models/glm.py.
 from __future__ import annotations
 
 import re
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -96,6 +96,24 @@ class ChatGLMModel(DecoderModel):
             if key in w:
                 w[key] = self._qk_rows_to_halves(w[key])
         return super()._assemble_layer(index, w)
+
+    def ptuning_kv(self, past: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """ChatGLM2's prefix encoder output viewed as [pre_seq_len, layers * 2, kv groups, kv_channels]:
+        layer l's keys at 2l, values at 2l + 1. The keys take the same channel order as the loaded
+        q/k weights (rotated channels evens first), since scores only see q . k; they are not rotated
+        (ChatGLM2 concatenates them as past keys, after rotary)."""
+        full = self.full_arch
+        width = full.num_layers * 2 * full.num_kv_heads * full.head_dim
+        if past.dim() != 2 or past.shape[1] != width:
+            raise ValueError(f"P-tuning: the prefix encoder gives {tuple(past.shape)}, this model needs "
+                             f"[pre_seq_len, {width}] (layers x 2 x kv groups x kv_channels)")
+        kv = past.view(past.shape[0], full.num_layers * 2, full.num_kv_heads, full.head_dim)
+        first, count = self.tp.kv_head_span(full.num_heads, full.num_kv_heads)
+        rotary_dim = full.rope.rotary_dim
+        order = torch.cat([torch.arange(0, rotary_dim, 2), torch.arange(1, rotary_dim, 2),
+                           torch.arange(rotary_dim, full.head_dim)])
+        return [(kv[:, 2 * layer, first:first + count][..., order], kv[:, 2 * layer + 1, first:first + count])
+                for layer in range(full.num_layers)]
 
     def lora_b_rows(self, canonical: str, lora_b: torch.Tensor) -> torch.Tensor:
         """An adapter of query_key_value outputs its rows in the checkpoint's order: permute them too."""
