@@ -93,7 +93,8 @@ class EngineCore:
             max_num_batched_tokens=engine_config.max_num_batched_tokens,
             enable_chunked_prefill=engine_config.enable_chunked_prefill, eos_token_ids=list(eos_token_ids),
             description=_description(model, engine_config, num_blocks, block_size),
-            adapters=self.lora.adapters, lora_merged=self.lora.config.merge)
+            adapters=self.lora.adapters, lora_merged=self.lora.config.merge,
+            ptuning_prefix_len=self.prefix.length if self.prefix is not None else 0)
         self.limits = RequestLimits(self.info, model.prompt_layout)
         overlap = engine_config.overlap_scheduling
         self.overlap = model.device.type == "cuda" if overlap is None else overlap
@@ -183,9 +184,7 @@ class EngineCore:
             adapter = self.lora.resolve(req.config.adapter_name)  # unloaded since the front end checked: refused
             request.lora_slot, salt = adapter.slot, adapter.cache_salt
         head, fixed = [], None
-        if self.prefix is not None:
-            if req.config.calculate_loss:
-                raise ValueError("calculate_loss: not supported with a P-tuning prefix yet")
+        if self.prefix is not None:  # (calculate_loss was refused by the limits)
             request.prefix_len, fixed = self.prefix.length, self.prefix.blocks
             head = [PLACEHOLDER] * self.prefix.length
         request.seqs = [Sequence(token_ids=head + list(req.prompt_token_ids), prompt_len=len(head) + request.prompt_len,

@@ -51,6 +51,8 @@ class RequestLimits:
             raise ValueError(f"max_new_tokens: prompt ({prompt_len}) + max_new_tokens ({max_new}) x "
                              f"{seqs_needed} sequences does not fit in the KV cache "
                              f"({info.num_blocks} blocks of {info.block_size} tokens)")
+        if info.ptuning_prefix_len and config.calculate_loss:
+            raise ValueError("calculate_loss: not supported with a P-tuning prefix yet")
         eos = [config.eos_token_id] if config.eos_token_id is not None else list(info.eos_token_ids)
         layout = self.prompt_layout(prompt_token_ids)
         return Admission(max_new, eos, layout, self._unsplit_prefix(prompt_len, layout))

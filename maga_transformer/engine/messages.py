@@ -91,3 +91,4 @@ class EngineInfo:
     description: str = ""  # device, dtype, KV tokens: the start-up log line
     adapters: Dict[str, str] = field(default_factory=dict)  # LoRA adapters served at start-up: name -> path
     lora_merged: bool = False  # LORA_MERGE=1: the one adapter is in the weights
+    ptuning_prefix_len: int = 0  # P-tuning: the prefix positions every request starts with
