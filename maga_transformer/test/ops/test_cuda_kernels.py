@@ -143,6 +143,9 @@ DECODE_CASES = [
     ([700, 512, 513], 8, 2, 64, 16, 512),                   # window at partition edges
     ([300, 77, 130], 8, 2, 128, 12, None),                  # block size not a power of two (division)
     ([70, 3], 8, 8, 64, 1, None),                           # one-token blocks: 65 blocks a partition
+    ([131071], 32, 8, 128, 16, None),                       # batch 1 at 128k keys: spans of 4 partitions
+    ([301, 0, 4095] * 86, 32, 8, 128, 16, None),            # batch 258: one split per sequence
+    ([1000, 300], 8, 2, 64, 1, None),                       # one-token blocks: 257 blocks a span
 ]
 
 
