@@ -4,6 +4,7 @@ the pool), B sequences of L keys each, Llama-3-8B heads (32 query / 8 KV heads, 
     python3 benchmark/decode_attention_bench.py          # on the GPU machine, after build_gpu.sh
     python3 benchmark/decode_attention_bench.py --cases 1:32768 8:8192 1:131072 --max-seq-len 131072 \
         --splits 0 66 132 264 528 --out results.json     # long contexts; 0 = decode_splits' choice
+    MAGA_DECODE_KERNEL=stream python3 benchmark/decode_attention_bench.py ...   # the warp-private kernel
     ncu ... python3 benchmark/decode_attention_bench.py --eager 256 512   # one case, no graphs
 
 Prints microseconds per call (CUDA graphs of 20 calls: no launch overhead) and the GB/s of keys and

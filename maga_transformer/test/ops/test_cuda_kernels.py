@@ -168,6 +168,20 @@ def test_paged_decode_attention(kernels, dtype, case):
 
 
 @gpu_test
+def test_the_stream_decode_kernel_passes_the_decode_tests():
+    """MAGA_DECODE_KERNEL=stream (src/kernels/cuda/paged_decode_stream.cu, read once per process):
+    the decode and mixed-step tests of this file again, in a process that chose it."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                           "(paged_decode or mixed or graph) and not stream"],
+                          env={**os.environ, "MAGA_DECODE_KERNEL": "stream"}, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert " passed" in done.stdout.splitlines()[-1]
+
+
+@gpu_test
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 7, 40, 400])
 def test_paged_decode_attention_any_split_count(kernels, num_splits):
     """Fewer CTAs than partitions (each merges several, online softmax), as many, or more (the extra

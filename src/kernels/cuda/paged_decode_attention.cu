@@ -482,6 +482,7 @@ bool paged_decode_supports_head_dim(int head_dim) {
 cudaError_t paged_decode_attention(const PagedDecodeParams& p, cudaStream_t stream) {
   if (p.num_seqs == 0) return cudaSuccess;
   if (!valid_params(p)) return cudaErrorInvalidValue;
+  if (paged_decode_stream_applies(p)) return launch_paged_decode_stream(p, stream);
   return dispatch_dtype(p.dtype, [&](auto tag) { return dispatch_cache<decltype(tag)>(p, stream); });
 }
 

@@ -29,5 +29,11 @@ __device__ __forceinline__ DecodeRange decode_range(int len, int sliding_window)
 // sequences into `out`.
 cudaError_t launch_paged_decode_reduce(const PagedDecodeParams& params, cudaStream_t stream);
 
+// The warp-private online-softmax kernel (paged_decode_stream.cu): whether it takes this launch
+// (MAGA_DECODE_KERNEL=stream, fp16 / bf16 caches of the query's dtype, head_dim 64 / 128 / 256), and
+// its launch (with the merge).
+bool paged_decode_stream_applies(const PagedDecodeParams& params);
+cudaError_t launch_paged_decode_stream(const PagedDecodeParams& params, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace th_transformer
