@@ -54,13 +54,17 @@ def build_model_runner(model: DecoderModel, engine_config: EngineConfig, max_seq
                        ranks if sends_steps else None, engine_config.kv_cache_dtype)
 
 
-def _description(model: DecoderModel, engine_config: EngineConfig, num_blocks: int, block_size: int) -> str:
-    """What the start-up log and /info say the core runs: device, dtype, quantization, KV tokens, ranks."""
+def _description(model: DecoderModel, engine_config: EngineConfig, num_blocks: int, block_size: int,
+                 max_seq_len: int) -> str:
+    """What the start-up log and /info say the core runs: device, dtype, quantization, KV tokens (and how
+    many sequences of the longest length fit), ranks."""
     weights = f" with {model.weight_quant} weights" if model.weight_quant else ""
     kv = "" if engine_config.kv_cache_dtype == "auto" else f"{engine_config.kv_cache_dtype} "
     tp = f", tensor parallel over {model.tp.size} ranks" if model.tp.size > 1 else ""
+    full_length = num_blocks // max(1, -(-max_seq_len // block_size))
     return (f"{model.device.type} {str(model.dtype).replace('torch.', '')}{weights}, KV cache {kv}"
-            f"{num_blocks * block_size:,} tokens ({num_blocks:,} blocks of {block_size}){tp}")
+            f"{num_blocks * block_size:,} tokens ({num_blocks:,} blocks of {block_size}; "
+            f"{full_length:,} {'sequence' if full_length == 1 else 'sequences'} of {max_seq_len:,} tokens at once){tp}")
 
 
 class EngineCore:
@@ -92,7 +96,7 @@ class EngineCore:
             num_blocks=num_blocks - len(self.pool.pinned),  # what requests can use
             max_num_batched_tokens=engine_config.max_num_batched_tokens,
             enable_chunked_prefill=engine_config.enable_chunked_prefill, eos_token_ids=list(eos_token_ids),
-            description=_description(model, engine_config, num_blocks, block_size),
+            description=_description(model, engine_config, num_blocks, block_size, max_seq_len),
             adapters=self.lora.adapters, lora_merged=self.lora.config.merge,
             ptuning_prefix_len=self.prefix.length if self.prefix is not None else 0)
         self.limits = RequestLimits(self.info, model.prompt_layout)

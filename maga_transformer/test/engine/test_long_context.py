@@ -71,3 +71,11 @@ def test_chunks_next_to_decodes_equal_transformers_and_the_decodes_never_stall(t
     assert long_handle.result().outputs[0].token_ids == expected
     assert [h.result().outputs[0].token_ids for h in decoders] == short_expected
     engine.pool.check_idle()
+
+
+def test_the_memory_plan_says_how_many_full_length_sequences_fit(tiny):
+    """1,200 blocks of 4 tokens hold 4,800 tokens: one sequence of the model's 4,096 positions
+    (1,024 blocks), and 18 of 256 tokens."""
+    assert "1 sequence of 4,096 tokens at once" in _engine(tiny[1]).info.description
+    short = load_engine_model(tiny[1], num_kv_blocks=1200, block_size=4, max_seq_len=256).engine
+    assert "18 sequences of 256 tokens at once" in short.info.description
