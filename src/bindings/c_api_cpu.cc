@@ -2,28 +2,9 @@
 // checked in Python (maga_transformer/ops/_native.py); the few checks here only keep a bad call from
 // reading out of bounds.
 #include "src/bindings/c_api.h"
-
-#if __has_include("src/source_hash.h")  // Bazel generates it (:source_hash); the Python build passes -D
-#include "src/source_hash.h"
-#endif
-
+#include "src/bindings/c_api_identity.h"
 #include "src/kernels/cpu/decode_ops.h"
 #include "src/kernels/cpu/gemv.h"
-
-#define MAGA_STR2(x) #x
-#define MAGA_STR(x) MAGA_STR2(x)
-
-MAGA_API int maga_abi_version(void) { return MAGA_ABI_VERSION; }
-
-// The hash of src/ the library was built from (ops/_compiled.py source_hash, src/hash_sources.py):
-// the loader refuses a bundled binary built from other sources than the ones beside it.
-MAGA_API const char* maga_source_hash(void) {
-#ifdef MAGA_SOURCE_HASH
-  return MAGA_SOURCE_HASH;
-#else
-  return "";
-#endif
-}
 
 MAGA_API const char* maga_build_info(void) {
 #ifdef MAGA_CPU_ARCH

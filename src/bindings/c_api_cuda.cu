@@ -4,10 +4,7 @@
 #include <cuda_runtime.h>
 
 #include "src/bindings/c_api.h"
-
-#if __has_include("src/source_hash.h")  // Bazel generates it (:source_hash); the Python build passes -D
-#include "src/source_hash.h"
-#endif
+#include "src/bindings/c_api_identity.h"
 #include "src/kernels/cuda/activation.h"
 #include "src/kernels/cuda/gemv.h"
 #include "src/kernels/cuda/kv_cache_write.h"
@@ -18,9 +15,6 @@
 #include "src/kernels/cuda/row_stats.h"
 
 namespace kc = th_transformer::cuda;
-
-#define MAGA_STR2(x) #x
-#define MAGA_STR(x) MAGA_STR2(x)
 
 namespace {
 
@@ -47,18 +41,6 @@ __global__ void probe_kernel(int* out) {
 }
 
 }  // namespace
-
-MAGA_API int maga_abi_version(void) { return MAGA_ABI_VERSION; }
-
-// The hash of src/ the library was built from (ops/_compiled.py source_hash, src/hash_sources.py):
-// the loader refuses a bundled binary built from other sources than the ones beside it.
-MAGA_API const char* maga_source_hash(void) {
-#ifdef MAGA_SOURCE_HASH
-  return MAGA_SOURCE_HASH;
-#else
-  return "";
-#endif
-}
 
 MAGA_API const char* maga_build_info(void) {
 #ifdef MAGA_CUDA_ARCHS
