@@ -29,8 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from maga_transformer.ops._cpu import cpu_kernels_for
 from maga_transformer.ops._cuda import KERNEL_DTYPES, aligned, check_status, kernels_for, same_device
-from maga_transformer.ops.flash_prefill import (FlashPrefillPlan, build_flash_prefill_plan, flash_prefill,
-                                                flash_prefill_applies)
+from maga_transformer.ops.flash_prefill import FlashPrefillPlan, flash_prefill, flash_prefill_applies
 from maga_transformer.ops.kv_cache import QuantizedKV, read_kv
 
 
@@ -179,6 +178,25 @@ def _slots(block_table: Sequence[int], block_size: int, length: int) -> torch.Te
     blocks = torch.tensor(block_table[: (length + block_size - 1) // block_size], dtype=torch.long)
     slots = (blocks.unsqueeze(1) * block_size + torch.arange(block_size)).flatten()
     return slots[:length]
+
+
+def build_flash_prefill_plan(query_lens: Sequence[int], context_lens: Sequence[int],
+                             block_tables: Sequence[Sequence[int]], block_size: int, members: List[int],
+                             device: torch.device) -> FlashPrefillPlan:
+    """`members` (indices into the step's sequences) in flash's varlen form: host-built index
+    tensors (their rows, every key's slot, cumulative lengths), copied to the device once."""
+    starts = _starts(query_lens)
+    rows = [torch.arange(starts[i], starts[i] + query_lens[i]) for i in members]
+    key_lens = [context_lens[i] + query_lens[i] for i in members]
+    slots = [_slots(block_tables[i], block_size, k) for i, k in zip(members, key_lens)]
+    in_order = list(members) == list(range(len(query_lens)))
+    return FlashPrefillPlan(
+        rows=None if in_order else torch.cat(rows).to(device),
+        key_slots=torch.cat(slots).to(device),
+        cu_q=torch.tensor(_starts([query_lens[i] for i in members]), dtype=torch.int32).to(device),
+        cu_k=torch.tensor(_starts(key_lens), dtype=torch.int32).to(device),
+        max_q=max(query_lens[i] for i in members),
+        max_k=max(key_lens))
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:

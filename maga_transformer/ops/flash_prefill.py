@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -35,7 +35,8 @@ _flash_works: Dict[Tuple[bool, bool], bool] = {}
 
 @dataclass
 class FlashPrefillPlan:
-    """The prompt rows of one step in the varlen kernel's form, built once and shared by layers."""
+    """The prompt rows of one step in the varlen kernel's form, built once and shared by layers
+    (ops/attention.py build_flash_prefill_plan, from the step's metadata)."""
 
     rows: Optional[torch.Tensor]  # [queries] flat token index of each prompt row; None: every row, in order
     key_slots: torch.Tensor  # [keys] KV slot of every key of every member, packed member after member
@@ -43,32 +44,6 @@ class FlashPrefillPlan:
     cu_k: torch.Tensor  # [members + 1] int32 cumulative key counts
     max_q: int
     max_k: int
-
-
-def build_flash_prefill_plan(query_lens: Sequence[int], context_lens: Sequence[int],
-                             block_tables: Sequence[Sequence[int]], block_size: int, members: List[int],
-                             device: torch.device) -> FlashPrefillPlan:
-    """Host-built index tensors for `members` (indices into the step's sequences), copied once."""
-    starts, total = [], 0
-    for q in query_lens:
-        starts.append(total)
-        total += q
-    rows, slots, cu_q, cu_k = [], [], [0], [0]
-    for i in members:
-        q_len, k_len = query_lens[i], context_lens[i] + query_lens[i]
-        rows.append(torch.arange(starts[i], starts[i] + q_len))
-        blocks = torch.tensor(list(block_tables[i][: (k_len + block_size - 1) // block_size]), dtype=torch.long)
-        slots.append((blocks.unsqueeze(1) * block_size + torch.arange(block_size)).flatten()[:k_len])
-        cu_q.append(cu_q[-1] + q_len)
-        cu_k.append(cu_k[-1] + k_len)
-    in_order = list(members) == list(range(len(query_lens)))
-    return FlashPrefillPlan(
-        rows=None if in_order else torch.cat(rows).to(device),
-        key_slots=torch.cat(slots).to(device),
-        cu_q=torch.tensor(cu_q, dtype=torch.int32).to(device),
-        cu_k=torch.tensor(cu_k, dtype=torch.int32).to(device),
-        max_q=max(query_lens[i] for i in members),
-        max_k=max(context_lens[i] + query_lens[i] for i in members))
 
 
 def flash_prefill_applies(q: torch.Tensor, k_cache, bidirectional_lens: Optional[Sequence[int]]) -> bool:

@@ -1,4 +1,4 @@
-"""The flash varlen plan (ops/flash_prefill.py) on the CPU: a pure-torch varlen attention that reads
+"""The flash varlen plan (ops/attention.py build_flash_prefill_plan, for ops/flash_prefill.py) on the CPU: a pure-torch varlen attention that reads
 the plan exactly as flash does (packed queries, packed keys from the slots, bottom-right causal,
 left window) must equal the padded reference. The kernel call itself is CUDA-only: its tests are in
 test_cuda_kernels.py."""
@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from maga_transformer.ops.attention import build_attention_metadata, paged_attention_reference
-from maga_transformer.ops.flash_prefill import build_flash_prefill_plan, flash_prefill_applies
+from maga_transformer.ops.attention import (build_attention_metadata, build_flash_prefill_plan,
+                                            paged_attention_reference)
+from maga_transformer.ops.flash_prefill import flash_prefill_applies
 from maga_transformer.ops.kv_cache import read_kv
 
 
