@@ -132,7 +132,7 @@ def run_worker(launch: WorkerLaunch) -> int:
     model = load_model_weights(core.ckpt_path, core.model_type, getattr(torch, core.dtype), device, ranks.tp,
                                core.parallel.load_threads, core.weight_quant)
     runner = build_model_runner(model, core.engine_config, core.max_seq_len, core.block_size, ranks,
-                                sends_steps=False)
+                                sends_steps=False, lora=core.lora)
     from maga_transformer.lora.mirror import LoraMirror
     runner.lora_mirror = LoraMirror(model, core.lora)  # LORA_INFO's adapters, in rank 0's slots
     if core.ptuning_dir:  # the same prefix blocks as rank 0's, this rank's heads

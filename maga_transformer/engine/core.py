@@ -39,19 +39,21 @@ logger = logging.getLogger(__name__)
 
 
 def build_model_runner(model: DecoderModel, engine_config: EngineConfig, max_seq_len: int, block_size: int,
-                       ranks=None, sends_steps: bool = True) -> ModelRunner:
+                       ranks=None, sends_steps: bool = True, lora: Optional[LoraConfig] = None) -> ModelRunner:
     """Plan the KV cache (profiling the largest step on CUDA), allocate it, capture the decode graphs.
     Under tensor parallelism every rank runs this in step (the profile and the captures call
     collectives) and all keep the KV blocks the tightest rank has room for; rank 0's runner
-    (sends_steps) then hands every step to the others."""
+    (sends_steps) then hands every step to the others. lora: with adapters servable unmerged (LORA_INFO
+    or MAX_LORA_MODEL_SIZE set), decode steps with adapter rows get graphs too."""
     step_tokens = min(engine_config.max_num_batched_tokens, max_seq_len)
     num_blocks = plan_num_blocks(
         model, block_size, engine_config, graph_reserve_mb=CUDA_GRAPH_RESERVE_MB,
         profile=lambda: profile_forward(model, block_size, step_tokens, min(engine_config.max_num_seqs, step_tokens)))
     if ranks is not None:
         num_blocks = ranks.agree_min(num_blocks)
+    lora_graphs = lora is not None and lora.enabled and not lora.merge
     return ModelRunner(model, block_size, num_blocks, max_seq_len, engine_config.max_num_seqs,
-                       ranks if sends_steps else None, engine_config.kv_cache_dtype)
+                       ranks if sends_steps else None, engine_config.kv_cache_dtype, lora_graphs)
 
 
 def _description(model: DecoderModel, engine_config: EngineConfig, num_blocks: int, block_size: int,
@@ -79,7 +81,7 @@ class EngineCore:
         self.max_seq_len = max_seq_len
         self.block_size = block_size
         self.ranks = ranks
-        self.runner = build_model_runner(model, engine_config, max_seq_len, block_size, ranks)
+        self.runner = build_model_runner(model, engine_config, max_seq_len, block_size, ranks, lora=lora)
         num_blocks = self.runner.num_blocks
         prefix_cache = engine_config.enable_prefix_cache and not model.USES_PROMPT_LAYOUT
         if engine_config.enable_prefix_cache and not prefix_cache:

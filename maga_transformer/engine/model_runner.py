@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from maga_transformer import ops
-from maga_transformer.engine.cuda_graph import DecodeGraphs, DecodeRow, graphs_supported
+from maga_transformer.engine.cuda_graph import DecodeGraphs, DecodeRow, graphs_supported, lora_graphs_supported
 from maga_transformer.engine.memory_plan import kv_bytes_per_block
 from maga_transformer.engine.request import Sequence
 from maga_transformer.engine.sampler import SamplingRow, sample
@@ -57,6 +57,7 @@ class StepInputs:
     (DESIGN.md, "Processes"), so every rank calls the same collectives in the same order."""
     block_copies: List[Tuple[int, int]] = field(default_factory=list)
     graph_rows: Optional[List[DecodeRow]] = None  # a decode step for the CUDA graphs
+    graph_lora_slots: Optional[List[int]] = None  # its rows' LoRA adapter slots, when any row has one
     batch: Optional[BatchInputs] = None  # an eager step
     logit_rows: List[int] = field(default_factory=list)  # batch token index of each sampled row
     row_of_seq: Dict[int, int] = field(default_factory=dict)
@@ -133,10 +134,11 @@ class _LayoutColumns:
 
 class ModelRunner:
     def __init__(self, model: DecoderModel, block_size: int, num_blocks: int, max_seq_len: int = 0,
-                 max_batch: int = 0, ranks=None, kv_cache_dtype: str = "auto") -> None:
+                 max_batch: int = 0, ranks=None, kv_cache_dtype: str = "auto", lora_graphs: bool = False) -> None:
         """ranks: the tensor-parallel group's step channel on rank 0 (distributed/ranks.py), which
         hands each step's inputs to the other ranks before this one runs it; None alone.
-        kv_cache_dtype: "auto" (the model's dtype), "int8" or "fp8" (ops/kv_cache.py)."""
+        kv_cache_dtype: "auto" (the model's dtype), "int8" or "fp8" (ops/kv_cache.py).
+        lora_graphs: adapters may be served unmerged: capture decode graphs for steps with LoRA rows too."""
         self.model = model
         self.block_size = block_size
         self.num_blocks = num_blocks
@@ -154,7 +156,10 @@ class ModelRunner:
         self.last_ran_graph = False  # whether the last step replayed a graph (engine/step_trace.py)
         reason = graphs_supported(model, kv_cache_dtype)
         if reason is None and max_seq_len and max_batch:
-            self.graphs = DecodeGraphs(model, self.kv_caches, block_size, max_seq_len, max_batch)
+            with_lora = lora_graphs and lora_graphs_supported(model) is None
+            if lora_graphs and not with_lora:
+                logger.info("decode steps with LoRA rows run without CUDA graphs: %s", lora_graphs_supported(model))
+            self.graphs = DecodeGraphs(model, self.kv_caches, block_size, max_seq_len, max_batch, with_lora)
         elif model.device.type == "cuda":
             logger.info("decode runs without CUDA graphs: %s", reason or "no max_seq_len / batch given")
 
@@ -174,6 +179,8 @@ class ModelRunner:
         rows = self._graph_rows(plan, pending)
         if rows is not None:
             inputs.graph_rows = [row for _, row in rows]
+            if any(item.request.lora_slot >= 0 for item in plan.scheduled):
+                inputs.graph_lora_slots = self._row_lora_slots(plan)
             inputs.row_of_seq = {seq.seq_id: i for i, (seq, _) in enumerate(rows)}
             inputs.num_pending = len(rows) if pending else 0
             return inputs
@@ -191,8 +198,8 @@ class ModelRunner:
         rows: List[Tuple[Sequence, DecodeRow]] = []
         for item in plan.scheduled:
             cfg = item.request.config
-            # LoRA rows run eagerly: the graphs hold no adapter index (yet)
-            if (item.num_tokens != 1 or cfg.return_hidden_states or cfg.calculate_loss or item.request.lora_slot >= 0
+            if (item.num_tokens != 1 or cfg.return_hidden_states or cfg.calculate_loss
+                    or (item.request.lora_slot >= 0 and not self._lora_rows_in_graphs())
                     or item.request.prefix_len):  # P-tuning: positions start after the prefix
                 return None
             for seq in item.request.live_seqs:
@@ -205,6 +212,14 @@ class ModelRunner:
         if not rows or len(rows) > self.graphs.max_batch:
             return None
         return rows
+
+    def _lora_rows_in_graphs(self) -> bool:
+        return self.graphs.with_lora and ops.lora_kernel_tables_usable()
+
+    @staticmethod
+    def _row_lora_slots(plan: SchedulerOutput) -> List[int]:
+        """Each graph row's adapter slot, in the rows' order (a request's live sequences in turn)."""
+        return [item.request.lora_slot for item in plan.scheduled for _ in item.request.live_seqs]
 
     def _build_batch(self, plan: SchedulerOutput, pending: bool = False):
         batch = BatchInputs([], [], [], [], [], [], [])
@@ -265,7 +280,8 @@ class ModelRunner:
                 ops.copy_kv_blocks(k_cache, v_cache, src, dst)
         self.last_ran_graph = inputs.graph_rows is not None  # read by the step trace
         if inputs.graph_rows is not None:
-            return StepResult(logits=self.graphs.run(inputs.graph_rows, pending_tokens), row_of_seq=inputs.row_of_seq)
+            logits = self.graphs.run(inputs.graph_rows, pending_tokens, inputs.graph_lora_slots)
+            return StepResult(logits=logits, row_of_seq=inputs.row_of_seq)
         batch = self._forward_batch(inputs.batch)
         if pending_tokens is not None:
             batch.input_ids = pending_tokens

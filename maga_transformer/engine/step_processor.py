@@ -115,12 +115,15 @@ class StepProcessor:
         """Wait for the draw, then append each token and check the token stops. Sequences finished
         meanwhile (an abort, or an earlier step's stop under overlap) drop theirs."""
         token_ids, logprobs, top_values, top_ids = draw.host.get()
+        landed = time.monotonic()  # the tokens are on the host now: a first token's honest time
         tokens, logprobs = token_ids.tolist(), logprobs.tolist()
         top = (top_values.tolist(), top_ids.tolist()) if top_values is not None else None
         for i, (request, seq) in enumerate(draw.pairs):
             if seq.is_finished or request.status == RequestStatus.FINISHED:
                 continue
             seq.token_ids.append(tokens[i])
+            if len(seq.token_ids) == seq.prompt_len + 1:  # advance() stamped it when the step was queued
+                request.first_token_time = landed
             seq.cum_logprob += logprobs[i]
             seq.output_logprobs.append(logprobs[i])
             if request.config.top_logprobs:

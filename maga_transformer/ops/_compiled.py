@@ -340,5 +340,12 @@ def cuda_kernels() -> Optional[CudaKernels]:
     import torch
     if torch.version.cuda is None or not torch.cuda.is_available():
         return None
-    return _once("cuda", lambda: _load("cuda", CudaKernels, lambda lists: lists.cuda,
-                                       "-sm" + "+".join(_local_cuda_archs())))
+    return _once("cuda", _load_cuda)
+
+
+def _load_cuda() -> Optional[CudaKernels]:
+    kernels = _load("cuda", CudaKernels, lambda lists: lists.cuda, "-sm" + "+".join(_local_cuda_archs()))
+    if kernels is not None and os.environ.get("MAGA_DECODE_KERNEL") == "stream":
+        logger.warning("MAGA_DECODE_KERNEL=stream: an experimental decode kernel that failed the decode tests on "
+                       "the H200 (2026-12-04, head_dim 128 at long contexts): do not use it for serving")
+    return kernels

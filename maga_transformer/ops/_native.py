@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-ABI_VERSION = 1  # src/bindings/c_api.h MAGA_ABI_VERSION: a library reporting another is refused
+ABI_VERSION = 2  # src/bindings/c_api.h MAGA_ABI_VERSION: a library reporting another is refused
 
 _P, _I, _L, _D = c_void_p, c_int, c_int64, c_double
 _CUDA_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8: 3, torch.float8_e4m3fn: 4}
@@ -140,9 +140,12 @@ class CudaKernels:
                                 _P, _I, _L, _L, _P,
                                 _P, _P, _P, _P, _L, _L, _I, _I)
         self._gated_activation = _declare(lib, "maga_gated_activation", _I, _I, _P, _I, _P, _P, _L, _L, _L, _I)
-        self._gemv = _declare(lib, "maga_gemv", _I, _I, _P, _I, _P, _P, _P, _P, _L, _L)
+        self._gemv = _declare(lib, "maga_gemv", _I, _I, _P, _I, _I, _P, _P, _P, _P, _L, _L)
         self._quantize_rows_fp8 = _declare(lib, "maga_quantize_rows_fp8", _I, _I, _P, _I, _P, _P, _P, _L, _L, _L)
         self._row_stats = _declare(lib, "maga_row_argmax_logsumexp", _I, _I, _P, _P, _P, _P, _L, _L, _L)
+        self.lora_max_table_rank = _declare(lib, "maga_lora_max_table_rank", _I)()
+        self._lora_apply = _declare(lib, "maga_lora_apply", _I, _I, _P, _I, _P, _P, _P, _P, _P, _I, _P, _I, _L, _L, _L,
+                                    _L, _L)
 
     def cuda_error_string(self, code: int) -> str:
         return self._error_string(code).decode()
@@ -219,13 +222,26 @@ class CudaKernels:
 
     def gemv(self, out, x, weight) -> int:
         device = weight.device.index
-        return self._gemv(device, _current_stream(device), _CUDA_DTYPES.get(weight.dtype, -1), out.data_ptr(),
+        return self._gemv(device, _current_stream(device), _CUDA_DTYPES.get(weight.dtype, -1), 0, out.data_ptr(),
                           x.data_ptr(), weight.data_ptr(), None, weight.shape[0], weight.shape[1])
 
-    def gemv_int8_weight(self, out, x, weight, scale) -> int:
+    def gemv_byte_weight(self, out, x, weight, scale) -> int:
+        """x @ (scale[:, None] * weight).T for an int8 or float8_e4m3fn weight (one row x)."""
+        kind = {torch.int8: 1, torch.float8_e4m3fn: 2}.get(weight.dtype, -1)
         device = weight.device.index
-        return self._gemv(device, _current_stream(device), _CUDA_DTYPES.get(x.dtype, -1), out.data_ptr(),
+        return self._gemv(device, _current_stream(device), _CUDA_DTYPES.get(x.dtype, -1), kind, out.data_ptr(),
                           x.data_ptr(), weight.data_ptr(), scale.data_ptr(), weight.shape[0], weight.shape[1])
+
+    def lora_apply(self, out, x, row_slots, row_order, table, partial, k_splits) -> int:
+        """out[r] += B_s (A_s x[r]) for the rows whose slot is in table (ops/lora.py LoraSet);
+        row_order: the rows sorted by slot; partial: fp32 workspace of rows * k_splits *
+        lora_max_table_rank values."""
+        device = x.device.index
+        return self._lora_apply(device, _current_stream(device), _CUDA_DTYPES.get(x.dtype, -1), out.data_ptr(),
+                                x.data_ptr(), row_slots.data_ptr(), row_order.data_ptr(), table.data_ptr(),
+                                table.shape[1],
+                                partial.data_ptr(), k_splits, x.shape[0], x.shape[1], out.shape[1], x.stride(0),
+                                out.stride(0))
 
     def quantize_rows_fp8(self, out, scale, x) -> int:
         device = x.device.index

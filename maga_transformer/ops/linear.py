@@ -11,7 +11,9 @@ Other dtypes and devices use oneDNN or F.linear, except one fp16 / bf16 row on t
 docs/benchmarks.md.
 Quantized weights (WEIGHT_TYPE=INT8 / FP8, docs/Quantization.md) keep int8 or e4m3 values and one
 scale per output channel: int8 decode rows go to the int8 GEMVs (CPU and CUDA), other int8 rows to
-a widen-then-GEMM path; FP8 quantizes each activation row and runs torch._scaled_mm.
+a widen-then-GEMM path; FP8 quantizes each activation row and runs torch._scaled_mm, except one row
+on CUDA (batch-1 decode), which goes to the same byte-weight GEMV as int8 with e4m3 widened in the
+kernel and the activation left unrounded (W8A16: what the row costs is the weight's bytes).
 """
 from __future__ import annotations
 
@@ -180,6 +182,9 @@ def _fp8_linear(x: torch.Tensor, w: LinearWeight, bias: Optional[torch.Tensor]) 
     GEMM with the row and channel scales applied to its fp32 accumulators (torch._scaled_mm)."""
     if not x.is_cuda or x.dtype != torch.bfloat16 or not _fp8_gemm_runs_on(x.device.index or 0):
         return _fp8_linear_emulated(x, w, bias)  # start-up allows this only under MAGA_FP8_EMULATION=1
+    out = _cuda_gemv_bytes(x, w)
+    if out is not None:  # one row: weight-only, through the GEMV (fp8_linear_reference's weight_only)
+        return out if bias is None else out + bias
     rows = x.reshape(-1, x.shape[-1])
     xq, x_scale = _quantize_activation_rows(rows)
     out = torch._scaled_mm(xq, w.qweight.t(), scale_a=x_scale[:, None], scale_b=w.scale[None, :],
@@ -189,10 +194,16 @@ def _fp8_linear(x: torch.Tensor, w: LinearWeight, bias: Optional[torch.Tensor]) 
     return out.reshape(*x.shape[:-1], w.out_features)
 
 
-def fp8_linear_reference(x: torch.Tensor, w: LinearWeight, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """What _fp8_linear computes, in float64: both operands rounded to e4m3 with their scales."""
-    xq, x_scale = quantize_fp8_rows(x.reshape(-1, x.shape[-1]))
-    out = (xq.double() * x_scale.double()[:, None]) @ w.dequantized(torch.float64).T
+def fp8_linear_reference(x: torch.Tensor, w: LinearWeight, bias: Optional[torch.Tensor],
+                         weight_only: bool = False) -> torch.Tensor:
+    """What _fp8_linear computes, in float64: both operands rounded to e4m3 with their scales, or
+    (weight_only: one row through the CUDA GEMV) only the weight."""
+    rows = x.reshape(-1, x.shape[-1])
+    if weight_only:
+        out = rows.double() @ w.dequantized(torch.float64).T
+    else:
+        xq, x_scale = quantize_fp8_rows(rows)
+        out = (xq.double() * x_scale.double()[:, None]) @ w.dequantized(torch.float64).T
     if bias is not None:
         out = out + bias.double()
     return out.reshape(*x.shape[:-1], w.out_features)
@@ -205,18 +216,18 @@ def prepare_int8_linear(weight: torch.Tensor) -> LinearWeight:
     return LinearWeight(out_features, in_features, qweight=q, scale=scale)
 
 
-def _cuda_gemv_i8(x: torch.Tensor, w: LinearWeight) -> Optional[torch.Tensor]:
-    """One fp16 / bf16 row against int8 weights through our CUDA GEMV (half of bf16's bytes
+def _cuda_gemv_bytes(x: torch.Tensor, w: LinearWeight) -> Optional[torch.Tensor]:
+    """One fp16 / bf16 row against int8 or e4m3 weights through our CUDA GEMV (half of bf16's bytes
     streamed), or None where it does not apply."""
     if _CUDA_GEMV_OFF or x.dim() != 2 or x.shape[0] != 1 or x.dtype not in (torch.float16, torch.bfloat16):
         return None
     kernels = kernels_for(x, w.qweight, w.scale)
-    if (kernels is None or not hasattr(kernels, "gemv_int8_weight") or w.in_features % 16
+    if (kernels is None or not hasattr(kernels, "gemv_byte_weight") or w.in_features % 16
             or w.in_features > kernels.gemv_max_in_features or x.shape[1] != w.in_features
             or not x.is_contiguous() or not aligned(x) or not aligned(w.qweight) or not same_device(x, w.qweight)):
         return None
     out = torch.empty(1, w.out_features, dtype=x.dtype, device=x.device)
-    check_status(kernels, kernels.gemv_int8_weight(out, x, w.qweight, w.scale), "gemv_int8_weight")
+    check_status(kernels, kernels.gemv_byte_weight(out, x, w.qweight, w.scale), "gemv_byte_weight")
     return out
 
 
@@ -236,7 +247,7 @@ def _int8_linear(x: torch.Tensor, w: LinearWeight, bias: Optional[torch.Tensor])
     float type, are widened to x's dtype for one GEMM, and its outputs take the per-channel scale:
     scale[o] * (x . q[o]) is the dequantized product without materialising the scaled weight."""
     if x.is_cuda:
-        out = _cuda_gemv_i8(x, w)
+        out = _cuda_gemv_bytes(x, w)
         if out is not None:
             return out if bias is None else out + bias
     elif x.dim() == 2 and x.dtype == torch.float32 and x.shape[0] <= _CPU_INT8_GEMV_ROWS:
@@ -290,7 +301,7 @@ def linear(x: torch.Tensor, w: LinearWeight, bias: Optional[torch.Tensor] = None
            lora: Optional[LoraRows] = None) -> torch.Tensor:
     """x @ W.T (+ bias), plus each row's LoRA term when the step has adapter rows (ops/lora.py)."""
     out = _base_linear(x, w, bias)
-    if lora is not None and w.lora:
+    if lora is not None and (w.lora or lora.static):
         out = add_lora(out, x, w.lora, lora)
     return out
 

@@ -18,7 +18,7 @@
 
 #include <cstdint>
 
-#define MAGA_ABI_VERSION 1
+#define MAGA_ABI_VERSION 2
 #define MAGA_API extern "C" __attribute__((visibility("default")))
 
 // Both libraries.
@@ -98,8 +98,19 @@ MAGA_API int maga_apply_rotary(int device, void* stream, int dtype,
                                int rotary_dim);
 MAGA_API int maga_gated_activation(int device, void* stream, int dtype, void* out, const void* input, int64_t rows,
                                    int64_t width, int64_t input_row_stride, int activation);
-MAGA_API int maga_gemv(int device, void* stream, int dtype, void* out, const void* x, const void* weight,
-                       const float* int8_scale_opt, int64_t out_features, int64_t in_features);
+// weight_kind (src/kernels/cuda/gemv.h GemvWeight): 0 the weight is x's dtype; 1 int8 and 2 e4m3, each
+// with `scale` (one fp32 per output row).
+MAGA_API int maga_gemv(int device, void* stream, int dtype, int weight_kind, void* out, const void* x,
+                       const void* weight, const float* scale_opt, int64_t out_features, int64_t in_features);
+// Unmerged LoRA (src/kernels/cuda/lora.h): out[r] += B_s (A_s x[r]) for each row r whose slot
+// row_slots[r] is in `table` ([4, capacity] int64: slot ids, A addresses, B addresses, ranks);
+// row_order: the rows sorted by slot; `partial`: fp32 workspace of rows * k_splits *
+// maga_lora_max_table_rank() values; k_splits: see ops/lora.py shrink_splits.
+MAGA_API int maga_lora_max_table_rank(void);
+MAGA_API int maga_lora_apply(int device, void* stream, int dtype, void* out, const void* x,
+                             const int64_t* row_slots, const int64_t* row_order, const int64_t* table, int capacity,
+                             float* partial, int k_splits, int64_t rows, int64_t in_features, int64_t out_features,
+                             int64_t x_stride, int64_t out_stride);
 MAGA_API int maga_quantize_rows_fp8(int device, void* stream, int dtype, void* out, float* scale, const void* x,
                                     int64_t rows, int64_t cols, int64_t row_stride);
 MAGA_API int maga_row_argmax_logsumexp(int device, void* stream, int64_t* argmax, float* logsumexp,

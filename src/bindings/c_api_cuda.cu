@@ -3,11 +3,14 @@
 // (compiled by nvcc with the kernels so that one toolchain builds the whole CUDA library).
 #include <cuda_runtime.h>
 
+#include <algorithm>
+
 #include "src/bindings/c_api.h"
 #include "src/bindings/c_api_identity.h"
 #include "src/kernels/cuda/activation.h"
 #include "src/kernels/cuda/gemv.h"
 #include "src/kernels/cuda/kv_cache_write.h"
+#include "src/kernels/cuda/lora.h"
 #include "src/kernels/cuda/paged_decode_attention.h"
 #include "src/kernels/cuda/quantize.h"
 #include "src/kernels/cuda/rms_norm.h"
@@ -245,9 +248,9 @@ MAGA_API int maga_gated_activation(int device, void* stream, int dtype, void* ou
   return launch_on(device, [&] { return kc::gated_activation(p, as_stream(stream)); });
 }
 
-MAGA_API int maga_gemv(int device, void* stream, int dtype, void* out, const void* x, const void* weight,
-                       const float* int8_scale_opt, int64_t out_features, int64_t in_features) {
-  if (!compute_dtype(dtype)) return static_cast<int>(cudaErrorInvalidValue);
+MAGA_API int maga_gemv(int device, void* stream, int dtype, int weight_kind, void* out, const void* x,
+                       const void* weight, const float* scale_opt, int64_t out_features, int64_t in_features) {
+  if (!compute_dtype(dtype) || weight_kind < 0 || weight_kind > 2) return static_cast<int>(cudaErrorInvalidValue);
   kc::GemvParams p{};
   p.dtype = as_dtype(dtype);
   p.out = out;
@@ -256,9 +259,40 @@ MAGA_API int maga_gemv(int device, void* stream, int dtype, void* out, const voi
   p.out_features = out_features;
   p.in_features = in_features;
   p.num_sms = maga_cuda_sm_count(device);
-  p.int8_weight = int8_scale_opt != nullptr;
-  p.scale = int8_scale_opt;
+  p.weight_kind = static_cast<kc::GemvWeight>(weight_kind);
+  p.scale = scale_opt;
   return launch_on(device, [&] { return kc::gemv(p, as_stream(stream)); });
+}
+
+MAGA_API int maga_lora_max_table_rank(void) { return kc::kLoraMaxTableRank; }
+
+MAGA_API int maga_lora_apply(int device, void* stream, int dtype, void* out, const void* x,
+                             const int64_t* row_slots, const int64_t* row_order, const int64_t* table, int capacity,
+                             float* partial, int k_splits, int64_t rows, int64_t in_features, int64_t out_features,
+                             int64_t x_stride, int64_t out_stride) {
+  if (!compute_dtype(dtype)) return static_cast<int>(cudaErrorInvalidValue);
+  kc::LoraApplyParams p{};
+  p.dtype = as_dtype(dtype);
+  p.out = out;
+  p.x = x;
+  p.row_slots = row_slots;
+  p.row_order = row_order;
+  p.table = table;
+  p.capacity = capacity;
+  p.partial = partial;
+  p.k_splits = k_splits;
+  p.rows = rows;
+  p.in_features = in_features;
+  p.out_features = out_features;
+  p.x_stride = x_stride;
+  p.out_stride = out_stride;
+  // two CTAs per SM over the batch's row groups, each with at least a CTA-width of outputs
+  const int64_t sms = maga_cuda_sm_count(device) > 0 ? maga_cuda_sm_count(device) : 132;
+  const int64_t groups = (rows + kc::kLoraGroupRows - 1) / kc::kLoraGroupRows;
+  const int64_t want = groups > 0 ? (2 * sms + groups - 1) / groups : 1;
+  const int64_t widest = (out_features + 255) / 256;
+  p.ctas_per_group = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({want, widest, 65535})));
+  return launch_on(device, [&] { return kc::lora_apply(p, as_stream(stream)); });
 }
 
 MAGA_API int maga_quantize_rows_fp8(int device, void* stream, int dtype, void* out, float* scale, const void* x,

@@ -31,6 +31,14 @@ def _llama():
                                         max_position_embeddings=128, eos_token_id=2, bos_token_id=1))
 
 
+def _llama_head_dim_64():
+    """Heads of 64 (the CUDA decode kernel's smallest): the shape the GPU tests capture graphs of."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    return LlamaForCausalLM(LlamaConfig(hidden_size=128, intermediate_size=192, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1, vocab_size=VOCAB,
+                                        max_position_embeddings=128, eos_token_id=2, bos_token_id=1))
+
+
 def _qwen2():
     from transformers import Qwen2Config, Qwen2ForCausalLM
     return Qwen2ForCausalLM(Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -66,7 +74,7 @@ def _mixtral():
     return model
 
 
-BASES = {"llama": _llama, "qwen2": _qwen2, "qwen2_moe": _qwen2_moe, "mixtral": _mixtral}
+BASES = {"llama": _llama, "llama_hd64": _llama_head_dim_64, "qwen2": _qwen2, "qwen2_moe": _qwen2_moe, "mixtral": _mixtral}
 
 # LoRA on the routed experts, which transformers 5 keeps as 3-D tensors: PEFT's target_parameters
 EXPERT_ADAPTERS = {

@@ -167,6 +167,8 @@ def test_paged_decode_attention(kernels, dtype, case):
     assert _rel_error(out, _decode_oracle(q, k_cache, v_cache, meta, scale)) < ORACLE_REL[dtype]
 
 
+@pytest.mark.xfail(strict=True, reason="the opt-in stream decode kernel failed 10 decode cases on the H200 on "
+                   "2026-12-04 (h32kv8d128 at 4k-128k keys, a CUDA error that poisons the process); issue 15")
 @gpu_test
 def test_the_stream_decode_kernel_passes_the_decode_tests():
     """MAGA_DECODE_KERNEL=stream (src/kernels/cuda/paged_decode_stream.cu, read once per process):

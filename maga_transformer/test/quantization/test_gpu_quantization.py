@@ -41,15 +41,21 @@ def test_int8_linear_on_the_gpu(rows, out_features, in_features):
     assert (out.double() - ref).abs().max() <= 0.01 * ref.abs().max() + 1e-2, (rows, out_features, in_features)
 
 
-def test_the_cuda_int8_gemv_serves_one_row():
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+@pytest.mark.parametrize("out_features, in_features", [(512, 1024), (1000, 1040), (77, 4112), (6144, 16384)])
+def test_the_cuda_byte_weight_gemv_serves_one_row(kind, out_features, in_features):
     from maga_transformer.ops._cuda import kernels_for
-    x = torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16)
-    w = ops.prepare_int8_linear(torch.randn(512, 1024, device="cuda"))
+    if kind == "fp8":
+        _fp8_or_skip()
+    torch.manual_seed(out_features + in_features)
+    x = torch.randn(1, in_features, device="cuda", dtype=torch.bfloat16)
+    prepare = ops.prepare_int8_linear if kind == "int8" else ops.prepare_fp8_linear
+    w = prepare(torch.randn(out_features - out_features % 16, in_features, device="cuda"))
     kernels = kernels_for(x)
-    assert kernels is not None and hasattr(kernels, "gemv_int8_weight")
-    out = torch.empty(1, 512, device="cuda", dtype=torch.bfloat16)
-    assert kernels.gemv_int8_weight(out, x, w.qweight, w.scale) == 0
-    ref = _int8_reference(x, w)
+    assert kernels is not None and hasattr(kernels, "gemv_byte_weight")
+    out = torch.empty(1, w.out_features, device="cuda", dtype=torch.bfloat16)
+    assert kernels.gemv_byte_weight(out, x, w.qweight, w.scale) == 0
+    ref = _int8_reference(x, w)  # x unrounded times the dequantized weight, for either byte kind
     assert (out.double() - ref).abs().max() <= 0.01 * ref.abs().max()
 
 
@@ -62,7 +68,7 @@ def test_fp8_linear_matches_its_float64_reference(rows, out_features, in_feature
     x = torch.randn(rows, in_features, device="cuda", dtype=torch.bfloat16)
     bias = torch.randn(out_features, device="cuda", dtype=torch.bfloat16)
     out = ops.linear(x, w, bias)
-    ref = fp8_linear_reference(x, w, bias)
+    ref = fp8_linear_reference(x, w, bias, weight_only=rows == 1)  # one row: the byte-weight GEMV
     assert (out.double() - ref).abs().max() <= 0.01 * ref.abs().max(), rows
 
 

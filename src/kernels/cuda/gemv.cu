@@ -2,6 +2,8 @@
 #include "src/kernels/cuda/gemv.h"
 #include "src/kernels/cuda/launch.cuh"
 
+#include <cuda_fp8.h>
+
 #include <cstdlib>
 #include <mutex>
 #include <unordered_map>
@@ -27,7 +29,12 @@ __device__ __forceinline__ float dot_chunk(const uint4& w, const uint4& x) {
   return acc;
 }
 
-// The 16 x elements an int8 weight chunk c multiplies (two 16-byte chunks of T), as floats; zeros
+// One byte-sized e4m3 weight (WEIGHT_TYPE=FP8): the W template argument of the byte-weight kernels.
+struct E4M3Weight {
+  uint8_t bits;
+};
+
+// The 16 x elements a byte-weight chunk c multiplies (two 16-byte chunks of T), as floats; zeros
 // past the row's end (stale shared memory could hold NaNs). Converted once for all kRows rows.
 template <typename T>
 __device__ __forceinline__ void x_for_int8_chunk(const uint4* x_s, int c, int chunks, float (&xf)[16]) {
@@ -45,13 +52,29 @@ __device__ __forceinline__ void x_for_int8_chunk(const uint4* x_s, int c, int ch
 // once at the end). Each byte becomes a float without the slow integer-to-float unit: with its sign
 // bit flipped it is an unsigned u = w + 128, placed as the low mantissa byte of 2^23 (one byte
 // permute), and 2^23 + 128 is subtracted.
-__device__ __forceinline__ float dot_chunk_i8(const uint4& w, const float (&xf)[16]) {
+__device__ __forceinline__ float dot_chunk_bytes(const uint4& w, const float (&xf)[16], int8_t) {
   const uint32_t words[4] = {w.x ^ 0x80808080u, w.y ^ 0x80808080u, w.z ^ 0x80808080u, w.w ^ 0x80808080u};
   float acc = 0.f;
 #pragma unroll
   for (int i = 0; i < 16; ++i) {
     const float wf = __uint_as_float(__byte_perm(words[i / 4], 0x4B000000u, 0x7540u + (i % 4))) - 8388736.f;
     acc = fmaf(wf, xf[i], acc);
+  }
+  return acc;
+}
+
+// The same for 16 e4m3 weights: pairs widened by the hardware's e4m3x2 -> f16x2 conversion (one
+// instruction on sm_89+), then to fp32.
+__device__ __forceinline__ float dot_chunk_bytes(const uint4& w, const float (&xf)[16], E4M3Weight) {
+  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+  float acc = 0.f;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const __nv_fp8x2_storage_t pair = static_cast<__nv_fp8x2_storage_t>(words[i / 2] >> (16 * (i % 2)));
+    const __half2 h = __half2(__nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3));
+    const float2 f = __half22float2(h);
+    acc = fmaf(f.x, xf[2 * i], acc);
+    acc = fmaf(f.y, xf[2 * i + 1], acc);
   }
   return acc;
 }
@@ -101,8 +124,8 @@ __device__ __forceinline__ uint4* prefetched_tile(uint4* w_s, int warp, int r, i
 // projection after attention then streams most of its weight while the attention kernels run.
 // Each lane later reads back only the chunks it copied itself, so waiting for its own copies is
 // enough. Shared memory: x (in_features elements), then the prefetched tiles.
-// W: the weight's element type, T (fp16 / bf16) or int8_t (weight-only int8: each 16-byte chunk
-// holds 16 weights, and each output is multiplied by its row's scale).
+// W: the weight's element type, T (fp16 / bf16), int8_t or E4M3Weight (byte weights: each 16-byte
+// chunk holds 16 weights, and each output is multiplied by its row's scale).
 template <typename T, typename W, int kRows>
 __global__ void __launch_bounds__(kThreads) gemv_kernel(const GemvParams p, int pre_tiles) {
   extern __shared__ uint4 gemv_smem[];
@@ -143,7 +166,7 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const GemvParams p, int 
         float xf[16];
         x_for_int8_chunk<T>(x_s, c, chunks, xf);
 #pragma unroll
-        for (int r = 0; r < kRows; ++r) acc[r] += dot_chunk_i8(w[u][r], xf);
+        for (int r = 0; r < kRows; ++r) acc[r] += dot_chunk_bytes(w[u][r], xf, W{});
       } else {
         const uint4 xv = c < chunks ? x_s[c] : make_uint4(0, 0, 0, 0);
 #pragma unroll
@@ -234,16 +257,22 @@ cudaError_t launch(const GemvParams& p, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t launch_for_weight(const GemvParams& p, cudaStream_t stream) {
-  return p.int8_weight ? launch<T, int8_t>(p, stream) : launch<T, T>(p, stream);
+  switch (p.weight_kind) {
+    case GemvWeight::kSameAsX: return launch<T, T>(p, stream);
+    case GemvWeight::kInt8: return launch<T, int8_t>(p, stream);
+    case GemvWeight::kE4M3: return launch<T, E4M3Weight>(p, stream);
+  }
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace
 
 cudaError_t gemv(const GemvParams& p, cudaStream_t stream) {
   if (p.out_features == 0) return cudaSuccess;
-  const int64_t per_chunk = p.int8_weight ? 16 : 8;  // weights in 16 bytes
+  const bool byte_weight = p.weight_kind != GemvWeight::kSameAsX;
+  const int64_t per_chunk = byte_weight ? 16 : 8;  // weights in 16 bytes
   if (p.out_features < 0 || p.out_features > 0x7fffffffLL * kWarps || p.in_features <= 0 ||
-      p.in_features % per_chunk != 0 || p.in_features > kGemvMaxInFeatures || (p.int8_weight && !p.scale)) {
+      p.in_features % per_chunk != 0 || p.in_features > kGemvMaxInFeatures || (byte_weight && !p.scale)) {
     return cudaErrorInvalidValue;
   }
   switch (p.dtype) {
