@@ -172,8 +172,7 @@ class LoraRows:
             if slot >= 0:
                 positions.setdefault(slot, []).append(row)
         groups = [(slot, _as_index(rows, device)) for slot, rows in positions.items()]
-        columns = torch.tensor([list(slots), sorted_rows(slots)], dtype=torch.long).to(device)
-        return LoraRows(columns[0], groups, order=columns[1])
+        return LoraRows(torch.tensor(list(slots), dtype=torch.long, device=device), groups)
 
     def subset(self, rows: torch.Tensor) -> Optional["LoraRows"]:
         """The rows `rows` of this step, renumbered (an MoE expert sees only its routed tokens)."""
