@@ -110,6 +110,7 @@ class EngineCore:
         self.last_step = StepSummary()  # what the last step() ran (engine/step_trace.py)
         self.trace = StepTrace.from_env()  # MAGA_STEP_TRACE: a line per step, for load studies
         self._pending_adds: List[EngineRequest] = []
+        self.adds_arrived_at = 0.0  # when the oldest queued request reached the core (time.monotonic())
         self._pending_aborts: List[str] = []
         self._pending_stops: List[Tuple[str, int]] = []
         self._lock = threading.Lock()
@@ -130,6 +131,8 @@ class EngineCore:
     # ---- queued from other threads --------------------------------------------------------------
     def add_requests(self, requests: Iterable[EngineRequest]) -> None:
         with self._lock:
+            if not self._pending_adds:
+                self.adds_arrived_at = time.monotonic()  # the step trace's `received`
             self._pending_adds.extend(requests)
             self.wakeup.notify()
 
@@ -262,7 +265,7 @@ class EngineCore:
         self.num_steps += 1
         if self.trace is not None:
             self.last_step = StepSummary()
-        start = time.monotonic()
+        start, received = time.monotonic(), self.adds_arrived_at
         added = self._apply_pending(out)
         if self.lora.busy:
             out.lora_results = self.lora.step(self._live_lora_slots)
@@ -275,7 +278,7 @@ class EngineCore:
             self._run_plan(plan, out, time.monotonic())
         out.stats = self.stats()
         if self.trace is not None:
-            self.trace.record(self, start, added, out)
+            self.trace.record(self, start, added, out, received)
         if self.lora.loading and not self.scheduler.has_unfinished():
             self.lora.wait(0.01)  # nothing to run while an adapter loads: do not spin on empty steps
         return out

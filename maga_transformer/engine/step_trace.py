@@ -32,6 +32,7 @@ class StepRecord:
     running: int
     planned: float  # when the plan was made (the rest of start..end is the model and the outputs)
     executed: float  # when the runner returned: launched, for a step that reads back later; 0 if none ran
+    received: float = 0.0  # when the first request the step took in reached the core; 0 if it took none
 
 
 @dataclass
@@ -67,14 +68,14 @@ class StepTrace:
         path = os.environ.get(ENV_VAR)
         return cls(open(path, "a", buffering=1)) if path else None  # line-buffered: a killed core keeps its lines
 
-    def record(self, core, start: float, added: int, out) -> None:
+    def record(self, core, start: float, added: int, out, received: float = 0.0) -> None:
         """At the end of core.step(): what it ran (core.last_step) and what it changed."""
         plan = core.last_step
         record = StepRecord(added=added, start=start, end=time.monotonic(),
                             kind=plan.kind, requests=plan.requests, prefill_tokens=plan.prefill_tokens,
                             decode_seqs=plan.decode_seqs, graph=plan.graph, finished=len(out.finals),
                             waiting=len(core.scheduler.waiting), running=len(core.scheduler.running),
-                            planned=plan.planned, executed=plan.executed)
+                            planned=plan.planned, executed=plan.executed, received=received if added else 0.0)
         self.sink.write(json.dumps(asdict(record)) + "\n")
 
     def close(self) -> None:

@@ -15,7 +15,7 @@ from typing import Any, Dict, Iterator, List, Optional, Union
 
 from maga_transformer.config.generate_config import GenerateConfig
 from maga_transformer.engine.output import RequestOutput
-from maga_transformer.model_loader.fast_encode import fast_encoder
+from maga_transformer.model_loader.fast_encode import FastEncoder, prefer_serial_tokenizers
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +59,12 @@ class Pipeline:
         self.tokenizer = tokenizer if tokenizer is not None else model.tokenizer
         self.engine = model.engine
         self.engine.start()
-        self._encode = fast_encoder(self.tokenizer)
+        prefer_serial_tokenizers()  # one prompt encodes faster; batches are split over threads
+        self._encoder = FastEncoder(self.tokenizer)
 
     def encode(self, prompt: str) -> List[int]:
         _check_prompt(prompt)
-        return self._encode(prompt)
+        return self._encoder.encode(prompt)
 
     def chat_prompt(self, messages: List[Dict[str, str]]) -> str:
         """The tokenizer's chat template applied to OpenAI-style messages, ready for generation."""
@@ -100,8 +101,8 @@ class Pipeline:
         config = GenerateConfig.from_dict(merged)
         for prompt in prompts:
             _check_prompt(prompt)
-        # one batched call: the Rust tokenizer encodes the prompts in parallel threads
-        token_ids = self.tokenizer(prompts)["input_ids"] if len(prompts) > 1 else [self.encode(prompts[0])]
+        # a batch is encoded in parallel threads (FastEncoder.encode_batch)
+        token_ids = self._encoder.encode_batch(prompts) if len(prompts) > 1 else [self.encode(prompts[0])]
         for index, ids in enumerate(token_ids):  # all checked before any is submitted
             self.engine.validate(ids, _with_adapter(config, adapters, index))
         return token_ids, config, adapters

@@ -129,34 +129,32 @@ class AsyncEngine:
             self._sink = _LoopSink(asyncio.get_running_loop())
         return self._sink
 
-    async def generate(self, prompt_ids: List[int], config: GenerateConfig) -> AsyncIterator[RequestOutput]:
-        """Streams outputs until the request finishes; if the consumer goes away, aborts it."""
+    def submit(self, prompt_ids: List[int], config: GenerateConfig) -> "RequestStream":
+        """Send the request to the engine now; iterate the result for its outputs. A streaming route
+        submits before it starts its response, so the core starts the prefill while the response's
+        headers go out. Whoever submits must close the stream (RequestStream.close): that aborts
+        the request if it has not finished."""
         sink = self._loop_sink()
         request_id = f"http-{next(_ids)}"
         box = sink.boxes[request_id] = _Mailbox()
-        timer = RequestTimer(self.metrics) if self.metrics is not None else None
-        finished = False
+        failed = None
         try:
-            try:
-                self.engine.add_request(prompt_ids, config, request_id=request_id, sink=sink)
-            except RuntimeError as err:  # the core went away between validate and now
-                finished = True
-                yield _failed(request_id, prompt_ids, str(err))
-                return
-            while not finished:
-                await box.wait(sink.loop)
-                output = self._newest(request_id, box)
-                if output is None:
-                    continue
-                finished = output.finished
-                if timer is not None:
-                    timer.observe(output)
+            self.engine.add_request(prompt_ids, config, request_id=request_id, sink=sink)
+        except RuntimeError as err:  # the core went away between validate and now
+            failed = _failed(request_id, prompt_ids, str(err))
+        except BaseException:  # refused (a ValueError naming the field): nothing was sent
+            sink.boxes.pop(request_id, None)
+            raise
+        return RequestStream(self, sink, request_id, box, failed)
+
+    async def generate(self, prompt_ids: List[int], config: GenerateConfig) -> AsyncIterator[RequestOutput]:
+        """Streams outputs until the request finishes; if the consumer goes away, aborts it."""
+        stream = self.submit(prompt_ids, config)
+        try:
+            async for output in stream:
                 yield output
         finally:
-            sink.boxes.pop(request_id, None)
-            if not finished:
-                self.engine.abort(request_id)
-
+            stream.close()
 
     def _newest(self, request_id: str, box: _Mailbox) -> Optional[RequestOutput]:
         """Outputs are cumulative: a consumer that fell behind takes the newest and sends the new
@@ -168,6 +166,52 @@ class AsyncEngine:
                 return output
         latest = self.engine.latest(request_id)
         return latest if latest is not None else (outputs[-1] if outputs else None)
+
+
+class RequestStream:
+    """One submitted request's outputs, newest first taken (AsyncEngine._newest), until it finishes.
+    close() (or aclose()) aborts it in the engine if it has not finished; it is idempotent."""
+
+    def __init__(self, owner: AsyncEngine, sink: _LoopSink, request_id: str, box: _Mailbox,
+                 failed: Optional[RequestOutput]) -> None:
+        self.owner, self.sink, self.request_id, self.box = owner, sink, request_id, box
+        self._failed = failed
+        self._finished = failed is not None  # a request that never reached the engine has nothing to abort
+        self._closed = False
+        self._timer = RequestTimer(owner.metrics) if owner.metrics is not None and failed is None else None
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._failed is not None:
+            output, self._failed = self._failed, None
+            self.close()
+            return output
+        if self._closed:
+            raise StopAsyncIteration
+        while True:
+            await self.box.wait(self.sink.loop)
+            output = self.owner._newest(self.request_id, self.box)
+            if output is not None:
+                break
+        if self._timer is not None:
+            self._timer.observe(output)
+        if output.finished:
+            self._finished = True
+            self.close()
+        return output
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.sink.boxes.pop(self.request_id, None)
+        if not self._finished:
+            self.owner.engine.abort(self.request_id)
+
+    async def aclose(self) -> None:
+        self.close()
 
 
 def _failed(request_id: str, prompt_ids: List[int], message: str) -> RequestOutput:

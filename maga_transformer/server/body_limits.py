@@ -28,7 +28,15 @@ def json_body_problem(body: bytes, max_depth: int = MAX_JSON_DEPTH) -> Optional[
 
     One vectorised pass (a Python loop or a regex over 16 MiB of brackets or quotes holds the event
     loop for seconds): with escaped backslashes and then escaped quotes removed, every quote left
-    opens or closes a string, so the parity of the quotes so far tells what is outside strings."""
+    opens or closes a string, so the parity of the quotes so far tells what is outside strings.
+
+    Most bodies are decided by two byte counts and two substring searches (a few microseconds, where
+    the pass costs ~0.3 ms for a 1,024-word prompt, inside its time to first token): a body with at
+    most `max_depth` opening brackets in all cannot nest deeper, and one without "NaN" or "Infinity"
+    anywhere holds neither literal."""
+    if (body.count(b"[") + body.count(b"{") <= max_depth
+            and b"NaN" not in body and b"Infinity" not in body):
+        return None
     unescaped = body.replace(b"\\\\", b"").replace(b'\\"', b"")
     inside = level = peak = 0
     bare_word = False

@@ -10,7 +10,7 @@ from fastapi import Request
 
 from maga_transformer.config.server_config import ServerConfig
 from maga_transformer.engine.output import RequestOutput
-from maga_transformer.model_loader.fast_encode import fast_encoder
+from maga_transformer.model_loader.fast_encode import FastEncoder, prefer_serial_tokenizers
 from maga_transformer.server.async_engine import AsyncEngine
 
 
@@ -53,7 +53,8 @@ class ServerContext:
     max_seq_len: int
 
     def __post_init__(self) -> None:
-        self._encode = fast_encoder(self.tokenizer)
+        prefer_serial_tokenizers()  # requests are encoded one prompt at a time (model_loader/fast_encode.py)
+        self._encode = FastEncoder(self.tokenizer)
 
     def encode(self, text: str, field: str) -> List[int]:
         ids = self._encode(text)

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 
 from maga_transformer.config.generate_config import GenerateConfig
 from maga_transformer.engine.output import RequestOutput
+from maga_transformer.server.async_engine import RequestStream
 from maga_transformer.server.context import ServerContext, last_outputs
 from maga_transformer.server.sse import EventStream
 
@@ -226,8 +227,14 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
             err = over_limit(ctx, parsed)
             return JSONResponse(err.body(), status_code=err.status)
         if parsed.stream:
-            # the slots are released after the response, streamed or dropped, even if the stream never started
-            return EventStream(_stream(ctx, parsed, prompt_ids[0]), on_close=lambda: ctx.slots.release(needed))
+            # submitted now (the prefill starts while the response does); aborted if unfinished and the
+            # slots released after the response, streamed or dropped, even if the stream never started
+            submitted = ctx.engine.submit(prompt_ids[0], parsed.config_for(0))
+
+            def close() -> None:
+                submitted.close()
+                ctx.slots.release(needed)
+            return EventStream(_stream(parsed, submitted), on_close=close)
         try:
             streams = [ctx.engine.generate(ids, parsed.config_for(i)) for i, ids in enumerate(prompt_ids)]
             outputs = await last_outputs(streams, request)
@@ -242,9 +249,9 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
         return {"response_batch": bodies} if parsed.batch else bodies[0]
 
 
-async def _stream(ctx: ServerContext, parsed: NativeRequest, prompt_ids: List[int]) -> AsyncIterator[str]:
+async def _stream(parsed: NativeRequest, submitted: RequestStream) -> AsyncIterator[str]:
     previous: Optional[List[str]] = None
-    async for output in ctx.engine.generate(prompt_ids, parsed.config_for(0)):
+    async for output in submitted:
         if output.error:  # the stream's last event says why it ended
             yield sse({"error_code": UNKNOWN_ERROR, "message": output.error})
             break

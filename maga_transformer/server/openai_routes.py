@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from maga_transformer.config.generate_config import GenerateConfig
 from maga_transformer.engine.output import RequestOutput, SequenceOutput
 from maga_transformer.server import openai_api
+from maga_transformer.server.async_engine import RequestStream
 from maga_transformer.server.context import ServerContext, last_outputs, merge_streams
 from maga_transformer.server.lora_routes import adapter_for_model
 from maga_transformer.server.openai_api import OpenAIError
@@ -145,8 +146,9 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
         model_name = body.model or ctx.config.model_name
         logprobs = token_text if body.logprobs else None
         if body.stream:
-            stream = _chat_stream(ctx, ids, config, request_id, model_name, body.include_usage, logprobs)
-            return EventStream(stream, on_close=lambda: ctx.slots.release(body.n))
+            submitted = [ctx.engine.submit(ids, config)]  # the prefill starts while the response does
+            stream = _chat_stream(submitted[0], config, request_id, model_name, body.include_usage, logprobs)
+            return EventStream(stream, on_close=lambda: _close(ctx, submitted, body.n))
         try:
             outputs = await last_outputs([ctx.engine.generate(ids, config)], request)
         finally:
@@ -182,8 +184,9 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
         model_name = body.model or ctx.config.model_name
         logprobs = token_text if body.logprobs is not None else None
         if body.stream:
-            stream = _completion_stream(ctx, body, prompts, prompt_ids, config, model_name, logprobs)
-            return EventStream(stream, on_close=lambda: ctx.slots.release(needed))
+            submitted = [ctx.engine.submit(ids, config) for ids in prompt_ids]
+            stream = _completion_stream(body, prompts, submitted, model_name, logprobs)
+            return EventStream(stream, on_close=lambda: _close(ctx, submitted, needed))
         try:
             outputs = await last_outputs([ctx.engine.generate(ids, config) for ids in prompt_ids], request)
         finally:
@@ -196,7 +199,14 @@ def register(app: FastAPI, ctx: ServerContext) -> None:
         return openai_api.completion_response(model_name, body, prompts, outputs, logprobs)
 
 
-async def _chat_stream(ctx: ServerContext, ids: List[int], config: GenerateConfig, request_id: str,
+def _close(ctx: ServerContext, streams: List[RequestStream], slots: int) -> None:
+    """When a streamed response ends, however it ends: abort what is unfinished, free the slots."""
+    for stream in streams:
+        stream.close()
+    ctx.slots.release(slots)
+
+
+async def _chat_stream(submitted: RequestStream, config: GenerateConfig, request_id: str,
                        model_name: str, include_usage: bool,
                        token_text: Optional[Callable[[int], str]]) -> AsyncIterator[str]:
     chunk = _ChunkFormat({"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()),
@@ -205,7 +215,7 @@ async def _chat_stream(ctx: ServerContext, ids: List[int], config: GenerateConfi
     yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
                  for i in range(config.num_return_sequences)])
     state, last = _StreamState(), None
-    async for last in ctx.engine.generate(ids, config):
+    async for last in submitted:
         failed = _failure([last])
         if failed is not None:  # as vLLM streams it: an error event, then the end of the stream
             yield _sse(failed.body())
@@ -223,8 +233,8 @@ async def _chat_stream(ctx: ServerContext, ids: List[int], config: GenerateConfi
     yield _DONE
 
 
-async def _completion_stream(ctx: ServerContext, body: openai_api.CompletionRequest, prompts: List[str],
-                             prompt_ids: List[List[int]], config: GenerateConfig, model_name: str,
+async def _completion_stream(body: openai_api.CompletionRequest, prompts: List[str],
+                             streams: List[RequestStream], model_name: str,
                              token_text: Optional[Callable[[int], str]]) -> AsyncIterator[str]:
     chunk = _ChunkFormat({"id": openai_api.new_id("cmpl"), "object": "text_completion", "created": int(time.time()),
                           "model": model_name})
@@ -235,7 +245,6 @@ async def _completion_stream(ctx: ServerContext, body: openai_api.CompletionRequ
         yield chunk([{"index": p * body.n + s, "text": prompt, "logprobs": None, "finish_reason": None}
                      for p, prompt in enumerate(prompts) for s in range(body.n)])
     finals: Dict[int, RequestOutput] = {}
-    streams = [ctx.engine.generate(ids, config) for ids in prompt_ids]
     merged = merge_streams(streams) if len(streams) > 1 else _tagged(streams[0])
     try:
         async for p_index, output in merged:

@@ -43,6 +43,9 @@ def test_trace_lines_add_up_to_the_run(tiny, tmp_path, monkeypatch, overlap):
     ran = [line for line in lines if line["executed"]]
     assert ran and all(line["start"] <= line["planned"] <= line["executed"] <= line["end"] for line in ran)
     assert all(line["start"] >= before["end"] for before, line in zip(lines, lines[1:]))
+    # `received`: when the step's first new request reached the core, before the step began; 0 if none
+    assert all((0 < line["received"] <= line["start"]) == bool(line["added"]) for line in lines)
+    assert all(line["received"] == 0 for line in lines if not line["added"])
     assert lines[-1]["running"] == 0 and lines[-1]["waiting"] == 0
     assert any(line["kind"] == "read_back" for line in lines) == overlap
     assert [len(h.result().outputs[0].token_ids) for h in handles] == [NEW] * len(PROMPTS)

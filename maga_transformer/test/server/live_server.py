@@ -27,6 +27,7 @@ class LiveServer:
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
+        self.port = port
         self.url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30
         while not self.server.started:

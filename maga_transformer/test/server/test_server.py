@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import socket
 import time
 
 import httpx
@@ -122,6 +123,28 @@ def test_disconnect_mid_stream_frees_everything(model, server):
     assert state["vllm:num_requests_running"] == 0 and state["vllm:num_requests_waiting"] == 0
     assert state["vllm:kv_cache_usage_perc"] == 0.0
     assert engine.num_running == 0 and engine.pool.usage == 0.0
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/", {"prompt": "Tell me a long story.", "yield_generator": True,
+           "generate_config": {"max_new_tokens": 500, "ignore_eos": True}}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Tell me a long story."}],
+                              "max_tokens": 500, "ignore_eos": True, "n": 2, "stream": True}),
+    ("/v1/completions", {"prompt": ["Once upon a time", "Long ago"], "max_tokens": 500, "ignore_eos": True,
+                         "stream": True}),
+])
+def test_a_stream_dropped_before_its_first_byte_frees_everything(model, server, path, body):
+    """Streaming routes send the request to the engine before their response starts: a client that
+    closes the connection right after sending must still have it aborted, its KV blocks and its
+    concurrency slots freed."""
+    payload = json.dumps(body).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+    state = wait_idle(server)
+    assert state["vllm:num_requests_running"] == 0 and state["vllm:num_requests_waiting"] == 0
+    assert state["vllm:kv_cache_usage_perc"] == 0.0 and model.engine.pool.usage == 0.0
+    assert httpx.get(server.url + "/worker_status", timeout=10).json()["concurrency"]["in_use"] == 0
 
 
 @pytest.mark.parametrize("path,body", [
